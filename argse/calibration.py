@@ -1,0 +1,96 @@
+"""Temperature scaling (Guo et al. 2017): one temperature per expert, fitted by minimising NLL.
+
+The fit searches log T on a bounded interval. The NLL of softmax(z / T) is convex in 1 / T, hence
+unimodal in log T, so a golden-section search finds the minimiser without gradients, step sizes or
+restarts; when the minimiser lies outside the interval the nearest bound is returned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+T_MIN = 1e-2
+T_MAX = 1e2
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def nll(
+    logits: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    weights: torch.Tensor | np.ndarray | None = None,
+) -> float:
+    """(Weighted) mean negative log-likelihood of softmax(logits) at the labels."""
+    z, labels, w = _validate(logits, y, weights)
+    return _weighted_nll(z, labels, w)
+
+
+def fit_temperature(
+    logits: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    weights: torch.Tensor | np.ndarray | None = None,
+) -> float:
+    """The temperature T in [1e-2, 1e2] minimising the (weighted) NLL of softmax(logits / T)."""
+    z, labels, w = _validate(logits, y, weights)
+
+    def objective(log_t: float) -> float:
+        return _weighted_nll(z / math.exp(log_t), labels, w)
+
+    lo, hi = math.log(T_MIN), math.log(T_MAX)
+    a = hi - _GOLDEN * (hi - lo)
+    b = lo + _GOLDEN * (hi - lo)
+    fa, fb = objective(a), objective(b)
+    while hi - lo > 1e-7:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - _GOLDEN * (hi - lo)
+            fa = objective(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + _GOLDEN * (hi - lo)
+            fb = objective(b)
+    best = (lo + hi) / 2.0
+    # The interval ends are candidates too: the search never evaluates them exactly.
+    candidates = [(objective(best), best), (objective(math.log(T_MIN)), math.log(T_MIN)),
+                  (objective(math.log(T_MAX)), math.log(T_MAX))]
+    return float(math.exp(min(candidates)[1]))
+
+
+def _weighted_nll(z: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None) -> float:
+    losses = F.cross_entropy(z, labels, reduction="none")
+    if w is None:
+        return float(losses.mean())
+    return float((losses * w).sum() / w.sum())
+
+
+def _validate(
+    logits: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    weights: torch.Tensor | np.ndarray | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    z = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float64)
+    labels = torch.as_tensor(y).detach().to("cpu").flatten()
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] < 2:
+        raise ValueError(f"logits must have shape [N, C] with N >= 1 and C >= 2; got {list(z.shape)}.")
+    if labels.numel() != z.shape[0]:
+        raise ValueError(f"y must hold one label per row of logits ({z.shape[0]}); got {labels.numel()}.")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"y must hold integer labels; got dtype {labels.dtype}.")
+    labels = labels.long()
+    if int(labels.min()) < 0 or int(labels.max()) >= z.shape[1]:
+        raise ValueError(
+            f"y must lie in [0, {z.shape[1] - 1}]; got labels from {int(labels.min())} to {int(labels.max())}."
+        )
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("logits must be finite; got NaN or infinite values.")
+    if weights is None:
+        return z, labels, None
+    w = torch.as_tensor(weights).detach().to(device="cpu", dtype=torch.float64).flatten()
+    if w.numel() != z.shape[0]:
+        raise ValueError(f"weights must hold one value per row of logits ({z.shape[0]}); got {w.numel()}.")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError("weights must be finite, non-negative and not all zero.")
+    return z, labels, w

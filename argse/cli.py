@@ -1,0 +1,208 @@
+"""The ``argse`` command: one sub-command per stage, the options they share, and error handling.
+
+Errors reach the user as one line on stderr: exit 2 for bad usage, 1 for a failed stage. With
+``--verbose`` the traceback follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from argse import ArgseError
+from argse.config import DATASETS, EXPERTS
+
+_STATE = {"verbose": False}
+
+
+class PresetOr(click.ParamType):
+    """A number, or ``preset`` / empty for the dataset preset's value (MLproject passes strings)."""
+
+    def __init__(self, kind: type):
+        self.kind = kind
+        self.name = f"{kind.__name__}|preset"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "preset", "none")):
+            return None
+        try:
+            return self.kind(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid {self.kind.__name__} (or 'preset')", param, ctx)
+
+
+class OptionalText(click.ParamType):
+    """Text where an empty string or ``none`` means not given (for MLproject parameters)."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return str(value)
+
+
+PRESET_INT, PRESET_FLOAT, OPTIONAL_TEXT = PresetOr(int), PresetOr(float), OptionalText()
+
+
+def flag(name: str, **kwargs):
+    """A switch that also takes an explicit value (``--dry-run`` or ``--dry-run false``), so MLproject
+    entry points can pass it as a parameter."""
+    return click.option(name, type=click.BOOL, is_flag=False, flag_value=True, default=False, **kwargs)
+
+
+def _set_verbose(ctx, param, value):
+    if value:
+        _STATE["verbose"] = True
+        logging.getLogger("argse").setLevel(logging.DEBUG)
+    return value
+
+
+def tracking_options(f):
+    """``--tracking-uri``, ``--experiment`` and ``--verbose``: on the group and on every stage, so the
+    seed's scripts (``python train_experts.py --verbose``) work as the shims pass them."""
+    f = flag("--verbose", callback=_set_verbose, help="More output, and the traceback on errors.")(f)
+    f = click.option("--experiment", default=None, type=OPTIONAL_TEXT,
+                     help="MLflow experiment (default: ar-gse/<dataset>, or MLFLOW_EXPERIMENT_NAME).")(f)
+    f = click.option("--tracking-uri", default=None, type=OPTIONAL_TEXT,
+                     help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")(f)
+    return f
+
+
+def stage_options(f):
+    """Options every stage shares."""
+    f = flag("--dry-run", help="Print the resolved plan; create no run.")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--data-dir", default="data", show_default=True,
+                     help="Where datasets are read from (and CIFAR-100 downloaded to).")(f)
+    f = click.option("--dataset", type=click.Choice(DATASETS), default="cifar100-lt", show_default=True)(f)
+    return tracking_options(f)
+
+
+def common(kwargs: dict) -> dict:
+    """Set up tracking from the shared options; return the rest for the stage's config."""
+    from argse import tracking
+
+    ctx = click.get_current_context()
+    group = ctx.find_root().params
+    uri = kwargs.pop("tracking_uri", None) or group.get("tracking_uri")
+    experiment = kwargs.pop("experiment", None) or group.get("experiment")
+    kwargs["verbose"] = bool(kwargs.get("verbose") or group.get("verbose"))
+    tracking.configure(uri)
+    kwargs["_experiment"] = experiment
+    return kwargs
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@tracking_options
+def cli(tracking_uri, experiment, verbose):
+    """AR-GSE: long-tailed selective classification, one MLflow-tracked stage per command."""
+
+
+@cli.command()
+@stage_options
+@click.option("--imb-factor", type=PRESET_FLOAT, default=None, help="Imbalance factor (default: preset; CIFAR 100, digits 20).")
+@click.option("--tunev-ratio", type=PRESET_FLOAT, default=None, help="Share of each class's held-out images for tunev.")
+@click.option("--val-ratio", type=PRESET_FLOAT, default=None, help="Share of each class's held-out images for val.")
+@click.option("--group-thresholds", default="20", show_default=True,
+              help="Train-count thresholds: 20 = head/tail, 100,20 = many/medium/few.")
+def splits(**kwargs):
+    """Create the long-tailed train set and the disjoint tunev / val / test splits."""
+    from argse.config import SplitsConfig
+    from argse.stages import splits as stage
+
+    kwargs = common(kwargs)
+    experiment = kwargs.pop("_experiment")
+    stage.run(SplitsConfig(**kwargs).resolve(), experiment=experiment)
+
+
+@cli.command()
+@stage_options
+@click.option("--expert", type=click.Choice(list(EXPERTS) + ["all"]), default="all", show_default=True)
+@click.option("--epochs", type=PRESET_INT, default=None, help="Training epochs (default: preset; CIFAR 200).")
+@click.option("--lr", type=PRESET_FLOAT, default=None, help="Base learning rate at batch 128 (default: preset).")
+@click.option("--batch-size", type=PRESET_INT, default=None, help="Batch size (default: preset; CIFAR 128).")
+@click.option("--la-tau", type=float, default=1.0, show_default=True, help="LogitAdjust temperature tau.")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--warmup-epochs", type=PRESET_INT, default=None, help="Linear warm-up epochs (default: preset).")
+@click.option("--checkpoint-every", type=int, default=10, show_default=True, help="Epochs between checkpoints.")
+@flag("--compile", help="torch.compile the model.")
+@click.option("--splits-run", default="latest", show_default=True, help="latest, a run id or runs:/<id>/splits.")
+@click.option("--resume", type=OPTIONAL_TEXT, default=None, metavar="RUN_ID",
+              help="Continue this expert run from its last checkpoint.")
+def experts(**kwargs):
+    """Train the long-tail experts (ce, logitadjust, balsoftmax) on a splits run."""
+    from argse.config import ExpertsConfig
+    from argse.stages import experts as stage
+
+    kwargs = common(kwargs)
+    experiment = kwargs.pop("_experiment")
+    stage.run(ExpertsConfig(**kwargs).resolve(), experiment=experiment)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    names = {"ConnectionError", "MaxRetryError", "NewConnectionError", "ConnectTimeout"}
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in names or "Max retries exceeded" in str(exc) or "Failed to establish" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the CLI and turns every failure into one line and an exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("argse").setLevel(logging.INFO)
+    args = sys.argv[1:] if argv is None else list(argv)
+    _STATE["verbose"] = "--verbose" in args
+    code = 0
+    try:
+        cli.main(args=args, prog_name="argse", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        code = 130
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        code = 130
+    except ArgseError as exc:
+        if _STATE["verbose"]:
+            traceback.print_exc()
+        click.echo(f"error: {_one_line(exc)}", err=True)
+        code = exc.exit_code
+    except Exception as exc:  # anything else: still one line, the traceback on request
+        if _STATE["verbose"]:
+            traceback.print_exc()
+        if _is_connection_error(exc):
+            import mlflow
+
+            click.echo(f"error: cannot reach the MLflow tracking server at {mlflow.get_tracking_uri()}: "
+                       "start it or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere", err=True)
+        else:
+            hint = "" if _STATE["verbose"] else " (rerun with --verbose for the traceback)"
+            click.echo(f"error: {type(exc).__name__}: {_one_line(exc)}{hint}", err=True)
+        code = 1
+    sys.exit(code)
+
+
+def shim(command: str) -> None:
+    """What the seed's script names (``entrypoints/*.py``) run: ``argse <command> <their args>``."""
+    main([command, *sys.argv[1:]])
+
+
+__all__ = ["cli", "main", "shim", "stage_options", "tracking_options", "common"]

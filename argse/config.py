@@ -1,0 +1,191 @@
+"""Configuration: dataset presets and one dataclass per stage, built from the CLI.
+
+A stage's dataclass holds every option it runs with, resolved (no ``None`` left where a preset
+supplies the value). ``params()`` is what gets logged to MLflow and hashed for the cache; options
+that change nothing about the result (``verbose``, ``dry_run``) are not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from argse import ArgseUsageError
+
+DATASETS = ("cifar100-lt", "digits-lt")
+EXPERTS = ("ce", "logitadjust", "balsoftmax")
+STAGES = ("splits", "experts", "gating", "argse", "evaluate", "pipeline")
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """What differs between the benchmarks: shapes, the long-tail profile and training defaults."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]  # H, W, C of the stored uint8 images
+    imb_factor: float
+    tunev_ratio: float
+    val_ratio: float
+    group_thresholds: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_epochs: int
+    augmentation: str
+    gating_epochs: int
+    gating_batch_size: int
+
+
+PRESETS: dict[str, DatasetPreset] = {
+    # CIFAR-100-LT, imbalance factor 100: 500 -> 5 images per class, 10,847 in all. The 10,000
+    # test images are split per class into tunev / val / test (30 / 20 / 50 images per class).
+    "cifar100-lt": DatasetPreset(
+        name="cifar100-lt", num_classes=100, image_shape=(32, 32, 3), imb_factor=100.0,
+        tunev_ratio=0.3, val_ratio=0.2, group_thresholds=(20,), epochs=200, batch_size=128,
+        lr=0.1, warmup_epochs=5, augmentation="cifar", gating_epochs=100, gating_batch_size=256,
+    ),
+    # digits-lt: scikit-learn's bundled 8x8 digits (offline). Half of each class is held out for
+    # evaluation; the other half is the pool the long-tailed train set is drawn from. IF=20 gives
+    # 89 -> 4 images per class and a 5 head / 5 tail split at the default threshold of 20.
+    "digits-lt": DatasetPreset(
+        name="digits-lt", num_classes=10, image_shape=(8, 8, 1), imb_factor=20.0,
+        tunev_ratio=0.3, val_ratio=0.2, group_thresholds=(20,), epochs=15, batch_size=64,
+        lr=0.05, warmup_epochs=1, augmentation="digits", gating_epochs=60, gating_batch_size=128,
+    ),
+}
+
+
+def preset(dataset: str) -> DatasetPreset:
+    """The preset of a benchmark, or a one-line error listing the known ones."""
+    try:
+        return PRESETS[dataset]
+    except KeyError:
+        raise ArgseUsageError(
+            f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}"
+        ) from None
+
+
+def parse_group_thresholds(text: str | tuple[int, ...]) -> tuple[int, ...]:
+    """``"100,20"`` -> ``(100, 20)``: strictly decreasing positive train-count thresholds."""
+    if isinstance(text, tuple):
+        values = text
+    else:
+        try:
+            values = tuple(int(v) for v in str(text).split(",") if v.strip())
+        except ValueError:
+            raise ArgseUsageError(
+                f"--group-thresholds {text!r} is not a comma-separated list of integers "
+                "(e.g. 20 for head/tail, 100,20 for many/medium/few)"
+            ) from None
+    if not values or any(v <= 0 for v in values) or list(values) != sorted(set(values), reverse=True):
+        raise ArgseUsageError(
+            f"--group-thresholds {text!r} must be positive and strictly decreasing "
+            "(e.g. 20 for head/tail, 100,20 for many/medium/few)"
+        )
+    return values
+
+
+@dataclass
+class StageConfig:
+    """Options every stage shares."""
+
+    dataset: str = "cifar100-lt"
+    data_dir: str = "data"
+    seed: int = 0
+    device: str = "auto"
+    verbose: bool = False
+    dry_run: bool = False
+
+    # Options that do not change a stage's result: neither logged as params nor hashed.
+    _PRESENTATIONAL = ("verbose", "dry_run")
+
+    def params(self) -> dict[str, Any]:
+        """The resolved options as MLflow params (what the config hash is computed over)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in self._PRESENTATIONAL or f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, (tuple, list)):
+                value = ",".join(str(v) for v in value)
+            out[f.name] = value
+        return out
+
+
+@dataclass
+class SplitsConfig(StageConfig):
+    imb_factor: float | None = None
+    tunev_ratio: float | None = None
+    val_ratio: float | None = None
+    group_thresholds: tuple[int, ...] | None = None
+
+    def resolve(self) -> "SplitsConfig":
+        p = preset(self.dataset)
+        cfg = dataclasses.replace(
+            self,
+            imb_factor=p.imb_factor if self.imb_factor is None else float(self.imb_factor),
+            tunev_ratio=p.tunev_ratio if self.tunev_ratio is None else float(self.tunev_ratio),
+            val_ratio=p.val_ratio if self.val_ratio is None else float(self.val_ratio),
+            group_thresholds=parse_group_thresholds(self.group_thresholds or p.group_thresholds),
+        )
+        if cfg.imb_factor < 1:
+            raise ArgseUsageError(f"--imb-factor {cfg.imb_factor} must be >= 1 (1 means balanced)")
+        for name in ("tunev_ratio", "val_ratio"):
+            if not 0 < getattr(cfg, name) < 1:
+                raise ArgseUsageError(f"--{name.replace('_', '-')} must lie strictly between 0 and 1")
+        if cfg.tunev_ratio + cfg.val_ratio >= 1:
+            raise ArgseUsageError(
+                "--tunev-ratio plus --val-ratio must stay below 1 so the test split is not empty"
+            )
+        return cfg
+
+
+@dataclass
+class ExpertsConfig(StageConfig):
+    expert: str = "all"
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    la_tau: float = 1.0
+    weight_decay: float = 5e-4
+    warmup_epochs: int | None = None
+    checkpoint_every: int = 10
+    compile: bool = False
+    splits_run: str = "latest"
+    resume: str | None = None
+    _PRESENTATIONAL = ("verbose", "dry_run", "resume")
+
+    def experts(self) -> tuple[str, ...]:
+        return EXPERTS if self.expert == "all" else (self.expert,)
+
+    def resolve(self) -> "ExpertsConfig":
+        p = preset(self.dataset)
+        if self.expert != "all" and self.expert not in EXPERTS:
+            raise ArgseUsageError(
+                f"unknown expert {self.expert!r}: choose one of {', '.join(EXPERTS)} or all"
+            )
+        cfg = dataclasses.replace(
+            self,
+            epochs=p.epochs if self.epochs is None else int(self.epochs),
+            lr=p.lr if self.lr is None else float(self.lr),
+            batch_size=p.batch_size if self.batch_size is None else int(self.batch_size),
+            warmup_epochs=p.warmup_epochs if self.warmup_epochs is None else int(self.warmup_epochs),
+        )
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+            raise ArgseUsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if cfg.checkpoint_every < 1:
+            raise ArgseUsageError("--checkpoint-every must be >= 1")
+        return cfg
+
+
+def stage_config_fields(cls: type) -> list[str]:
+    """Names of a config dataclass's public fields (for tests and docs)."""
+    return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+
+__all__ = [
+    "DATASETS", "EXPERTS", "STAGES", "DatasetPreset", "PRESETS", "preset",
+    "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig",
+]

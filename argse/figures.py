@@ -1,0 +1,69 @@
+"""Figures logged to runs (matplotlib, headless). Each function returns a Figure; callers log and close it."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def class_distribution(train_counts, eval_counts: dict, class_to_group, group_names, title: str):
+    """Log-scale train images per class, coloured by group, with the evaluation splits' counts."""
+    train_counts = np.asarray(train_counts)
+    class_to_group = np.asarray(class_to_group)
+    classes = np.arange(len(train_counts))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for k, name in enumerate(group_names):
+        mask = class_to_group == k
+        ax.bar(classes[mask], train_counts[mask], width=0.9, color=GROUP_COLOURS[k % len(GROUP_COLOURS)],
+               label=f"train: {name} ({int(mask.sum())} classes, {int(train_counts[mask].sum())} images)")
+    for (split, counts), marker in zip(eval_counts.items(), ("_", "x", ".")):
+        ax.plot(classes, counts, linestyle="none", marker=marker, color="black", markersize=6,
+                label=f"{split} ({int(np.sum(counts))} images)")
+    ax.set_yscale("log")
+    ax.set_xlabel("class (sorted by train count)")
+    ax.set_ylabel("images per class")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def bars_by_group(values: dict[str, np.ndarray], group_names, ylabel: str, title: str):
+    """Grouped bars: one bar per series (e.g. expert or method) for every group."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(group_names) * max(1, len(values)) / 2), 4))
+    width = 0.8 / max(len(values), 1)
+    x = np.arange(len(group_names))
+    for i, (label, vals) in enumerate(values.items()):
+        ax.bar(x + (i - (len(values) - 1) / 2) * width, np.asarray(vals), width, label=label,
+               color=GROUP_COLOURS[i % len(GROUP_COLOURS)] if len(values) <= len(GROUP_COLOURS) else None)
+    ax.set_xticks(x, list(group_names))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def risk_coverage_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ylabel: str, title: str):
+    """One line per method: risk against coverage."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, (coverage, risk) in curves.items():
+        ax.plot(np.asarray(coverage), np.asarray(risk), label=label, linewidth=1.4)
+    ax.set_xlabel("coverage")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

@@ -1,0 +1,100 @@
+"""The experts' training losses: CE, LogitAdjust (Menon et al. 2021), BalancedSoftmax (Ren et al. 2020).
+
+Each is a cross-entropy on logits shifted by a fixed per-class vector:
+
+* ``ce``: no shift.
+* ``logitadjust``: ``f(x) + tau * log(pi)`` with ``pi = n / sum(n)`` the train class prior.
+* ``balsoftmax``: ``f(x) + log(n)`` with ``n`` the train class counts.
+
+LogitAdjust at ``tau = 1`` and BalancedSoftmax coincide: ``log(pi) = log(n) - log(sum(n))`` differs
+from ``log(n)`` by the same constant for every class, and softmax cross-entropy is unchanged by a
+constant shift of all logits, so the two give the same loss and the same gradients. Both names are
+kept because users expect them; ``tau`` lets LogitAdjust move away from BalancedSoftmax. The shift is
+used in training only: the model's own logits ``f(x)`` are what the later stages consume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERTS = ("ce", "logitadjust", "balsoftmax")
+
+
+class AdjustedCrossEntropy(nn.Module):
+    """Mean cross-entropy of ``logits + adjustment`` against integer labels."""
+
+    adjustment: torch.Tensor
+
+    def __init__(self, adjustment: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("adjustment", adjustment.detach().to(torch.float32).clone())
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if logits.ndim != 2 or logits.shape[1] != self.adjustment.numel():
+            raise ValueError(
+                f"logits must have shape [N, {self.adjustment.numel()}] for this loss; "
+                f"got {list(logits.shape)}."
+            )
+        shifted = logits.float() + self.adjustment.to(logits.device)
+        return F.cross_entropy(shifted, y)
+
+
+class CrossEntropy(AdjustedCrossEntropy):
+    """Plain softmax cross-entropy."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(torch.zeros(num_classes))
+
+
+class LogitAdjustLoss(AdjustedCrossEntropy):
+    """LogitAdjust (Menon et al. 2021): cross-entropy on ``f(x) + tau * log(pi)``."""
+
+    def __init__(self, class_counts: torch.Tensor, tau: float = 1.0) -> None:
+        prior = class_counts / class_counts.sum()
+        super().__init__(float(tau) * torch.log(prior))
+        self.tau = float(tau)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class BalancedSoftmaxLoss(AdjustedCrossEntropy):
+    """BalancedSoftmax (Ren et al. 2020): cross-entropy on ``f(x) + log(n)``."""
+
+    def __init__(self, class_counts: torch.Tensor) -> None:
+        super().__init__(torch.log(class_counts))
+
+
+def make_loss(
+    name: str,
+    class_counts: Sequence[int] | np.ndarray | torch.Tensor,
+    la_tau: float = 1.0,
+) -> nn.Module:
+    """The training loss of expert ``name``; its forward(logits [N, C], y [N]) returns a scalar.
+
+    ``class_counts`` are the train images per class (each at least 1); ``la_tau`` is LogitAdjust's
+    tau and is ignored by the other losses.
+    """
+    if name not in EXPERTS:
+        raise ValueError(f"expert loss must be one of {', '.join(EXPERTS)}; got {name!r}.")
+    if isinstance(class_counts, torch.Tensor):
+        counts = class_counts.detach().to(device="cpu", dtype=torch.float64).flatten()
+    else:
+        counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64).flatten()
+    if counts.numel() < 2:
+        raise ValueError(f"class_counts needs one count per class (at least 2); got {counts.numel()}.")
+    if not bool(torch.all(counts >= 1)):
+        empty = torch.nonzero(counts < 1).flatten().tolist()
+        raise ValueError(
+            f"class_counts must be at least 1 for every class; classes {empty[:10]} have none."
+        )
+    if name == "ce":
+        return CrossEntropy(counts.numel())
+    if name == "logitadjust":
+        return LogitAdjustLoss(counts, tau=la_tau)
+    return BalancedSoftmaxLoss(counts)

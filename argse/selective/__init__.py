@@ -1,0 +1,42 @@
+"""`argse.selective`: the plug-in rejector for long-tailed selective classification, pure torch.
+
+The rule and its fitting follow Narasimhan, Menon, Jitkrittum, Gupta, Kumar, "Learning to Reject Meets
+Long-tail Learning", ICLR 2024 (Theorem 1, Algorithms 1 and 2); DESIGN.md §4 has the maths. Inputs may
+be torch tensors or numpy arrays; outputs are tensors and floats in small frozen dataclasses. Bad
+inputs raise ValueError with a sentence naming the argument.
+"""
+
+from argse.selective.fit import fit_balanced, fit_group_thresholds, fit_worst
+from argse.selective.metrics import (
+    RiskCoverage,
+    SelectiveErrors,
+    aurc,
+    bootstrap_ci,
+    chow,
+    ece,
+    risk_coverage,
+    selective_errors,
+)
+from argse.selective.rule import GroupStats, PluginRule, RulePrediction, WorstFitHistory, group_stats
+from argse.selective.sweep import CostSweep, cost_sweep
+
+__all__ = [
+    "CostSweep",
+    "GroupStats",
+    "PluginRule",
+    "RiskCoverage",
+    "RulePrediction",
+    "SelectiveErrors",
+    "WorstFitHistory",
+    "aurc",
+    "bootstrap_ci",
+    "chow",
+    "cost_sweep",
+    "ece",
+    "fit_balanced",
+    "fit_group_thresholds",
+    "fit_worst",
+    "group_stats",
+    "risk_coverage",
+    "selective_errors",
+]

@@ -1,0 +1,318 @@
+"""Fitting the plug-in rejector: balanced error (Algorithm 1), worst-group error (Algorithm 2), and
+optional per-group thresholds. The maths is DESIGN.md §4.
+
+Everything works on the per-group sufficient statistics (`GroupStats`): they are computed once per
+split, and a batch of S candidate rules is then evaluated in O(S * N * K) tensor operations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from argse.selective import _validate as check
+from argse.selective.rule import GroupStats, PluginRule, WorstFitHistory, group_stats, margins
+
+#: Initial "head/tail" tilts of the starts: alpha_k proportional to P(y in G_k) ** tilt.
+START_TILTS = (0.0, 0.5, 1.0)
+#: alpha is kept above this so a group with no accepted mass does not divide by zero.
+ALPHA_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A validated split reduced to what the rule needs; weights are normalised to sum to 1."""
+
+    stats: GroupStats
+    correct: torch.Tensor  # [N, K] bool: the top class of group k is the label
+    by_group: torch.Tensor  # [N, K] float64: w_i * [g(y_i) == k]
+    weight: torch.Tensor  # [N] float64
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.by_group.shape[1])
+
+    @property
+    def prior(self) -> torch.Tensor:
+        """[K] P(y in G_k)."""
+        return self.by_group.sum(dim=0)
+
+
+def _prepare(
+    eta: Any, y: Any, weights: Any, names: tuple[str, str, str], c2g: torch.Tensor, n_groups: int,
+    device: Optional[torch.device] = None,
+) -> _Split:
+    eta = check.posteriors(eta, names[0], c2g.shape[0], device)
+    y = check.labels(y, names[1], eta.shape[0], c2g.shape[0], eta.device)
+    w = check.weights(weights, names[2], eta.shape[0], eta.device)
+    w = w / w.sum()
+    stats = group_stats(eta, c2g, n_groups)
+    by_group = torch.nn.functional.one_hot(c2g.to(eta.device)[y], n_groups).to(torch.float64) * w[:, None]
+    return _Split(stats=stats, correct=stats.top_class == y[:, None], by_group=by_group, weight=w)
+
+
+def _masses(split: _Split, coef: torch.Tensor, mu: torch.Tensor, cost: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For S rules: accepted mass and accepted-and-wrong mass per true group, both [S, K]."""
+    group, margin = margins(split.stats, coef, mu)
+    accept = margin >= -cost
+    correct = split.correct.unsqueeze(0).expand(group.shape[0], -1, -1).gather(2, group.unsqueeze(2))[..., 0]
+    accepted = accept.to(torch.float64) @ split.by_group
+    wrong = (accept & ~correct).to(torch.float64) @ split.by_group
+    return accepted, wrong
+
+
+def _group_errors(accepted: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """e_k = P(wrong | accept, y in G_k); 1.0 for a group with no accepted mass."""
+    return torch.where(accepted > 0, wrong / accepted.clamp_min(1e-300), torch.ones_like(accepted))
+
+
+def _fixed_point(accepted: torch.Tensor, wrong: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the map: alpha_k = K * P(accept, y in G_k), mu_k = K * beta_k * e_k / alpha_k."""
+    n_groups = accepted.shape[1]
+    alpha = (n_groups * accepted).clamp_min(ALPHA_FLOOR)
+    mu = n_groups * beta * _group_errors(accepted, wrong) / alpha
+    return alpha, mu
+
+
+def start_schedule(n_starts: int) -> list[tuple[float, float]]:
+    """The (acceptance level, tilt) of each start: tilts cycle through START_TILTS, levels rise to 1."""
+    n_levels = math.ceil(n_starts / len(START_TILTS))
+    return [((i // len(START_TILTS) + 1) / n_levels, START_TILTS[i % len(START_TILTS)]) for i in range(n_starts)]
+
+
+def _starts(split: _Split, beta: torch.Tensor, n_starts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial (alpha, mu) [S, K]: accept the top-q share of S1 by the margin of the rule with
+    alpha ~ prior ** tilt and mu = 0, then apply the fixed-point map to that acceptance set."""
+    schedule = torch.tensor(start_schedule(n_starts), dtype=torch.float64, device=beta.device)
+    level, tilt = schedule[:, 0], schedule[:, 1]
+    prior = split.prior.clamp_min(1e-12)
+    coef = beta / prior[None, :] ** tilt[:, None]
+    group, margin = margins(split.stats, coef, torch.zeros_like(coef))
+    order = margin.argsort(dim=1, descending=True, stable=True)
+    cum = split.weight[order].cumsum(dim=1)
+    take = ((cum < level[:, None] - 1e-12).sum(dim=1) + 1).clamp_max(margin.shape[1])
+    threshold = margin.gather(1, order).gather(1, (take - 1)[:, None])
+    accept = margin >= threshold
+    correct = split.correct.unsqueeze(0).expand(group.shape[0], -1, -1).gather(2, group.unsqueeze(2))[..., 0]
+    accepted = accept.to(torch.float64) @ split.by_group
+    wrong = (accept & ~correct).to(torch.float64) @ split.by_group
+    return _fixed_point(accepted, wrong, beta)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    alpha: torch.Tensor  # [K]
+    mu: torch.Tensor  # [K]
+    group_error: torch.Tensor  # [K] on S2
+    coverage: float  # on S2
+
+
+def _fit_cost_sensitive(
+    fit: _Split, sel: _Split, beta: torch.Tensor, cost: float, n_starts: int, max_iter: int,
+    init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> _Fit:
+    """Joint (alpha, mu) fixed point on S1 from several starts; keep the iterate with the lowest
+    L2R risk sum_k beta_k e_k + cost * P(reject) on S2."""
+    n_groups = fit.n_groups
+    alpha, mu = _starts(fit, beta, n_starts)
+    if init is not None:
+        alpha = torch.cat([alpha, init[0][None]])
+        mu = torch.cat([mu, init[1][None]])
+    best: Optional[_Fit] = None
+    best_risk = math.inf
+    for _ in range(max_iter):
+        coef = n_groups * beta / alpha
+        accepted, wrong = _masses(sel, coef, mu, cost)
+        errors = _group_errors(accepted, wrong)
+        coverage = accepted.sum(dim=1)
+        risk = errors @ beta + cost * (1.0 - coverage)
+        i = int(risk.argmin())
+        if float(risk[i]) < best_risk:
+            best_risk = float(risk[i])
+            best = _Fit(alpha=alpha[i].clone(), mu=mu[i].clone(), group_error=errors[i], coverage=float(coverage[i]))
+        new_alpha, new_mu = _fixed_point(*_masses(fit, coef, mu, cost), beta)
+        moving = ~(torch.isclose(new_alpha, alpha, rtol=1e-10, atol=0).all(dim=1)
+                   & torch.isclose(new_mu, mu, rtol=1e-10, atol=1e-12).all(dim=1))
+        if not bool(moving.any()):
+            break
+        alpha, mu = new_alpha[moving], new_mu[moving]
+    assert best is not None
+    return best
+
+
+def _check_options(n_starts: int, max_iter: int) -> None:
+    if int(n_starts) != n_starts or n_starts < 1:
+        raise ValueError(f"n_starts must be an integer >= 1; got {n_starts!r}.")
+    if int(max_iter) != max_iter or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1; got {max_iter!r}.")
+
+
+def _check_beta(beta: Any, n_groups: int, device: torch.device) -> torch.Tensor:
+    if beta is None:
+        return torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64, device=device)
+    b = check.vector(beta, "beta", n_groups, device)
+    if not bool(torch.isfinite(b).all()) or bool((b < 0).any()) or abs(float(b.sum()) - 1.0) > check.SUM_TOLERANCE:
+        raise ValueError("beta must be non-negative group weights summing to 1.")
+    return b / b.sum()
+
+
+def _prepare_pair(
+    eta_fit: Any, y_fit: Any, eta_sel: Any, y_sel: Any, class_to_group: Any, weights_fit: Any, weights_sel: Any,
+) -> tuple[_Split, _Split, torch.Tensor, int]:
+    device = eta_fit.device if isinstance(eta_fit, torch.Tensor) else None
+    c2g, n_groups = check.class_to_group(class_to_group, device)
+    fit = _prepare(eta_fit, y_fit, weights_fit, ("eta_fit", "y_fit", "weights_fit"), c2g, n_groups, device)
+    sel = _prepare(eta_sel, y_sel, weights_sel, ("eta_sel", "y_sel", "weights_sel"), c2g, n_groups,
+                   fit.weight.device)
+    return fit, sel, c2g, n_groups
+
+
+def _balanced(fit: _Split, sel: _Split, c2g: torch.Tensor, cost: float, beta: torch.Tensor, n_starts: int,
+              max_iter: int) -> PluginRule:
+    result = _fit_cost_sensitive(fit, sel, beta, cost, n_starts, max_iter)
+    return PluginRule(alpha=result.alpha.cpu(), mu=result.mu.cpu(), beta=beta.cpu(), cost=cost,
+                      class_to_group=c2g.cpu())
+
+
+def fit_balanced(
+    eta_fit: check.ArrayLike,
+    y_fit: check.ArrayLike,
+    eta_sel: check.ArrayLike,
+    y_sel: check.ArrayLike,
+    class_to_group: check.ArrayLike,
+    cost: float,
+    *,
+    weights_fit: Optional[check.ArrayLike] = None,
+    weights_sel: Optional[check.ArrayLike] = None,
+    beta: Optional[check.ArrayLike] = None,
+    n_starts: int = 12,
+    max_iter: int = 30,
+) -> PluginRule:
+    """The plug-in rejector for the balanced (or, with `beta`, the beta-weighted) L2R risk.
+
+    The paper's Algorithm 1 with the joint fixed point of DESIGN.md §4: from `n_starts` initial
+    acceptance sets, iterate alpha_k = K * P(accept, y in G_k) and mu_k = K * beta_k * e_k / alpha_k on
+    the fitting split (eta_fit, y_fit) for at most `max_iter` steps, and return the iterate with the
+    lowest risk sum_k beta_k * e_k + cost * P(reject) on the selection split (eta_sel, y_sel).
+    `beta=None` is uniform (1/K each), i.e. the balanced error. Start i accepts the top share
+    q_i of S1 ranked by the rule with alpha ~ P(y in G_k) ** tilt_i and mu = 0 (`start_schedule`).
+    """
+    _check_options(n_starts, max_iter)
+    cost = check.cost(cost)
+    fit, sel, c2g, n_groups = _prepare_pair(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    b = _check_beta(beta, n_groups, fit.weight.device)
+    return _balanced(fit, sel, c2g, cost, b, n_starts, max_iter)
+
+
+def _worst(fit: _Split, sel: _Split, c2g: torch.Tensor, cost: float, rounds: int, step: float, n_starts: int,
+           max_iter: int) -> PluginRule:
+    n_groups = fit.n_groups
+    beta = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64, device=fit.weight.device)
+    rows: list[tuple[torch.Tensor, _Fit, float]] = []
+    init = None
+    for _ in range(rounds):
+        result = _fit_cost_sensitive(fit, sel, beta, cost, n_starts, max_iter, init)
+        worst = float(result.group_error.max()) + cost * (1.0 - result.coverage)
+        rows.append((beta, result, worst))
+        init = (result.alpha, result.mu)
+        beta = beta * torch.exp(step * result.group_error)
+        beta = beta / beta.sum()
+    risks = torch.tensor([row[2] for row in rows], dtype=torch.float64)
+    best = int(risks.argmin())
+    history = WorstFitHistory(
+        beta=torch.stack([row[0] for row in rows]).cpu(),
+        alpha=torch.stack([row[1].alpha for row in rows]).cpu(),
+        mu=torch.stack([row[1].mu for row in rows]).cpu(),
+        group_error=torch.stack([row[1].group_error for row in rows]).cpu(),
+        coverage=torch.tensor([row[1].coverage for row in rows], dtype=torch.float64),
+        worst_risk=risks,
+        best_round=best,
+    )
+    beta_best, chosen, _ = rows[best]
+    return PluginRule(alpha=chosen.alpha.cpu(), mu=chosen.mu.cpu(), beta=beta_best.cpu(), cost=cost,
+                      class_to_group=c2g.cpu(), history=history)
+
+
+def fit_worst(
+    eta_fit: check.ArrayLike,
+    y_fit: check.ArrayLike,
+    eta_sel: check.ArrayLike,
+    y_sel: check.ArrayLike,
+    class_to_group: check.ArrayLike,
+    cost: float,
+    *,
+    weights_fit: Optional[check.ArrayLike] = None,
+    weights_sel: Optional[check.ArrayLike] = None,
+    rounds: int = 20,
+    step: float = 1.0,
+    n_starts: int = 12,
+    max_iter: int = 30,
+) -> PluginRule:
+    """The plug-in rejector for the worst-group L2R risk max_k e_k + cost * P(reject).
+
+    Algorithm 2 of Narasimhan, Menon, Jitkrittum, Gupta, Kumar, "Learning to Reject Meets Long-tail
+    Learning", ICLR 2024: exponentiated gradient over the group weights beta. Start from beta^0
+    uniform; in round t, fit the cost-sensitive rule for beta^t on the fitting split as `fit_balanced`
+    does (joint alpha/mu fixed point, several starts, plus the previous round's rule as a warm start),
+    measure its group errors e_k on the selection split, and update beta_k <- beta_k * exp(step * e_k),
+    normalised. After `rounds` rounds, return the round whose rule has the lowest worst-group L2R risk
+    on the selection split.
+
+    The returned `PluginRule` carries the per-round record in `rule.history` (a `WorstFitHistory`:
+    beta, alpha, mu, group errors, coverage and worst risk per round on the selection split, and
+    `best_round`); `rule.history.rows()` gives plain dicts for logging.
+    """
+    _check_options(n_starts, max_iter)
+    if int(rounds) != rounds or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1; got {rounds!r}.")
+    step = float(step)
+    if not math.isfinite(step) or step < 0:
+        raise ValueError(f"step must be a finite number >= 0; got {step}.")
+    cost = check.cost(cost)
+    fit, sel, c2g, _ = _prepare_pair(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    return _worst(fit, sel, c2g, cost, int(rounds), step, int(n_starts), int(max_iter))
+
+
+def fit_group_thresholds(
+    rule: PluginRule,
+    eta: check.ArrayLike,
+    target_coverage: Union[float, Sequence[float], check.ArrayLike],
+    *,
+    weights: Optional[check.ArrayLike] = None,
+) -> PluginRule:
+    """The rule with one threshold per predicted group, so that each group reaches a target coverage.
+
+    Among the samples of `eta` whose predicted class lies in group k, threshold t_k is the weighted
+    quantile of the margins such that a share of at least `target_coverage[k]` has margin >= t_k (a
+    float applies to every group). A target of 0 gives t_k = +inf (reject the group); a group that is
+    never predicted keeps -rule.cost. The returned rule accepts iff margin >= t_(predicted group); the
+    cost no longer enters its decisions.
+    """
+    if not isinstance(rule, PluginRule):
+        raise ValueError(f"rule must be a PluginRule; got {type(rule).__name__}.")
+    n_groups = rule.n_groups
+    if isinstance(target_coverage, (int, float)):
+        target = torch.full((n_groups,), float(target_coverage), dtype=torch.float64)
+    else:
+        target = check.vector(target_coverage, "target_coverage", n_groups, torch.device("cpu"))
+    if not bool(torch.isfinite(target).all()) or bool((target < 0).any()) or bool((target > 1).any()):
+        raise ValueError("target_coverage must be a coverage in [0, 1] (one float, or one per group).")
+    decision = rule.with_thresholds(None).predict(eta)
+    w = check.weights(weights, "weights", decision.margin.shape[0], decision.margin.device)
+    thresholds = torch.full((n_groups,), -rule.cost, dtype=torch.float64)
+    for k in range(n_groups):  # a loop over groups, not samples
+        members = decision.group == k
+        mass = float(w[members].sum())
+        if mass <= 0:
+            continue
+        if float(target[k]) <= 0:
+            thresholds[k] = math.inf
+            continue
+        margin, order = decision.margin[members].sort(descending=True, stable=True)
+        cum = w[members][order].cumsum(dim=0) / mass
+        take = min(int((cum < float(target[k]) - 1e-12).sum()) + 1, margin.shape[0])
+        thresholds[k] = float(margin[take - 1])
+    return rule.with_thresholds(thresholds)

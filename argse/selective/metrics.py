@@ -1,0 +1,231 @@
+"""Selective-classification metrics, all weighted: errors at a decision, risk-coverage curves, AURC,
+Chow's baseline, ECE and bootstrap intervals.
+
+Convention: a group with no accepted mass has error 1.0 (likewise the overall error when nothing is
+accepted), so rejecting a whole group is never rewarded with a zero error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from argse.selective import _validate as check
+
+
+@dataclass(frozen=True)
+class SelectiveErrors:
+    """Errors of one set of decisions. Group k means the true label lies in group k."""
+
+    coverage: float  #: P(accept)
+    group_coverage: torch.Tensor  #: [K] P(accept | y in G_k); 0.0 for a group absent from y
+    group_error: torch.Tensor  #: [K] e_k = P(pred != y | accept, y in G_k); 1.0 with no accepted mass
+    balanced_error: float  #: mean_k e_k
+    worst_error: float  #: max_k e_k
+    overall_error: float  #: P(pred != y | accept); 1.0 when nothing is accepted
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, empty: float) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, empty))
+
+
+def selective_errors(
+    pred: check.ArrayLike,
+    accept: check.ArrayLike,
+    y: check.ArrayLike,
+    class_to_group: check.ArrayLike,
+    weights: Optional[check.ArrayLike] = None,
+) -> SelectiveErrors:
+    """Coverage, per-group coverage and error, balanced, worst and overall error of the decisions
+    (pred [N], accept [N]) against labels y [N], under sample weights [N] (None: all ones)."""
+    device = pred.device if isinstance(pred, torch.Tensor) else None
+    c2g, n_groups = check.class_to_group(class_to_group, device)
+    n_classes = c2g.shape[0]
+    y = check.labels(y, "y", None, n_classes, device)
+    n = y.shape[0]
+    if n == 0:
+        raise ValueError("y must hold at least one label.")
+    pred = check.labels(pred, "pred", n, n_classes, y.device)
+    accept = check.flags(accept, "accept", n, y.device)
+    w = check.weights(weights, "weights", n, y.device)
+    by_group = torch.nn.functional.one_hot(c2g.to(y.device)[y], n_groups).to(torch.float64) * w[:, None]
+    acc = accept.to(torch.float64)
+    wrong = (accept & (pred != y)).to(torch.float64)
+    accepted = acc @ by_group
+    errors = _ratio(wrong @ by_group, accepted, 1.0)
+    total = float(w.sum())
+    return SelectiveErrors(
+        coverage=float(accepted.sum()) / total,
+        group_coverage=_ratio(accepted, by_group.sum(dim=0), 0.0),
+        group_error=errors,
+        balanced_error=float(errors.mean()),
+        worst_error=float(errors.max()),
+        overall_error=float(_ratio(wrong.dot(w), acc.dot(w), 1.0)),
+    )
+
+
+@dataclass(frozen=True)
+class RiskCoverage:
+    """A risk-coverage curve: entry n-1 describes accepting the n most confident samples."""
+
+    confidence: torch.Tensor  #: [N] the confidences, sorted in decreasing order
+    coverage: torch.Tensor  #: [N] accepted weight / total weight
+    balanced: torch.Tensor  #: [N] mean_k e_k
+    worst: torch.Tensor  #: [N] max_k e_k
+    standard: torch.Tensor  #: [N] P(pred != y | accept)
+    group_error: torch.Tensor  #: [N, K] e_k
+
+
+def risk_coverage(
+    confidence: check.ArrayLike,
+    pred: check.ArrayLike,
+    y: check.ArrayLike,
+    class_to_group: check.ArrayLike,
+    weights: Optional[check.ArrayLike] = None,
+) -> RiskCoverage:
+    """Balanced, worst-group and standard risk when accepting the n most confident samples, for every
+    n = 1..N, by one sort and per-group cumulative sums (O(N log N), exact).
+
+    Ties: within a run of equal confidences the samples cannot be separated by a threshold, so they
+    are accepted fractionally and in equal proportion: each cumulative sum (accepted mass and errors,
+    per group) is interpolated linearly in n between the counts before and after the run. The point at
+    the end of each run is exact, and the curve does not depend on the input order. Groups with no
+    accepted mass count as error 1.0.
+    """
+    device = confidence.device if isinstance(confidence, torch.Tensor) else None
+    conf = check.scores(confidence, "confidence", device=device)
+    n = conf.shape[0]
+    c2g, n_groups = check.class_to_group(class_to_group, conf.device)
+    pred = check.labels(pred, "pred", n, c2g.shape[0], conf.device)
+    y = check.labels(y, "y", n, c2g.shape[0], conf.device)
+    w = check.weights(weights, "weights", n, conf.device)
+
+    conf, order = conf.sort(descending=True, stable=True)
+    y, pred, w = y[order], pred[order], w[order]
+    mass = torch.nn.functional.one_hot(c2g[y], n_groups).to(torch.float64) * w[:, None]
+    zero = mass.new_zeros(1, n_groups)
+    cum_mass = torch.cat([zero, mass.cumsum(dim=0)])  # row n: the n most confident
+    cum_wrong = torch.cat([zero, (mass * (pred != y)[:, None]).cumsum(dim=0)])
+
+    _, run_length = torch.unique_consecutive(conf, return_counts=True)
+    run_end = run_length.cumsum(dim=0)
+    start = torch.repeat_interleave(run_end - run_length, run_length)
+    end = torch.repeat_interleave(run_end, run_length)
+    count = torch.arange(1, n + 1, device=conf.device)
+    frac = ((count - start) / (end - start)).to(torch.float64)[:, None]
+    exact = (count == end)[:, None]
+
+    def at_count(cum: torch.Tensor) -> torch.Tensor:
+        interpolated = cum[start] + frac * (cum[end] - cum[start])
+        return torch.where(exact, cum[count], interpolated)
+
+    accepted, wrong = at_count(cum_mass), at_count(cum_wrong)
+    group_error = _ratio(wrong, accepted, 1.0)
+    return RiskCoverage(
+        confidence=conf,
+        coverage=accepted.sum(dim=1) / w.sum(),
+        balanced=group_error.mean(dim=1),
+        worst=group_error.max(dim=1).values,
+        standard=_ratio(wrong.sum(dim=1), accepted.sum(dim=1), 1.0),
+        group_error=group_error,
+    )
+
+
+def aurc(curve: Any, risk: str = "balanced", min_coverage: float = 0.0) -> float:
+    """Area under a risk-coverage curve over coverage in [min_coverage, 1].
+
+    `curve` is a `RiskCoverage` or a `CostSweep` (anything with `coverage` and the named risk);
+    `risk` is "balanced", "worst" or "standard". The points, sorted by coverage, are joined by straight
+    lines (trapezoids) and the curve is extended flat to coverage 0 (the risk of its lowest-coverage
+    point) and to 1 (that of its highest). The area is not normalised: divide by (1 - min_coverage)
+    for the mean risk over the range.
+    """
+    if risk not in ("balanced", "worst", "standard") or not hasattr(curve, risk):
+        raise ValueError(f"risk must be one of 'balanced', 'worst', 'standard' that the curve has; got {risk!r}.")
+    if not hasattr(curve, "coverage"):
+        raise ValueError("curve must have a coverage attribute (a RiskCoverage or a CostSweep).")
+    lo = float(min_coverage)
+    if not 0.0 <= lo < 1.0:
+        raise ValueError(f"min_coverage must lie in [0, 1); got {min_coverage}.")
+    x = check.scores(curve.coverage, "curve.coverage").cpu()
+    r = check.scores(getattr(curve, risk), f"curve.{risk}", x.shape[0]).cpu()
+    return area_under(x, r, lo)
+
+
+def area_under(x: torch.Tensor, r: torch.Tensor, lo: float) -> float:
+    """The area of `aurc` for validated float64 points (coverage x [M], risk r [M])."""
+    x, order = x.sort(stable=True)
+    r = r[order]
+    x = torch.cat([x.new_zeros(1), x.clamp(0.0, 1.0), x.new_ones(1)])
+    r = torch.cat([r[:1], r, r[-1:]])
+    left, right = x[:-1], x[1:]
+    width = right - left
+    start = left.clamp_min(lo)
+    t = torch.where(width > 0, (start - left) / width.clamp_min(1e-300), torch.zeros_like(width))
+    r_start = r[:-1] + t * (r[1:] - r[:-1])
+    area = ((right - start).clamp_min(0.0) * (r_start + r[1:]) / 2).sum()
+    return float(area)
+
+
+def chow(probs: check.ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chow's rule: predict argmax_y p_y, with confidence max_y p_y (reject the least confident)."""
+    device = probs.device if isinstance(probs, torch.Tensor) else None
+    p = check.posteriors(probs, "probs", device=device)
+    confidence, pred = p.max(dim=1)
+    return pred, confidence
+
+
+def ece(
+    probs: check.ArrayLike, y: check.ArrayLike, n_bins: int = 15, weights: Optional[check.ArrayLike] = None,
+) -> float:
+    """Expected calibration error of the top-label confidence, with `n_bins` equal-width bins
+    (lo, hi] on [0, 1] (a confidence of exactly 0 falls in the first): sum_b P(bin b) |acc_b - conf_b|."""
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be an integer >= 1; got {n_bins!r}.")
+    device = probs.device if isinstance(probs, torch.Tensor) else None
+    p = check.posteriors(probs, "probs", device=device)
+    confidence, pred = p.max(dim=1)
+    n = confidence.shape[0]
+    y = check.labels(y, "y", n, p.shape[1], confidence.device)
+    w = check.weights(weights, "weights", n, confidence.device)
+    edges = torch.linspace(0.0, 1.0, int(n_bins) + 1, dtype=torch.float64, device=confidence.device)[1:-1]
+    b = torch.bucketize(confidence, edges, right=False)
+    mass = torch.zeros(int(n_bins), dtype=torch.float64, device=confidence.device).index_add_(0, b, w)
+    hits = torch.zeros_like(mass).index_add_(0, b, w * (pred == y))
+    conf = torch.zeros_like(mass).index_add_(0, b, w * confidence)
+    return float((hits - conf).abs().sum() / w.sum())
+
+
+def bootstrap_ci(
+    fn: Callable[..., float], *arrays: Any, n: int = 1000, level: float = 0.95, seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the statistic `fn(*arrays)`.
+
+    Each of `n` replicates draws N rows with replacement (the same rows from every array, so
+    predictions, labels and weights stay aligned) and calls `fn` on the resampled arrays, which keep
+    their type (tensor or numpy). Returns the (1 - level) / 2 and (1 + level) / 2 quantiles.
+    """
+    if not callable(fn):
+        raise ValueError("fn must be a callable that returns a float.")
+    if not arrays:
+        raise ValueError("bootstrap_ci needs at least one array to resample.")
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be an integer >= 1; got {n!r}.")
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level must lie strictly between 0 and 1; got {level}.")
+    converted = [a if isinstance(a, torch.Tensor) else np.asarray(a) for a in arrays]
+    lengths = {a.shape[0] if a.ndim else -1 for a in converted}
+    if len(lengths) != 1 or -1 in lengths or 0 in lengths:
+        raise ValueError("arrays must be non-empty and have the same number of rows.")
+    rows = lengths.pop()
+    rng = np.random.default_rng(seed)
+    values = np.empty(int(n), dtype=np.float64)
+    for i in range(int(n)):  # a loop over replicates, not samples
+        idx = rng.integers(0, rows, size=rows)
+        sample = [a[torch.from_numpy(idx).to(a.device)] if isinstance(a, torch.Tensor) else a[idx] for a in converted]
+        values[i] = float(fn(*sample))
+    low, high = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(low), float(high)

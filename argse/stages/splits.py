@@ -1,0 +1,112 @@
+"""The splits stage: a long-tailed train set and disjoint tunev / val / test splits, tracked.
+
+Logs the resolved options, split sizes and group sizes as metrics, the ``splits/`` artifact
+(indices, labels, class counts, class_to_group, weights, fingerprint) and the class distribution
+figure. Later stages read the artifact through :func:`load_splits`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import click
+import mlflow
+import numpy as np
+
+from argse import figures, tracking
+from argse.config import SplitsConfig
+from argse.data.loaders import load_source
+from argse.data.splits import EVAL_SPLITS, SPLITS, Splits, make_splits
+
+log = logging.getLogger(__name__)
+
+
+def build(cfg: SplitsConfig) -> Splits:
+    source = load_source(cfg.dataset, cfg.data_dir)
+    return make_splits(
+        source, imb_factor=cfg.imb_factor, tunev_ratio=cfg.tunev_ratio, val_ratio=cfg.val_ratio,
+        group_thresholds=cfg.group_thresholds, seed=cfg.seed, config=cfg.params(),
+    )
+
+
+def distribution_table(splits: Splits, sample_classes: int = 3) -> str:
+    """Per group, then a few head / middle / tail classes: train counts and evaluation split sizes."""
+    counts = {split: np.bincount(splits.labels[split], minlength=splits.num_classes) for split in EVAL_SPLITS}
+    rows = [f"{'':<18}{'classes':>8}{'train':>8}{'min':>6}{'max':>6}" + "".join(f"{s:>7}" for s in EVAL_SPLITS)]
+    for k, name in enumerate(splits.group_names):
+        mask = splits.class_to_group == k
+        tc = splits.train_counts[mask]
+        rows.append(f"{name:<18}{int(mask.sum()):>8}{int(tc.sum()):>8}{int(tc.min()):>6}{int(tc.max()):>6}"
+                    + "".join(f"{int(counts[s][mask].sum()):>7}" for s in EVAL_SPLITS))
+    c = splits.num_classes
+    picks = sorted(set(list(range(min(sample_classes, c))) + [c // 2] + list(range(max(c - sample_classes, 0), c))))
+    rows.append(f"{'class':<18}{'group':>8}{'train':>8}{'asked':>6}{'':>6}" + "".join(f"{s:>7}" for s in EVAL_SPLITS))
+    for cls in picks:
+        label = f"{cls} {splits.class_names[cls]}"[:17]
+        rows.append(f"{label:<18}{splits.group_names[splits.class_to_group[cls]]:>8}{int(splits.train_counts[cls]):>8}"
+                    f"{int(splits.requested_counts[cls]):>6}{'':>6}" + "".join(f"{int(counts[s][cls]):>7}" for s in EVAL_SPLITS))
+    return "\n".join(rows)
+
+
+def summary(splits: Splits) -> dict[str, float]:
+    metrics: dict[str, float] = {f"n_{name}": float(len(splits.indices[name])) for name in SPLITS}
+    for k, name in enumerate(splits.group_names):
+        mask = splits.class_to_group == k
+        metrics[f"classes_{name}"] = float(mask.sum())
+        metrics[f"train_images_{name}"] = float(splits.train_counts[mask].sum())
+    metrics["imb_factor_achieved"] = float(splits.train_counts.max() / splits.train_counts.min())
+    metrics["train_shortfall"] = float(np.maximum(splits.requested_counts - splits.train_counts, 0).sum())
+    metrics["num_groups"] = float(splits.num_groups)
+    return metrics
+
+
+def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
+    """Run the stage; return the run id (``None`` for a dry run)."""
+    if cfg.dry_run:
+        splits = build(cfg)
+        click.echo("splits (dry run: no run created)")
+        for key, value in cfg.params().items():
+            click.echo(f"  {key} = {value}")
+        click.echo(f"  experiment: {tracking.home_experiment(cfg.dataset, experiment)}")
+        click.echo("  would write splits/{indices,labels,weights}.npz, class_counts.json, class_to_group.csv, "
+                   "splits.json and class_distribution.png; sizes: "
+                   + ", ".join(f"{name} {len(splits.indices[name])}" for name in SPLITS))
+        click.echo(distribution_table(splits))
+        return None
+
+    with tracking.stage_run("splits", cfg.dataset, cfg.params(), experiment=experiment, run_name="splits") as active:
+        splits = build(cfg)
+        shortfall = splits.requested_counts - splits.train_counts
+        if np.any(shortfall > 0):
+            log.warning("%d classes have fewer images than the profile asks for; they take what they have "
+                        "(achieved counts are logged in splits/class_counts.json)", int(np.sum(shortfall > 0)))
+        with tempfile.TemporaryDirectory() as tmp:
+            splits.save(Path(tmp) / "splits")
+            mlflow.log_artifacts(tmp)
+        mlflow.log_metrics(summary(splits))
+        mlflow.set_tag("argse.splits_fingerprint", splits.fingerprint)
+        tracking.log_split_inputs(splits, SPLITS)
+        eval_counts = {s: np.bincount(splits.labels[s], minlength=splits.num_classes) for s in EVAL_SPLITS}
+        fig = figures.class_distribution(
+            splits.train_counts, eval_counts, splits.class_to_group, splits.group_names,
+            f"{cfg.dataset}: imbalance factor {cfg.imb_factor:g}, seed {cfg.seed}",
+        )
+        mlflow.log_figure(fig, "class_distribution.png")
+        figures.close(fig)
+        if cfg.verbose:
+            click.echo(distribution_table(splits))
+        click.echo(
+            f"splits run {active.info.run_id}: train {len(splits.indices['train'])} images "
+            f"(imbalance {splits.train_counts.max()}/{splits.train_counts.min()}), "
+            + ", ".join(f"{s} {len(splits.indices[s])}" for s in EVAL_SPLITS)
+            + ", groups " + ", ".join(f"{n} {int((splits.class_to_group == k).sum())}"
+                                      for k, n in enumerate(splits.group_names))
+        )
+        return active.info.run_id
+
+
+def load_splits(run_id: str) -> Splits:
+    """The ``splits/`` artifact of a splits run."""
+    return Splits.load(tracking.download(run_id, "splits"))

@@ -1,0 +1,131 @@
+"""Small pieces of the training loop: optimizer and schedule, seeding, device, autocast, RNG state."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+DEVICES = ("auto", "cpu", "cuda")
+REFERENCE_BATCH_SIZE = 128
+
+
+def make_optimizer_and_scheduler(
+    model: nn.Module,
+    *,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 5e-4,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD (momentum 0.9, nesterov) and a per-iteration schedule: linear warm-up, then cosine to 0.
+
+    The peak learning rate is ``lr * batch_size / 128``. Weight decay applies to every parameter
+    (BatchNorm and biases included), as in the usual CIFAR long-tail recipes. Call
+    ``scheduler.step()`` after every ``optimizer.step()``.
+    """
+    if lr <= 0 or batch_size < 1:
+        raise ValueError(f"lr must be > 0 and batch_size >= 1; got lr={lr}, batch_size={batch_size}.")
+    if epochs < 1 or steps_per_epoch < 1:
+        raise ValueError(
+            f"epochs and steps_per_epoch must be >= 1; got {epochs} and {steps_per_epoch}."
+        )
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"warmup_epochs must lie in [0, epochs={epochs}]; got {warmup_epochs}.")
+    peak_lr = lr * batch_size / REFERENCE_BATCH_SIZE
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and every CUDA device) global random generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device``: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {name!r}.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu or auto.")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op context on other devices or when not ``enabled``."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The state of every random generator (Python, NumPy, torch CPU, CUDA, and ``generator`` if given).
+
+    Holds only tensors and plain Python values, so a checkpoint with it loads with
+    ``torch.load(..., weights_only=True)``.
+    """
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore the generators saved by ``capture_rng_state`` (``generator`` from its saved state)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    saved = state["numpy"]
+    np.random.set_state(
+        (
+            saved["kind"],
+            saved["keys"].numpy().astype(np.uint32),
+            saved["position"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        for index, cuda_state in enumerate(cuda_states):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+    if generator is not None:
+        if "generator" not in state:
+            raise ValueError("the saved RNG state holds no data generator state to restore.")
+        generator.set_state(state["generator"].cpu())

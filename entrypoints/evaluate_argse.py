@@ -1,0 +1,11 @@
+"""The seed's `evaluate_argse.py`: same as `argse evaluate` with the same options."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from argse.cli import shim  # noqa: E402
+
+if __name__ == "__main__":
+    shim("evaluate")

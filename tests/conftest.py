@@ -1,0 +1,102 @@
+"""Shared fixtures: a private MLflow store per test, the CLI run in-process, a CIFAR-format folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+
+
+@pytest.fixture(scope="session")
+def _migrated_db(tmp_path_factory):
+    """An empty SQLite store with MLflow's schema, made once: creating the schema takes seconds,
+    copying the file does not."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, _migrated_db):
+    """A fresh SQLite tracking store in a temp dir, which is also the working directory."""
+    import shutil
+
+    import mlflow
+
+    from argse import tracking
+
+    for name in _MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(_migrated_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.configure(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``argse ARGS`` in-process; returns the exit code and what it printed."""
+    from argse.cli import main
+
+    def invoke(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """A tiny CIFAR-100-format folder (the real pickle layout, random pixels)."""
+    from argse.data.loaders import write_cifar100_folder
+
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar100_folder(root, per_class_train=30, per_class_test=10, seed=1)
+    return root
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: any download attempt fails as it does on an offline machine."""
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable (offline test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def subprocess_env(tracking_uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _MLFLOW_ENV}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MPLBACKEND"] = "Agg"
+    return env

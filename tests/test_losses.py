@@ -1,0 +1,76 @@
+"""Long-tail losses: hand-computed values, the LogitAdjust/BalancedSoftmax identity, bad names."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from argse.losses import EXPERTS, make_loss
+
+COUNTS = [6, 3, 1]
+
+
+def _hand_ce(logits: list[float], label: int) -> float:
+    return -logits[label] + math.log(sum(math.exp(v) for v in logits))
+
+
+def test_experts_are_the_three_seed_names() -> None:
+    assert EXPERTS == ("ce", "logitadjust", "balsoftmax")
+
+
+def test_ce_matches_a_hand_computed_value() -> None:
+    logits = torch.tensor([[1.0, 2.0, 0.5]])
+    loss = make_loss("ce", COUNTS)(logits, torch.tensor([0]))
+    assert loss.item() == pytest.approx(_hand_ce([1.0, 2.0, 0.5], 0), rel=1e-6)
+
+
+def test_logitadjust_adds_tau_log_prior_before_the_softmax() -> None:
+    logits = [1.0, 2.0, 0.5]
+    tau = 0.5
+    shifted = [v + tau * math.log(n / 10) for v, n in zip(logits, COUNTS)]
+    loss = make_loss("logitadjust", COUNTS, la_tau=tau)(torch.tensor([logits]), torch.tensor([2]))
+    assert loss.item() == pytest.approx(_hand_ce(shifted, 2), rel=1e-6)
+
+
+def test_balsoftmax_adds_log_counts_before_the_softmax() -> None:
+    logits = [1.0, 2.0, 0.5]
+    shifted = [v + math.log(n) for v, n in zip(logits, COUNTS)]
+    loss = make_loss("balsoftmax", COUNTS)(torch.tensor([logits]), torch.tensor([1]))
+    assert loss.item() == pytest.approx(_hand_ce(shifted, 1), rel=1e-6)
+
+
+def test_logitadjust_at_tau_1_equals_balsoftmax_and_ce_differs() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(64, 3, requires_grad=True)
+    y = torch.randint(0, 3, (64,))
+    la = make_loss("logitadjust", COUNTS, la_tau=1.0)(logits, y)
+    bs = make_loss("balsoftmax", COUNTS)(logits, y)
+    ce = make_loss("ce", COUNTS)(logits, y)
+    assert la.item() == pytest.approx(bs.item(), abs=1e-6)
+    (grad_la,) = torch.autograd.grad(la, logits)
+    (grad_bs,) = torch.autograd.grad(bs, logits)
+    assert torch.allclose(grad_la, grad_bs, atol=1e-7)
+    assert abs(ce.item() - bs.item()) > 1e-2
+    assert make_loss("logitadjust", COUNTS, la_tau=2.0)(logits, y).item() != pytest.approx(bs.item())
+
+
+def test_loss_is_a_mean_over_the_batch_and_works_on_bf16_logits() -> None:
+    logits = torch.randn(8, 3)
+    y = torch.randint(0, 3, (8,))
+    loss = make_loss("balsoftmax", COUNTS)
+    expected = F.cross_entropy(logits + torch.log(torch.tensor(COUNTS, dtype=torch.float32)), y)
+    assert loss(logits, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss(logits.bfloat16(), y).dtype == torch.float32
+
+
+def test_unknown_loss_names_the_accepted_values() -> None:
+    with pytest.raises(ValueError, match="ce, logitadjust, balsoftmax"):
+        make_loss("focal", COUNTS)
+
+
+def test_empty_class_and_wrong_class_count_are_rejected() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        make_loss("balsoftmax", [5, 0, 2])
+    with pytest.raises(ValueError, match=r"\[N, 3\]"):
+        make_loss("ce", COUNTS)(torch.randn(2, 4), torch.tensor([0, 1]))
