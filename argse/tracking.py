@@ -59,6 +59,8 @@ def configure(tracking_uri: str | None = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # Our own progress bars show the long work; MLflow's per-download bars only clutter stderr.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @functools.lru_cache(maxsize=1)
@@ -183,16 +185,9 @@ def stage_run(
         exp_id = _experiment_id(home_experiment(dataset, experiment), create=True)
         run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
     try:
-        all_tags = {
-            TAG_STAGE: stage,
-            TAG_DATASET: dataset,
-            TAG_CODE: code_version(),
-            TAG_HASH: config_hash(stage, params, upstream),
-        }
-        all_tags.update({TAG_UPSTREAM + k.removesuffix("_run"): v for k, v in upstream.items()})
-        all_tags.update(tags or {})
-        mlflow.set_tags(all_tags)
+        mlflow.set_tags({TAG_STAGE: stage, TAG_DATASET: dataset, TAG_CODE: code_version(), **(tags or {})})
         _log_params(run.info.run_id, params)
+        set_upstream(stage, params, upstream)
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
@@ -202,6 +197,17 @@ def stage_run(
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def set_upstream(stage: str, params: Mapping[str, Any], upstream: Mapping[str, str]) -> None:
+    """Tag the active run with the upstream run ids it consumed and the config hash they give.
+
+    Stages resolve their inputs inside their run (so a missing input leaves a FAILED run) and call
+    this once they know them."""
+    mlflow.set_tags({
+        TAG_HASH: config_hash(stage, params, upstream),
+        **{TAG_UPSTREAM + k.removesuffix("_run"): v for k, v in upstream.items()},
+    })
 
 
 # -- finding runs --------------------------------------------------------------------------------

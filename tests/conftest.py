@@ -100,3 +100,61 @@ def subprocess_env(tracking_uri: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["MPLBACKEND"] = "Agg"
     return env
+
+
+@pytest.fixture(scope="session")
+def digits_experts(tmp_path_factory, _migrated_db):
+    """A store holding a digits-lt splits run and an `--expert all` experts run, made once per session.
+
+    Returns ``(folder, {"splits": run_id, "experts": parent_id, "ce": id, ...})``. Use it through
+    ``experts_store``, which gives each test its own copy of the database."""
+    import shutil
+
+    import mlflow
+
+    from argse import tracking
+    from argse.cli import main
+
+    folder = tmp_path_factory.mktemp("digits-experts")
+    shutil.copy(_migrated_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _MLFLOW_ENV:
+            mp.delenv(name, raising=False)
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking.configure(uri)
+        for args in (["splits", "--dataset", "digits-lt"],
+                     ["experts", "--dataset", "digits-lt", "--epochs", "6", "--checkpoint-every", "3"]):
+            try:
+                main(args)
+            except SystemExit as exc:
+                assert not exc.code, f"argse {' '.join(args)} failed"
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name("ar-gse/digits-lt").experiment_id
+        ids = {"splits": tracking.resolve_upstream("splits", "latest", dataset="digits-lt").info.run_id}
+        for run in client.search_runs([exp], "tags.\"argse.stage\" = 'experts'"):
+            ids[run.data.tags["argse.expert"].replace("all", "experts")] = run.info.run_id
+    return folder, ids
+
+
+@pytest.fixture
+def experts_store(digits_experts, tmp_path, monkeypatch):
+    """This test's own copy of the ``digits_experts`` database (artifacts stay shared, read-only)."""
+    import shutil
+
+    import mlflow
+
+    from argse import tracking
+
+    folder, ids = digits_experts
+    for name in _MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(folder / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.configure(uri)
+    yield uri, ids
+    while mlflow.active_run() is not None:
+        mlflow.end_run()

@@ -1,0 +1,470 @@
+"""The experts stage: train ce / logitadjust / balsoftmax on a splits run, calibrate, log.
+
+One MLflow run per expert (tag ``argse.expert``), children of one parent run when ``--expert all``.
+Each expert run leaves what the later stages read: ``model/`` (an ``mlflow.pytorch`` model taking raw
+uint8 images, temperature included), ``logits/{tunev,val,test}.npz`` (calibrated float32 logits,
+labels, indices into the held-out pool) and ``checkpoints/last.pt``. ``--resume RUN_ID`` continues a
+killed run from its last checkpoint, in the same run.
+
+Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set) the experts train with DistributedDataParallel
+(gloo on CPU, nccl on CUDA), each rank on its shard of the on-device tensor; only rank 0 talks to
+MLflow. ``--batch-size`` is the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import mlflow
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from argse import ArgseError, ArgseUsageError, tracking
+from argse.calibration import fit_temperature, nll
+from argse.config import EXPERTS, ExpertsConfig, preset
+from argse.data.device import DeviceImages, normalize_stats
+from argse.data.loaders import load_source
+from argse.data.splits import EVAL_SPLITS, Splits
+from argse.losses import make_loss
+from argse.models.backbones import build_backbone, count_parameters, estimate_training_flops
+from argse.models.experts import ExpertModel
+from argse.selective import ece
+from argse.stages.splits import load_splits
+from argse.train_utils import (
+    autocast_context,
+    capture_rng_state,
+    make_optimizer_and_scheduler,
+    resolve_device,
+    restore_rng_state,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoints/last.pt"
+EVAL_BATCH = 1024
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+# -- the pieces of one expert's training ---------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Data:
+    """The splits and their images, ready for training and evaluation."""
+
+    splits: Splits
+    splits_run_id: str
+    train: DeviceImages
+    evaluation: dict[str, DeviceImages]
+
+
+def load_data(splits: Splits, splits_run_id: str, cfg: ExpertsConfig, device: torch.device) -> Data:
+    source = load_source(cfg.dataset, cfg.data_dir)
+    splits.check_source(source)
+    train_images = splits.images(source, "train")
+    mean, std = normalize_stats(train_images)
+    augmentation = preset(cfg.dataset).augmentation
+
+    def holder(split: str, aug: str) -> DeviceImages:
+        return DeviceImages(splits.images(source, split), splits.labels[split], mean=mean, std=std,
+                            augmentation=aug, device=device)
+
+    return Data(splits, splits_run_id, holder("train", augmentation),
+                {split: holder(split, "none") for split in EVAL_SPLITS})
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: DeviceImages, device: torch.device) -> torch.Tensor:
+    """Raw logits of every image, in order (float32 on the CPU)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for x, _ in images.eval_batches(EVAL_BATCH):
+        with autocast_context(device):
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, class_to_group: np.ndarray,
+                     group_names: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy, balanced (mean per-class) accuracy and per-group accuracy (mean over the group's classes)."""
+    labels = labels.cpu()
+    correct = (logits.argmax(1) == labels).double()
+    num_classes = len(class_to_group)
+    per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, correct)
+    per_class /= torch.bincount(labels, minlength=num_classes).clamp_min(1).double()
+    out = {"acc": float(correct.mean()), "balanced_acc": float(per_class.mean())}
+    for k, name in enumerate(group_names):
+        out[f"acc_{name}"] = float(per_class[torch.as_tensor(class_to_group == k)].mean())
+    return out
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, generator, config: dict) -> None:
+    torch.save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "rng": capture_rng_state(generator), "config": config,
+    }, path)
+
+
+def load_checkpoint(run_id: str) -> dict | None:
+    """The run's ``checkpoints/last.pt``, ``None`` when it has none; a corrupt file is an error."""
+    client = mlflow.MlflowClient()
+    if not any(a.path == CHECKPOINT for a in client.list_artifacts(run_id, "checkpoints")):
+        return None
+    path = tracking.download(run_id, CHECKPOINT)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "optimizer", "scheduler", "epoch", "rng", "config"):
+            state[key]
+    except Exception as exc:
+        raise ArgseError(
+            f"the checkpoint of run {run_id} is corrupt ({type(exc).__name__}); "
+            "start a fresh run instead of --resume"
+        ) from None
+    return state
+
+
+def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,
+                 resume: dict | None, run_id: str | None) -> ExpertModel:
+    """Train one expert, logging per-epoch metrics (rank 0); return the calibrated model."""
+    splits = data.splits
+    seed_everything(cfg.seed + EXPERTS.index(name))
+    backbone = build_backbone(cfg.dataset, splits.num_classes).to(device)
+    if device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)
+    model: torch.nn.Module = backbone
+    if ddp.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    criterion = make_loss(name, splits.train_counts, la_tau=cfg.la_tau).to(device)
+    local_batch = cfg.batch_size // ddp.world_size
+    steps = data.train.num_batches(local_batch, drop_last=False, world_size=ddp.world_size)
+    optimizer, scheduler = make_optimizer_and_scheduler(
+        backbone, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
+        steps_per_epoch=steps, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs))
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + EXPERTS.index(name))
+    start_epoch = 0
+    if resume is not None:
+        backbone.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        restore_rng_state(resume["rng"], generator)
+        start_epoch = int(resume["epoch"])
+        if ddp.main:
+            click.echo(f"{name}: resuming run {run_id} after epoch {start_epoch}/{cfg.epochs}")
+
+    val = data.evaluation["val"]
+    tmp = Path(tempfile.mkdtemp(prefix="argse-ckpt-"))
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        total_loss, seen = torch.zeros((), device=device), 0
+        batches = data.train.batches(local_batch, shuffle=True, generator=generator, augment=True,
+                                     drop_last=False, rank=ddp.rank, world_size=ddp.world_size)
+        bar = tqdm(batches, total=steps, desc=f"{name} {epoch}/{cfg.epochs}", leave=False,
+                   disable=not ddp.main, dynamic_ncols=True)
+        for x, y in bar:
+            with autocast_context(device):
+                loss = criterion(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.detach() * len(y)
+            seen += len(y)
+        seconds = time.perf_counter() - started
+        if not ddp.main:
+            continue
+        logits = predict_logits(backbone, val, device)
+        metrics = {f"val_{k}": v for k, v in accuracy_metrics(logits, val.labels, splits.class_to_group,
+                                                                splits.group_names).items()}
+        metrics.update(train_loss=float(total_loss) / max(seen, 1), lr=scheduler.get_last_lr()[0],
+                       epoch_seconds=seconds, images_per_second=seen * ddp.world_size / seconds)
+        mlflow.log_metrics(metrics, step=epoch)
+        log.info("%s epoch %d/%d: loss %.4f, val acc %.4f, balanced %.4f", name, epoch, cfg.epochs,
+                 metrics["train_loss"], metrics["val_acc"], metrics["val_balanced_acc"])
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            save_checkpoint(tmp / "last.pt", backbone, optimizer, scheduler, epoch, generator, cfg.params())
+            mlflow.log_artifact(str(tmp / "last.pt"), "checkpoints")
+    return ExpertModel(backbone, data.train.mean, data.train.std)
+
+
+def calibrate_and_log(name: str, expert: ExpertModel, data: Data, device: torch.device) -> dict[str, float]:
+    """Fit the temperature on val, log logits of every evaluation split, and the model."""
+    splits = data.splits
+    backbone = expert.backbone.to(device)
+    raw = {split: predict_logits(backbone, data.evaluation[split], device) for split in EVAL_SPLITS}
+    labels = {split: torch.as_tensor(splits.labels[split]) for split in EVAL_SPLITS}
+    temperature = fit_temperature(raw["val"], labels["val"])
+    expert.temperature.fill_(temperature)
+    before, after = raw["val"], raw["val"] / temperature
+    metrics = {
+        "temperature": temperature,
+        "val_nll_before": nll(before, labels["val"]), "val_nll_after": nll(after, labels["val"]),
+        "val_ece_before": ece(before.softmax(1), labels["val"]), "val_ece_after": ece(after.softmax(1), labels["val"]),
+    }
+    for split in EVAL_SPLITS:
+        acc = accuracy_metrics(raw[split], labels[split], splits.class_to_group, splits.group_names)
+        metrics.update({f"final_{split}_{k}": v for k, v in acc.items()})
+    mlflow.log_metrics(metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "logits"
+        folder.mkdir()
+        for split in EVAL_SPLITS:
+            np.savez(folder / f"{split}.npz", logits=(raw[split] / temperature).numpy().astype(np.float32),
+                     labels=splits.labels[split], indices=splits.indices[split])
+        mlflow.log_artifacts(str(folder), "logits")
+    log_expert_model(expert.cpu().eval(), data)
+    return metrics
+
+
+def log_expert_model(expert: ExpertModel, data: Data) -> None:
+    from mlflow.models import infer_signature
+
+    example = data.evaluation["val"].images[:4].cpu().numpy()
+    with torch.no_grad():
+        output = expert(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        expert, name="model", signature=infer_signature(example, output), input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                          "argse"],
+    )
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+
+def _resolve_splits(cfg: ExpertsConfig, experiment: str | None) -> str:
+    return tracking.resolve_upstream("splits", cfg.splits_run, dataset=cfg.dataset, experiment=experiment).info.run_id
+
+
+def _config_from_run(run, cfg: ExpertsConfig) -> ExpertsConfig:
+    """The configuration a run was started with (its resolved params), for ``--resume``."""
+    params = run.data.params
+
+    def value(key):
+        return params.get(f"{key}.resolved", params.get(key))
+
+    updates = {}
+    for key in ("epochs", "batch_size", "warmup_epochs", "checkpoint_every", "seed"):
+        if value(key) not in (None, "", "preset"):
+            updates[key] = int(float(value(key)))
+    for key in ("lr", "la_tau", "weight_decay"):
+        if value(key) not in (None, "", "preset"):
+            updates[key] = float(value(key))
+    for key in ("data_dir", "device"):
+        if value(key):
+            updates[key] = value(key)
+    updates["expert"] = run.data.tags.get(tracking.TAG_EXPERT, cfg.expert)
+    updates["splits_run"] = run.data.tags.get(tracking.TAG_UPSTREAM + "splits", cfg.splits_run)
+    return dataclasses.replace(cfg, **updates).resolve()
+
+
+def dry_run(cfg: ExpertsConfig, experiment: str | None) -> None:
+    splits_run_id = _resolve_splits(cfg, experiment)
+    splits = load_splits(splits_run_id)
+    model = build_backbone(cfg.dataset, splits.num_classes)
+    h, w, c = preset(cfg.dataset).image_shape
+    n_train = len(splits.indices["train"])
+    flops = estimate_training_flops(model, (c, h, w), n_train, cfg.epochs)
+    click.echo("experts (dry run: no run created)")
+    for key, val in cfg.params().items():
+        click.echo(f"  {key} = {val}")
+    click.echo(f"  splits run: {splits_run_id} ({n_train} train images, {splits.num_classes} classes)")
+    click.echo(f"  experts: {', '.join(cfg.experts())}; model {type(model).__name__}, "
+               f"{count_parameters(model):,} parameters")
+    click.echo(f"  training cost: about {flops:.3g} FLOPs per expert ({cfg.epochs} epochs)")
+
+
+def run(cfg: ExpertsConfig, *, experiment: str | None = None) -> dict[str, str]:
+    """Run the stage; return ``{expert: run_id}`` (empty for a dry run or on ranks other than 0)."""
+    ddp = Dist.from_env()
+    if ddp.world_size > 1 and cfg.resume:
+        raise ArgseUsageError("--resume is not supported under torchrun; resume on one process")
+    if cfg.dry_run:
+        if ddp.main:
+            dry_run(cfg, experiment)
+        return {}
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise ArgseUsageError(str(exc)) from None
+    if ddp.world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", ddp.local_rank)
+            torch.cuda.set_device(device)
+        if cfg.batch_size % ddp.world_size:
+            raise ArgseUsageError(f"--batch-size {cfg.batch_size} must be divisible by the {ddp.world_size} processes")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        if cfg.resume:
+            return _resume(cfg, device, experiment)
+        return _run(cfg, device, ddp, experiment)
+    finally:
+        if ddp.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _shared_splits(ddp: Dist, splits_run_id: str | None) -> tuple[Splits, str]:
+    """Rank 0 downloads the splits it resolved; every rank gets them."""
+    payload: list = [(load_splits(splits_run_id), splits_run_id) if ddp.main else None]
+    if ddp.world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def _run(cfg: ExpertsConfig, device: torch.device, ddp: Dist, experiment: str | None) -> dict[str, str]:
+    if not ddp.main:
+        splits, splits_run_id = _shared_splits(ddp, None)
+        data = load_data(splits, splits_run_id, cfg, device)
+        for name in cfg.experts():
+            train_expert(name, cfg, data, device, ddp, None, None)
+        return {}
+    single = len(cfg.experts()) == 1
+    label = cfg.experts()[0] if single else "all"
+    with tracking.stage_run("experts", cfg.dataset, cfg.params(), experiment=experiment,
+                            run_name=f"expert-{label}" if single else "experts",
+                            tags={tracking.TAG_EXPERT: label}) as outer:
+        splits_run_id = _resolve_splits(cfg, experiment)
+        upstream = {"splits_run": splits_run_id}
+        tracking.set_upstream("experts", cfg.params(), upstream)
+        splits, _ = _shared_splits(ddp, splits_run_id)
+        data = load_data(splits, splits_run_id, cfg, device)
+        if single:
+            tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
+            _train_and_log(label, cfg, data, device, ddp, None, outer.info.run_id)
+            return {label: outer.info.run_id}
+        ids = {}
+        for name in cfg.experts():
+            child_cfg = dataclasses.replace(cfg, expert=name)
+            with tracking.stage_run("experts", cfg.dataset, child_cfg.params(), upstream=upstream,
+                                    run_name=f"expert-{name}", tags={tracking.TAG_EXPERT: name}) as child:
+                tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
+                _train_and_log(name, cfg, data, device, ddp, None, child.info.run_id)
+                ids[name] = child.info.run_id
+        mlflow.set_tags({f"argse.expert_run.{n}": i for n, i in ids.items()})
+        _log_summary(ids, splits)
+        click.echo(f"experts run {outer.info.run_id}: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
+        return ids
+
+
+def _train_and_log(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,
+                   resume: dict | None, run_id: str) -> None:
+    expert = train_expert(name, cfg, data, device, ddp, resume, run_id)
+    metrics = calibrate_and_log(name, expert, data, device)
+    groups = data.splits.group_names
+    click.echo(f"{name}: run {run_id}, val balanced acc {metrics['final_val_balanced_acc']:.3f} ("
+               + ", ".join(f"{g} {metrics[f'final_val_acc_{g}']:.3f}" for g in groups)
+               + f"), temperature {metrics['temperature']:.2f}")
+
+
+def _log_summary(ids: dict[str, str], splits: Splits) -> None:
+    """On the parent run: per-group val accuracy of each expert, as metrics and a figure."""
+    from argse import figures
+
+    client = mlflow.MlflowClient()
+    values = {}
+    for name, run_id in ids.items():
+        m = client.get_run(run_id).data.metrics
+        values[name] = [m[f"final_val_acc_{g}"] for g in splits.group_names]
+        mlflow.log_metrics({f"{name}/val_balanced_acc": m["final_val_balanced_acc"],
+                            **{f"{name}/val_acc_{g}": m[f"final_val_acc_{g}"] for g in splits.group_names}})
+    fig = figures.bars_by_group(values, splits.group_names, "val accuracy (calibrated)", "experts: accuracy per group")
+    mlflow.log_figure(fig, "val_accuracy_by_group.png")
+    figures.close(fig)
+
+
+def _resume(cfg: ExpertsConfig, device: torch.device, experiment: str | None) -> dict[str, str]:
+    try:
+        run = mlflow.MlflowClient().get_run(tracking.run_id_of(cfg.resume))
+    except mlflow.exceptions.MlflowException:
+        raise ArgseError(f"--resume {cfg.resume}: no such run on {mlflow.get_tracking_uri()}") from None
+    tags = run.data.tags
+    if tags.get(tracking.TAG_STAGE) != "experts":
+        raise ArgseError(f"--resume {cfg.resume} is not an experts run (stage {tags.get(tracking.TAG_STAGE)})")
+    if tags.get(tracking.TAG_DATASET) != cfg.dataset:
+        raise ArgseError(f"--resume {cfg.resume} is a {tags.get(tracking.TAG_DATASET)} run: pass --dataset {tags.get(tracking.TAG_DATASET)}")
+    if tags.get(tracking.TAG_EXPERT) == "all":
+        return _resume_all(run, cfg, device, experiment)
+    if run.info.status == "FINISHED":
+        click.echo(f"run {run.info.run_id} is already FINISHED; nothing to resume")
+        return {tags[tracking.TAG_EXPERT]: run.info.run_id}
+    cfg = _config_from_run(run, cfg)
+    name = cfg.expert
+    with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream={"splits_run": cfg.splits_run},
+                            resume_run_id=run.info.run_id, tags={tracking.TAG_EXPERT: name}):
+        state = load_checkpoint(run.info.run_id)
+        splits = load_splits(cfg.splits_run)
+        data = load_data(splits, cfg.splits_run, cfg, device)
+        _train_and_log(name, cfg, data, device, Dist(), state, run.info.run_id)
+    return {name: run.info.run_id}
+
+
+def _resume_all(parent, cfg: ExpertsConfig, device: torch.device, experiment: str | None) -> dict[str, str]:
+    """Resume a ``--expert all`` parent: finished experts stay, a killed one continues from its
+    checkpoint, a missing one starts."""
+    client = mlflow.MlflowClient()
+    cfg = dataclasses.replace(_config_from_run(parent, cfg), expert="all").resolve()
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["attributes.start_time DESC"])
+    upstream = {"splits_run": cfg.splits_run}
+    ids = {}
+    with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream=upstream,
+                            resume_run_id=parent.info.run_id, tags={tracking.TAG_EXPERT: "all"}):
+        splits = load_splits(cfg.splits_run)
+        data = load_data(splits, cfg.splits_run, cfg, device)
+        for name in cfg.experts():
+            child = next((c for c in children if c.data.tags.get(tracking.TAG_EXPERT) == name), None)
+            child_cfg = dataclasses.replace(cfg, expert=name)
+            if child is not None and child.info.status == "FINISHED":
+                ids[name] = child.info.run_id
+                click.echo(f"{name}: run {child.info.run_id} already FINISHED")
+                continue
+            kwargs = {"resume_run_id": child.info.run_id} if child is not None else {"run_name": f"expert-{name}"}
+            with tracking.stage_run("experts", cfg.dataset, child_cfg.params(), upstream=upstream,
+                                    tags={tracking.TAG_EXPERT: name}, **kwargs) as active:
+                state = load_checkpoint(active.info.run_id) if child is not None else None
+                if child is None:
+                    tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
+                _train_and_log(name, cfg, data, device, Dist(), state, active.info.run_id)
+                ids[name] = active.info.run_id
+        mlflow.set_tags({f"argse.expert_run.{n}": i for n, i in ids.items()})
+        _log_summary(ids, splits)
+    return ids
+
+
+def load_expert_logits(run_id: str, split: str) -> dict[str, np.ndarray]:
+    """``logits``, ``labels`` and ``indices`` of an expert run's ``logits/<split>.npz``."""
+    with np.load(tracking.download(run_id, f"logits/{split}.npz")) as npz:
+        return {key: npz[key] for key in ("logits", "labels", "indices")}
+
+
+__all__ = ["run", "load_expert_logits", "accuracy_metrics", "ExpertModel"]

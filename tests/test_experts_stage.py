@@ -1,0 +1,165 @@
+"""The experts stage on digits-lt: runs, artifacts, metrics, the logged model, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from argse.stages.experts import load_expert_logits
+from argse.stages.splits import load_splits
+from conftest import REPO, subprocess_env
+
+EXPERT_NAMES = ("ce", "logitadjust", "balsoftmax")
+
+
+def test_expert_all_makes_three_children_with_the_interface_artifacts(experts_store):
+    _, ids = experts_store
+    client = MlflowClient()
+    parent = client.get_run(ids["experts"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["argse.expert"] == "all"
+    for name in EXPERT_NAMES:
+        run = client.get_run(ids[name])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == ids["experts"]
+        assert run.data.tags["argse.upstream.splits"] == ids["splits"]
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "logits")} == {
+            "logits/tunev.npz", "logits/val.npz", "logits/test.npz"}
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.pt"]
+        history = client.get_metric_history(run.info.run_id, "val_balanced_acc")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+        for key in ("train_loss", "lr", "val_acc", "val_acc_head", "val_acc_tail", "epoch_seconds",
+                    "images_per_second", "temperature", "val_nll_before", "val_nll_after", "val_ece_after"):
+            assert key in run.data.metrics, key
+        # Temperature scaling fitted on val never makes the val NLL worse.
+        assert run.data.metrics["val_nll_after"] <= run.data.metrics["val_nll_before"] + 1e-6
+
+
+def test_logits_are_calibrated_and_the_logged_model_reproduces_them(experts_store):
+    _, ids = experts_store
+    splits = load_splits(ids["splits"])
+    val = load_expert_logits(ids["ce"], "val")
+    np.testing.assert_array_equal(val["indices"], splits.indices["val"])
+    np.testing.assert_array_equal(val["labels"], splits.labels["val"])
+    assert val["logits"].dtype == np.float32 and val["logits"].shape == (len(splits.indices["val"]), 10)
+    model = mlflow.pytorch.load_model(f"runs:/{ids['ce']}/model")
+    from argse.data.loaders import load_digits
+
+    images = splits.images(load_digits(), "val")
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(logits, val["logits"], rtol=1e-4, atol=1e-4)
+    temperature = MlflowClient().get_run(ids["ce"]).data.metrics["temperature"]
+    assert float(model.temperature) == pytest.approx(temperature)
+
+
+def test_dry_run_prints_the_plan_and_creates_no_run(experts_store, cli):
+    _, ids = experts_store
+    before = len(MlflowClient().search_runs(["0", "1"]))
+    result = cli("experts", "--dataset", "digits-lt", "--dry-run")
+    assert result.code == 0, result.err
+    assert ids["splits"] in result.out and "parameters" in result.out and "FLOPs" in result.out
+    assert len(MlflowClient().search_runs(["0", "1"])) == before
+
+
+def _only_run(stage="experts", status=None):
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.\"argse.stage\" = '{stage}'", order_by=["attributes.start_time DESC"])
+    return runs
+
+
+def test_splits_run_of_another_dataset_fails_in_one_line(experts_store, cli, cifar_dir):
+    assert cli("splits", "--dataset", "cifar100-lt", "--data-dir", cifar_dir).code == 0
+    cifar_splits = _only_run("splits")[0].info.run_id
+    result = cli("experts", "--dataset", "digits-lt", "--splits-run", cifar_splits, "--epochs", "1")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+    assert "cifar100-lt, not digits-lt" in result.err
+    assert _only_run()[0].info.status == "FAILED"
+
+
+def test_missing_splits_run_fails_in_one_line(store, cli):
+    result = cli("experts", "--dataset", "digits-lt", "--epochs", "1")
+    assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+    assert "no FINISHED splits run" in result.err and "argse splits --dataset digits-lt" in result.err
+    assert [r.info.status for r in _only_run()] == ["FAILED"]
+
+
+def test_unknown_expert_is_a_usage_error(store, cli):
+    result = cli("experts", "--dataset", "digits-lt", "--expert", "focal")
+    assert result.code == 2 and "focal" in result.err
+
+
+def test_corrupt_checkpoint_is_refused_on_resume(experts_store, cli, tmp_path):
+    _, ids = experts_store
+    client = MlflowClient()
+    run = client.create_run(client.get_run(ids["ce"]).info.experiment_id,
+                            tags={"argse.stage": "experts", "argse.dataset": "digits-lt", "argse.expert": "ce",
+                                  "argse.upstream.splits": ids["splits"]})
+    for key, value in client.get_run(ids["ce"]).data.params.items():
+        client.log_param(run.info.run_id, key, value)
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    client.log_artifact(run.info.run_id, str(tmp_path / "last.pt"), "checkpoints")
+    client.set_terminated(run.info.run_id, "KILLED")
+    result = cli("experts", "--dataset", "digits-lt", "--resume", run.info.run_id)
+    assert result.code == 1 and "corrupt" in result.err and len(result.err.strip().splitlines()) == 1
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_sigkill_mid_training_then_resume_finishes_the_same_run(experts_store, tmp_path):
+    uri, ids = experts_store
+    env = subprocess_env(uri)
+    cmd = [sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "15",
+           "--checkpoint-every", "1", "--splits-run", ids["splits"]]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+    run_id, deadline = None, time.time() + 120
+    try:
+        while time.time() < deadline:
+            runs = [r for r in _only_run() if r.info.status == "RUNNING"]
+            if runs:
+                run_id = runs[0].info.run_id
+                steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+                if len(steps) >= 3 and client.list_artifacts(run_id, "checkpoints"):
+                    break
+            time.sleep(0.3)
+        else:
+            pytest.fail("training never reached its third epoch")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert client.get_run(run_id).info.status == "RUNNING"  # killed hard: nobody ended it
+    before = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+    done = subprocess.run([sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--resume", run_id],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming run" in done.stdout
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
+    assert steps[-1] == 15 and set(range(1, 16)) == set(steps)
+    assert set(before) <= set(steps)  # nothing logged before the kill is lost
+    assert {"logits/val.npz", "logits/test.npz", "logits/tunev.npz"} == {
+        a.path for a in client.list_artifacts(run_id, "logits")}
+
+
+def test_torchrun_two_cpu_processes(experts_store, tmp_path):
+    uri, ids = experts_store
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+         "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "2",
+         "--splits-run", ids["splits"], "--device", "cpu"],
+        cwd=tmp_path, env=subprocess_env(uri), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    newest = _only_run()[0]
+    assert newest.info.status == "FINISHED" and newest.data.tags["argse.expert"] == "ce"
+    assert newest.info.run_id not in ids.values()
+    assert sorted(m.step for m in MlflowClient().get_metric_history(newest.info.run_id, "val_acc")) == [1, 2]
