@@ -144,6 +144,59 @@ def experts(**kwargs):
     stage.run(ExpertsConfig(**kwargs).resolve(), experiment=experiment)
 
 
+@cli.command()
+@stage_options
+@click.option("--mode", type=click.Choice(["pretrain", "selective"]), required=True)
+@click.option("--experts-run", default="latest", show_default=True,
+              help="latest, an `--expert all` run id, or the three expert run ids separated by commas.")
+@click.option("--pretrain-run", default="latest", show_default=True, help="Selective mode: the pretrain run to start from.")
+@click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True,
+              help="Label prior the selective risk is measured under.")
+@click.option("--epochs", type=PRESET_INT, default=None, help="Pretrain epochs (default: preset).")
+@click.option("--batch-size", type=PRESET_INT, default=None, help="Batch size (default: preset).")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--load-balance", type=float, default=0.01, show_default=True, help="Weight of the load-balancing term.")
+@click.option("--patience", type=int, default=10, show_default=True, help="Early-stopping patience in epochs.")
+@click.option("--objective", type=click.Choice(["balanced", "worst"]), default="worst", show_default=True,
+              help="Selective mode: the L2R risk the rounds optimise.")
+@click.option("--cost", type=float, default=0.2, show_default=True, help="Selective mode: rejection cost c.")
+@click.option("--rounds", type=int, default=4, show_default=True, help="Selective mode: alternation rounds.")
+@click.option("--epochs-per-round", type=int, default=10, show_default=True)
+def gating(**kwargs):
+    """Train the gating network over the experts' calibrated posteriors."""
+    from argse.config import GatingConfig
+    from argse.stages import gating as stage
+
+    kwargs = common(kwargs)
+    experiment = kwargs.pop("_experiment")
+    stage.run(GatingConfig(**kwargs).resolve(), experiment=experiment)
+
+
+@cli.command("fit")
+@stage_options
+@click.option("--gating-run", default="latest", show_default=True, help="latest, a gating run id or runs:/<id>/gating.")
+@click.option("--objective", type=click.Choice(["balanced", "worst"]), default="worst", show_default=True)
+@click.option("--cost", type=PRESET_FLOAT, default=None, help="Rejection cost c (default: chosen by --target-coverage).")
+@click.option("--target-coverage", type=PRESET_FLOAT, default=None,
+              help="Pick the cost whose rule accepts this share of val (default 0.8 when --cost is not given).")
+@click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True)
+@click.option("--rounds", type=int, default=20, show_default=True, help="Exponentiated-gradient rounds (worst).")
+@click.option("--step", type=float, default=1.0, show_default=True, help="Exponentiated-gradient step size (worst).")
+@click.option("--n-starts", type=int, default=12, show_default=True, help="Starting points of the fixed point.")
+@click.option("--group-thresholds-mode", type=click.Choice(["global", "per-group"]), default="global", show_default=True,
+              help="per-group: one threshold per predicted group, each reaching --target-coverage.")
+@click.option("--register-name", type=OPTIONAL_TEXT, default=None, help="Registered model name (default ar-gse-<dataset>).")
+def fit(**kwargs):
+    """Fit the AR-GSE rejector on the gated mixture; log, register and maybe crown the model."""
+    from argse.config import ArgseConfig
+    from argse.stages import argse as stage
+
+    kwargs = common(kwargs)
+    experiment = kwargs.pop("_experiment")
+    stage.run(ArgseConfig(**kwargs).resolve(), experiment=experiment)
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -160,12 +213,21 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def _verbose_requested(args: list[str]) -> bool:
+    """Whether ``--verbose`` is on, before click parses (errors while parsing need to know)."""
+    for i, arg in enumerate(args):
+        if arg == "--verbose":
+            following = args[i + 1].lower() if i + 1 < len(args) else ""
+            return following not in ("false", "0", "no", "off", "f", "n")
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and turns every failure into one line and an exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("argse").setLevel(logging.INFO)
     args = sys.argv[1:] if argv is None else list(argv)
-    _STATE["verbose"] = "--verbose" in args
+    _STATE["verbose"] = _verbose_requested(args)
     code = 0
     try:
         cli.main(args=args, prog_name="argse", standalone_mode=False)

@@ -180,6 +180,81 @@ class ExpertsConfig(StageConfig):
         return cfg
 
 
+@dataclass
+class GatingConfig(StageConfig):
+    mode: str = "pretrain"
+    experts_run: str = "latest"
+    pretrain_run: str = "latest"
+    test_prior: str = "lt"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    load_balance: float = 0.01
+    patience: int = 10
+    objective: str = "worst"
+    cost: float = 0.2
+    rounds: int = 4
+    epochs_per_round: int = 10
+
+    def resolve(self) -> "GatingConfig":
+        p = preset(self.dataset)
+        if self.mode not in ("pretrain", "selective"):
+            raise ArgseUsageError(f"--mode {self.mode!r}: choose pretrain or selective")
+        if self.objective not in ("balanced", "worst"):
+            raise ArgseUsageError(f"--objective {self.objective!r}: choose balanced or worst")
+        if self.test_prior not in ("lt", "balanced"):
+            raise ArgseUsageError(f"--test-prior {self.test_prior!r}: choose lt or balanced")
+        cfg = dataclasses.replace(
+            self,
+            epochs=p.gating_epochs if self.epochs is None else int(self.epochs),
+            batch_size=p.gating_batch_size if self.batch_size is None else int(self.batch_size),
+        )
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.rounds < 1 or cfg.epochs_per_round < 1:
+            raise ArgseUsageError("--epochs, --batch-size, --rounds and --epochs-per-round must be >= 1 and --lr > 0")
+        if cfg.cost < 0:
+            raise ArgseUsageError("--cost must be >= 0")
+        return cfg
+
+
+@dataclass
+class ArgseConfig(StageConfig):
+    gating_run: str = "latest"
+    objective: str = "worst"
+    cost: float | None = None
+    target_coverage: float | None = None
+    test_prior: str = "lt"
+    rounds: int = 20
+    step: float = 1.0
+    n_starts: int = 12
+    group_thresholds_mode: str = "global"
+    register_name: str | None = None
+
+    def resolve(self) -> "ArgseConfig":
+        preset(self.dataset)
+        if self.objective not in ("balanced", "worst"):
+            raise ArgseUsageError(f"--objective {self.objective!r}: choose balanced or worst")
+        if self.group_thresholds_mode not in ("global", "per-group"):
+            raise ArgseUsageError(f"--group-thresholds-mode {self.group_thresholds_mode!r}: choose global or per-group")
+        if self.test_prior not in ("lt", "balanced"):
+            raise ArgseUsageError(f"--test-prior {self.test_prior!r}: choose lt or balanced")
+        if self.cost is not None and self.target_coverage is not None:
+            raise ArgseUsageError("give --cost or --target-coverage, not both")
+        target = self.target_coverage
+        if self.cost is None and target is None:
+            target = 0.8
+        if target is not None and not 0 < target <= 1:
+            raise ArgseUsageError(f"--target-coverage {target} must lie in (0, 1]")
+        if self.cost is not None and self.cost < 0:
+            raise ArgseUsageError("--cost must be >= 0")
+        if self.group_thresholds_mode == "per-group" and target is None:
+            raise ArgseUsageError("--group-thresholds-mode per-group needs --target-coverage (each group's coverage)")
+        if self.rounds < 1 or self.step <= 0 or self.n_starts < 1:
+            raise ArgseUsageError("--rounds and --n-starts must be >= 1 and --step > 0")
+        return dataclasses.replace(self, target_coverage=target,
+                                   register_name=self.register_name or f"ar-gse-{self.dataset}")
+
+
 def stage_config_fields(cls: type) -> list[str]:
     """Names of a config dataclass's public fields (for tests and docs)."""
     return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
@@ -187,5 +262,5 @@ def stage_config_fields(cls: type) -> list[str]:
 
 __all__ = [
     "DATASETS", "EXPERTS", "STAGES", "DatasetPreset", "PRESETS", "preset",
-    "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig",
+    "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig",
 ]

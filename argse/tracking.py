@@ -180,7 +180,8 @@ def stage_run(
     elif active is not None:
         run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True)
     elif os.environ.get("MLFLOW_RUN_ID"):
-        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+        # Consume it: runs started inside this one must not resume it again.
+        run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"))
     else:
         exp_id = _experiment_id(home_experiment(dataset, experiment), create=True)
         run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)

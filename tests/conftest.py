@@ -158,3 +158,57 @@ def experts_store(digits_experts, tmp_path, monkeypatch):
     yield uri, ids
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def digits_chain(digits_experts, tmp_path_factory):
+    """``digits_experts`` plus gating (pretrain, selective) and an AR-GSE fit, made once per session.
+    Returns ``(folder, ids)`` with ids of splits, experts, ce, ..., pretrain, selective, argse."""
+    import shutil
+
+    from argse import tracking
+    from argse.cli import main
+
+    source, ids = digits_experts
+    folder = tmp_path_factory.mktemp("digits-chain")
+    shutil.copy(source / "mlflow.db", folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    ids = dict(ids)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _MLFLOW_ENV:
+            mp.delenv(name, raising=False)
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking.configure(uri)
+        for key, stage, args in (("pretrain", "gating", ["gating", "--mode", "pretrain", "--epochs", "30"]),
+                                 ("selective", "gating", ["gating", "--mode", "selective", "--rounds", "2",
+                                                          "--epochs-per-round", "5"]),
+                                 ("argse", "argse", ["fit", "--rounds", "8"])):
+            try:
+                main([*args, "--dataset", "digits-lt"])
+            except SystemExit as exc:
+                assert not exc.code, f"argse {' '.join(args)} failed"
+            ids[key] = tracking.resolve_upstream(stage, "latest", dataset="digits-lt").info.run_id
+    return folder, ids
+
+
+@pytest.fixture
+def chain_store(digits_chain, tmp_path, monkeypatch):
+    """This test's own copy of the ``digits_chain`` database."""
+    import shutil
+
+    import mlflow
+
+    from argse import tracking
+
+    folder, ids = digits_chain
+    for name in _MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(folder / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.configure(uri)
+    yield uri, ids
+    while mlflow.active_run() is not None:
+        mlflow.end_run()

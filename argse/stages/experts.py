@@ -208,7 +208,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
         metrics.update(train_loss=float(total_loss) / max(seen, 1), lr=scheduler.get_last_lr()[0],
                        epoch_seconds=seconds, images_per_second=seen * ddp.world_size / seconds)
         mlflow.log_metrics(metrics, step=epoch)
-        log.info("%s epoch %d/%d: loss %.4f, val acc %.4f, balanced %.4f", name, epoch, cfg.epochs,
+        log.debug("%s epoch %d/%d: loss %.4f, val acc %.4f, balanced %.4f", name, epoch, cfg.epochs,
                  metrics["train_loss"], metrics["val_acc"], metrics["val_balanced_acc"])
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             save_checkpoint(tmp / "last.pt", backbone, optimizer, scheduler, epoch, generator, cfg.params())
@@ -251,10 +251,15 @@ def log_expert_model(expert: ExpertModel, data: Data) -> None:
     example = data.evaluation["val"].images[:4].cpu().numpy()
     with torch.no_grad():
         output = expert(torch.from_numpy(example)).numpy()
+    from argse.serving import package_dir, pip_requirements
+
+    # The code travels with the model (code_paths), so pickling the module is the readable choice;
+    # MLflow's generic warning about pickle would only repeat that on every expert.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     mlflow.pytorch.log_model(
         expert, name="model", signature=infer_signature(example, output), input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                          "argse"],
+        pip_requirements=pip_requirements(), code_paths=[package_dir()],
+        serialization_format="pickle",  # a plain nn.Module on load (the default pt2 has no .eval())
     )
 
 

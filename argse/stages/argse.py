@@ -1,0 +1,229 @@
+"""The AR-GSE stage: fit the plug-in rejector on the gated mixture, log the servable model, register it.
+
+Reads a gating run and its experts through MLflow, forms the mixture posteriors on ``tunev`` (the
+fitting split S1) and ``val`` (the selection split S2), and fits the rule for the balanced or the
+worst-group L2R risk at ``--cost`` (or at the cost whose rule reaches ``--target-coverage`` on val).
+Logs alpha / mu / beta, the exponentiated-gradient history, the operating point on val, and the
+pyfunc ``model`` (experts + temperatures + gate + rule), registered as ``--register-name``; the alias
+``champion`` moves to the new version only when its val worst-group L2R risk beats the champion's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from argse import ArgseError, figures, serving, tracking
+from argse.config import EXPERTS, ArgseConfig
+from argse.data.loaders import load_source
+from argse.data.splits import EVAL_SPLITS
+from argse.selective import PluginRule, fit_balanced, fit_group_thresholds, fit_worst, selective_errors
+from argse.stages.common import ExpertSet, load_experts
+from argse.stages.gating import TAG_MODE, load_gate, mixture
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHAMPION_METRIC = "val_worst_l2r"
+
+
+def fit_rule(cfg: ArgseConfig, eta: dict, y: dict, w: dict, class_to_group, cost: float) -> PluginRule:
+    """The plug-in rule of ``cfg.objective`` at ``cost``, fitted on tunev (S1), selected on val (S2)."""
+    args = (eta["tunev"], y["tunev"], eta["val"], y["val"], class_to_group, cost)
+    kwargs = dict(weights_fit=w["tunev"], weights_sel=w["val"], n_starts=cfg.n_starts)
+    if cfg.objective == "worst":
+        return fit_worst(*args, rounds=cfg.rounds, step=cfg.step, **kwargs)
+    return fit_balanced(*args, **kwargs)
+
+
+def val_coverage(rule: PluginRule, eta_val: torch.Tensor, w_val: torch.Tensor) -> float:
+    accept = rule.predict(eta_val).accept.double()
+    return float((accept * w_val).sum() / w_val.sum())
+
+
+def cost_for_coverage(cfg: ArgseConfig, eta, y, w, class_to_group, target: float) -> tuple[float, PluginRule, list]:
+    """The smallest cost whose fitted rule accepts at least ``target`` of val (weighted), by doubling
+    then bisection; returns the cost, its rule and every (cost, coverage) tried."""
+    tried: list[tuple[float, float, PluginRule]] = []
+
+    def trial(cost: float) -> float:
+        rule = fit_rule(cfg, eta, y, w, class_to_group, cost)
+        coverage = val_coverage(rule, eta["val"], w["val"])
+        tried.append((cost, coverage, rule))
+        return coverage
+
+    lo, hi = 0.0, 0.5
+    if trial(lo) < target:
+        while trial(hi) < target and hi < 64:
+            lo, hi = hi, hi * 2
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            if trial(mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+    reaching = [t for t in tried if t[1] >= target]
+    cost, _, rule = min(reaching, key=lambda t: t[0]) if reaching else max(tried, key=lambda t: t[1])
+    return cost, rule, [(c, cov) for c, cov, _ in tried]
+
+
+def operating_point(rule: PluginRule, eta: torch.Tensor, y: torch.Tensor, w: torch.Tensor, class_to_group,
+                    group_names) -> dict[str, float]:
+    out = rule.predict(eta)
+    errs = selective_errors(out.pred, out.accept, y, class_to_group, weights=w)
+    metrics = {"coverage": float(errs.coverage), "balanced_error": float(errs.balanced_error),
+               "worst_error": float(errs.worst_error), "error": float(errs.overall_error)}
+    for k, name in enumerate(group_names):
+        metrics[f"coverage_{name}"] = float(errs.group_coverage[k])
+        metrics[f"error_{name}"] = float(errs.group_error[k])
+    rejected = 1.0 - metrics["coverage"]
+    metrics["balanced_l2r"] = metrics["balanced_error"] + rule.cost * rejected
+    metrics["worst_l2r"] = metrics["worst_error"] + rule.cost * rejected
+    return metrics
+
+
+def _resolve(cfg: ArgseConfig, experiment: str | None):
+    gating_run = tracking.resolve_upstream("gating", cfg.gating_run, dataset=cfg.dataset, experiment=experiment)
+    tag = gating_run.data.tags.get(tracking.TAG_UPSTREAM + "experts", "")
+    ids = tag.split(",")
+    if len(ids) != len(EXPERTS):
+        raise ArgseError(f"gating run {gating_run.info.run_id} records no expert runs; rerun the gating stage")
+    return gating_run, dict(zip(EXPERTS, ids))
+
+
+def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
+    """Run the stage; return the run id (``None`` for a dry run)."""
+    if cfg.dry_run:
+        gating_run, ids = _resolve(cfg, experiment)
+        click.echo("argse (dry run: no run created)")
+        for key, val in cfg.params().items():
+            click.echo(f"  {key} = {val}")
+        click.echo(f"  gating run: {gating_run.info.run_id} ({gating_run.data.tags.get(TAG_MODE)})")
+        click.echo("  experts: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
+        click.echo(f"  plan: mixture on tunev/val, fit the {cfg.objective} rule "
+                   + (f"at cost {cfg.cost}" if cfg.cost is not None else f"for val coverage {cfg.target_coverage}")
+                   + f", log the pyfunc model, register it as {cfg.register_name}")
+        return None
+
+    with tracking.stage_run("argse", cfg.dataset, cfg.params(), experiment=experiment, run_name="argse") as active:
+        gating_run, ids = _resolve(cfg, experiment)
+        experts = load_experts(ids)
+        tracking.set_upstream("argse", cfg.params(), {"gating_run": gating_run.info.run_id,
+                                                      "experts_run": experts.ids_tag,
+                                                      "splits_run": experts.splits_run_id})
+        tracking.log_split_inputs(experts.splits, ("tunev", "val"))
+        gate = load_gate(gating_run.info.run_id)
+        rule, summary = fit_and_log(cfg, experts, gate)
+        model_info = log_servable(cfg, experts, gate, rule)
+        decision = register(cfg, model_info, active.info.run_id, summary[CHAMPION_METRIC])
+        click.echo(
+            f"argse run {active.info.run_id}: {cfg.objective} rule at cost {rule.cost:.4f}, val coverage "
+            f"{summary['val_coverage']:.3f}, balanced error {summary['val_balanced_error']:.4f}, worst "
+            f"{summary['val_worst_error']:.4f}; {decision}")
+        return active.info.run_id
+
+
+def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule, dict[str, float]]:
+    splits = experts.splits
+    names = splits.group_names
+    c2g = torch.as_tensor(splits.class_to_group)
+    eta = {s: mixture(gate, experts.probs[s]) for s in EVAL_SPLITS}
+    y = experts.labels
+    w = {s: experts.weights(s, cfg.test_prior) for s in EVAL_SPLITS}
+    if cfg.cost is not None:
+        cost = cfg.cost
+        rule = fit_rule(cfg, eta, y, w, c2g, cost)
+    else:
+        cost, rule, tried = cost_for_coverage(cfg, eta, y, w, c2g, cfg.target_coverage)
+        for i, (c, cov) in enumerate(sorted(tried)):
+            mlflow.log_metrics({"search_cost": c, "search_val_coverage": cov}, step=i)
+    mlflow.log_param("cost.chosen", f"{cost:.6g}")
+    if rule.history is not None:
+        for row in rule.history.rows():
+            step = int(row["round"])
+            flat = {"eg_worst_risk": float(row["worst_risk"]), "eg_coverage": float(row["coverage"])}
+            flat.update({f"eg_beta_{names[k]}": float(v) for k, v in enumerate(row["beta"])})
+            flat.update({f"eg_error_{names[k]}": float(v) for k, v in enumerate(row["group_error"])})
+            mlflow.log_metrics(flat, step=step)
+        mlflow.log_dict(rule.history.to_dict(), "rule/eg_history.json")
+    if cfg.group_thresholds_mode == "per-group":
+        rule = fit_group_thresholds(rule, eta["tunev"], cfg.target_coverage, weights=w["tunev"])
+    mlflow.log_dict(rule.to_dict(), "rule/rule.json")
+    params = {"cost": rule.cost}
+    for k, name in enumerate(names):
+        params.update({f"alpha_{name}": float(rule.alpha[k]), f"mu_{name}": float(rule.mu[k]),
+                       f"beta_{name}": float(rule.beta[k])})
+        if rule.thresholds is not None:
+            params[f"threshold_{name}"] = float(rule.thresholds[k])
+    mlflow.log_metrics(params)
+    summary = {f"val_{k}": v for k, v in operating_point(rule, eta["val"], y["val"], w["val"], c2g, names).items()}
+    summary[CHAMPION_METRIC] = summary["val_worst_l2r"]
+    mlflow.log_metrics(summary)
+    fig = figures.bars_by_group({"coverage": [summary[f"val_coverage_{n}"] for n in names],
+                                 "error": [summary[f"val_error_{n}"] for n in names]},
+                                names, "val", f"AR-GSE[{cfg.objective}] at cost {rule.cost:.3g}")
+    mlflow.log_figure(fig, "val_operating_point.png")
+    figures.close(fig)
+    return rule, summary
+
+
+def log_servable(cfg: ArgseConfig, experts: ExpertSet, gate, rule: PluginRule):
+    """Log the pyfunc and check that it reproduces, from raw val images, what the logits give."""
+    splits = experts.splits
+    expert_models = {name: mlflow.pytorch.load_model(f"runs:/{run_id}/model").eval()
+                     for name, run_id in experts.run_ids.items()}
+    source = load_source(cfg.dataset, cfg.data_dir)
+    splits.check_source(source)
+    val_images = splits.images(source, "val")
+    if source.train_images.shape[-1] == 1:
+        val_images = val_images[..., 0]
+    h, w, c = source.train_images.shape[1:]
+    info = serving.log_model(
+        dataset=cfg.dataset, num_classes=splits.num_classes, image_shape=(h, w, c), class_names=splits.class_names,
+        group_names=splits.group_names, experts=expert_models, gate=gate, rule=rule, example=val_images[:3])
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    served = model.predict(val_images)
+    expected = serving.predict_frame(rule, mixture(gate, experts.probs["val"]))
+    agreement = float((served["prediction"].to_numpy() == expected["prediction"].to_numpy()).mean())
+    accept_agreement = float((served["accept"].to_numpy() == expected["accept"].to_numpy()).mean())
+    mlflow.log_metrics({"model_check_prediction_agreement": agreement, "model_check_accept_agreement": accept_agreement})
+    if agreement < 0.99:
+        raise ArgseError(f"the logged model agrees with the logged logits on only {agreement:.1%} of val; "
+                         "the expert runs and their models differ")
+    return info
+
+
+def _champion_risk(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+    return version.version, metrics.get(CHAMPION_METRIC)
+
+
+def register(cfg: ArgseConfig, model_info, run_id: str, risk: float) -> str:
+    """Register the model; move ``champion`` to it when its val worst-group L2R risk is lower."""
+    client = MlflowClient()
+    name = cfg.register_name
+    champion_version, champion_risk = _champion_risk(client, name)
+    version = mlflow.register_model(model_info.model_uri, name, tags={"argse.run_id": run_id})
+    better = champion_risk is None or risk < champion_risk
+    if better:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+        decision = (f"registered {name} v{version.version} as {CHAMPION} (val worst L2R {risk:.4f}"
+                    + (f" < v{champion_version}'s {champion_risk:.4f})" if champion_risk is not None else ", first champion)"))
+    else:
+        decision = (f"registered {name} v{version.version}; {CHAMPION} stays v{champion_version} "
+                    f"(val worst L2R {risk:.4f} >= {champion_risk:.4f})")
+    mlflow.set_tags({"argse.registered_model": f"{name}/{version.version}", "argse.champion_decision": decision})
+    mlflow.log_metrics({"registered_version": float(version.version), "became_champion": float(better)})
+    return decision
+
+
+__all__ = ["run", "fit_rule", "cost_for_coverage", "operating_point", "register"]
