@@ -197,6 +197,67 @@ def fit(**kwargs):
     stage.run(ArgseConfig(**kwargs).resolve(), experiment=experiment)
 
 
+@cli.command()
+@stage_options
+@click.option("--model-uri", default="latest", show_default=True,
+              help="latest (newest FINISHED argse run), an argse run id, runs:/<id>/model or models:/<name>@<alias>.")
+@click.option("--split", type=click.Choice(["test", "val", "tunev"]), default="test", show_default=True,
+              help="The split to report (the seed's `--dataset` of evaluate_argse.py).")
+@click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True,
+              help="Label prior every metric is computed under.")
+@click.option("--cost-grid", type=int, default=21, show_default=True, help="Costs in [0, 1] of the cost sweep.")
+@click.option("--n-boot", type=int, default=200, show_default=True, help="Bootstrap resamples for the AURC intervals.")
+@click.option("--check-images", type=int, default=64, show_default=True,
+              help="Images on which the logged model must agree with its logits (0: skip).")
+@flag("--save-results", help="Also write the tables to --output-dir.")
+@click.option("--output-dir", default="results", show_default=True)
+def evaluate(**kwargs):
+    """Compare AR-GSE with its baselines on one split; log tables, metrics and RC figures."""
+    from argse.config import EvaluateConfig
+    from argse.stages import evaluate as stage
+
+    kwargs = common(kwargs)
+    experiment = kwargs.pop("_experiment")
+    stage.run(EvaluateConfig(**kwargs).resolve(), experiment=experiment)
+
+
+@cli.command()
+@stage_options
+@click.option("--start-from", type=click.Choice(["data", "experts", "gating", "argse", "eval"]), default="data",
+              show_default=True, help="Reuse the stages before this one; rerun it and the rest.")
+@click.option("--stop-at", type=click.Choice(["data", "experts", "gating", "argse", "eval"]), default="eval",
+              show_default=True)
+@flag("--force", help="Rerun every stage from --start-from even when an identical finished run exists.")
+@click.option("--imb-factor", type=PRESET_FLOAT, default=None, help="splits: imbalance factor (default: preset).")
+@click.option("--group-thresholds", default="20", show_default=True, help="splits: train-count thresholds.")
+@click.option("--epochs", type=PRESET_INT, default=None, help="experts: epochs (default: preset).")
+@click.option("--batch-size", type=PRESET_INT, default=None, help="experts: batch size (default: preset).")
+@click.option("--lr", type=PRESET_FLOAT, default=None, help="experts: learning rate (default: preset).")
+@click.option("--la-tau", type=float, default=1.0, show_default=True, help="experts: LogitAdjust tau.")
+@click.option("--checkpoint-every", type=int, default=5, show_default=True, help="experts: epochs between checkpoints.")
+@click.option("--gating-epochs", type=PRESET_INT, default=None, help="gating pretrain: epochs (default: preset).")
+@click.option("--selective-rounds", type=int, default=2, show_default=True, help="gating selective: rounds.")
+@click.option("--epochs-per-round", type=int, default=5, show_default=True, help="gating selective: epochs per round.")
+@click.option("--objective", type=click.Choice(["balanced", "worst"]), default="worst", show_default=True)
+@click.option("--cost", type=PRESET_FLOAT, default=None, help="argse: rejection cost (default: by --target-coverage).")
+@click.option("--target-coverage", type=PRESET_FLOAT, default=None, help="argse: val coverage (default 0.8).")
+@click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True)
+@click.option("--eg-rounds", type=int, default=20, show_default=True, help="argse: exponentiated-gradient rounds.")
+@click.option("--register-name", type=OPTIONAL_TEXT, default=None, help="argse: registered model name.")
+@click.option("--split", type=click.Choice(["test", "val", "tunev"]), default="test", show_default=True,
+              help="evaluate: the split to report.")
+@click.option("--cost-grid", type=int, default=21, show_default=True, help="evaluate: costs of the cost sweep.")
+@click.option("--n-boot", type=int, default=200, show_default=True, help="evaluate: bootstrap resamples.")
+def pipeline(**kwargs):
+    """Run splits -> experts -> gating -> argse -> evaluate, reusing identical finished stages."""
+    from argse.config import PipelineConfig
+    from argse.stages import pipeline as stage
+
+    kwargs = common(kwargs)
+    experiment = kwargs.pop("_experiment")
+    stage.run(PipelineConfig(**kwargs).resolve(), experiment=experiment)
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__

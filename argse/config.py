@@ -255,6 +255,70 @@ class ArgseConfig(StageConfig):
                                    register_name=self.register_name or f"ar-gse-{self.dataset}")
 
 
+@dataclass
+class EvaluateConfig(StageConfig):
+    model_uri: str = "latest"
+    split: str = "test"
+    test_prior: str = "lt"
+    cost_grid: int = 21
+    n_boot: int = 200
+    check_images: int = 64
+    save_results: bool = False
+    output_dir: str = "results"
+    _PRESENTATIONAL = ("verbose", "dry_run", "save_results", "output_dir")
+
+    def resolve(self) -> "EvaluateConfig":
+        preset(self.dataset)
+        if self.split not in ("tunev", "val", "test"):
+            raise ArgseUsageError(f"--split {self.split!r}: choose test, val or tunev")
+        if self.test_prior not in ("lt", "balanced"):
+            raise ArgseUsageError(f"--test-prior {self.test_prior!r}: choose lt or balanced")
+        if self.cost_grid < 2 or self.n_boot < 1 or self.check_images < 0:
+            raise ArgseUsageError("--cost-grid must be >= 2, --n-boot >= 1 and --check-images >= 0")
+        return self
+
+
+PIPELINE_STEPS = ("data", "experts", "gating", "argse", "eval")
+
+
+@dataclass
+class PipelineConfig(StageConfig):
+    """The chain's options: what passes through to each stage, and where to start and stop."""
+
+    start_from: str = "data"
+    stop_at: str = "eval"
+    force: bool = False
+    imb_factor: float | None = None
+    group_thresholds: str = "20"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    la_tau: float = 1.0
+    checkpoint_every: int = 5
+    gating_epochs: int | None = None
+    selective_rounds: int = 2
+    epochs_per_round: int = 5
+    objective: str = "worst"
+    cost: float | None = None
+    target_coverage: float | None = None
+    test_prior: str = "lt"
+    eg_rounds: int = 20
+    register_name: str | None = None
+    split: str = "test"
+    cost_grid: int = 21
+    n_boot: int = 200
+    _PRESENTATIONAL = ("verbose", "dry_run", "force")
+
+    def resolve(self) -> "PipelineConfig":
+        preset(self.dataset)
+        for name in ("start_from", "stop_at"):
+            if getattr(self, name) not in PIPELINE_STEPS:
+                raise ArgseUsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(PIPELINE_STEPS)}")
+        if PIPELINE_STEPS.index(self.start_from) > PIPELINE_STEPS.index(self.stop_at):
+            raise ArgseUsageError(f"--start-from {self.start_from} comes after --stop-at {self.stop_at}")
+        return self
+
+
 def stage_config_fields(cls: type) -> list[str]:
     """Names of a config dataclass's public fields (for tests and docs)."""
     return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
@@ -262,5 +326,5 @@ def stage_config_fields(cls: type) -> list[str]:
 
 __all__ = [
     "DATASETS", "EXPERTS", "STAGES", "DatasetPreset", "PRESETS", "preset",
-    "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig",
+    "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig", "EvaluateConfig", "PipelineConfig", "PIPELINE_STEPS",
 ]

@@ -330,6 +330,23 @@ def find_cached_run(
     return runs[0] if runs else None
 
 
+def find_resumable_run(
+    stage: str, config_hash_value: str, code_version_value: str, *, dataset: str, experiment: str | None = None,
+    lineage: Mapping[str, str] | None = None,
+) -> Run | None:
+    """The newest run of ``stage`` with this config hash and code version that did not finish (killed,
+    failed, or left RUNNING by a process that died): the pipeline resumes it instead of starting over."""
+    exp_ids = search_experiment_ids(dataset, experiment)
+    if not exp_ids:
+        return None
+    conditions = {TAG_STAGE: stage, TAG_DATASET: dataset, TAG_HASH: config_hash_value, TAG_CODE: code_version_value,
+                  **(lineage or {})}
+    runs = MlflowClient().search_runs(
+        exp_ids, filter_string=_filter(conditions) + " and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def _experiment_names(ids: list[str]) -> list[str]:
     client = MlflowClient()
     return [client.get_experiment(i).name for i in ids]

@@ -309,7 +309,8 @@ def dry_run(cfg: ExpertsConfig, experiment: str | None) -> None:
 
 
 def run(cfg: ExpertsConfig, *, experiment: str | None = None) -> dict[str, str]:
-    """Run the stage; return ``{expert: run_id}`` (empty for a dry run or on ranks other than 0)."""
+    """Run the stage; return ``{expert: run_id}`` plus ``"all"``: the parent's id with ``--expert all``
+    (empty for a dry run or on ranks other than 0)."""
     ddp = Dist.from_env()
     if ddp.world_size > 1 and cfg.resume:
         raise ArgseUsageError("--resume is not supported under torchrun; resume on one process")
@@ -377,7 +378,7 @@ def _run(cfg: ExpertsConfig, device: torch.device, ddp: Dist, experiment: str | 
         mlflow.set_tags({f"argse.expert_run.{n}": i for n, i in ids.items()})
         _log_summary(ids, splits)
         click.echo(f"experts run {outer.info.run_id}: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
-        return ids
+        return {**ids, "all": outer.info.run_id}
 
 
 def _train_and_log(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,
@@ -463,7 +464,7 @@ def _resume_all(parent, cfg: ExpertsConfig, device: torch.device, experiment: st
                 ids[name] = active.info.run_id
         mlflow.set_tags({f"argse.expert_run.{n}": i for n, i in ids.items()})
         _log_summary(ids, splits)
-    return ids
+    return {**ids, "all": parent.info.run_id}
 
 
 def load_expert_logits(run_id: str, split: str) -> dict[str, np.ndarray]:

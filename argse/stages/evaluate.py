@@ -1,0 +1,171 @@
+"""The evaluate stage: AR-GSE beside its baselines on one split, from the logged expert logits.
+
+Methods, all on the same split, weights and fitting data (tunev = S1, val = S2): Chow's rule on each
+expert and on their uniform average, the paper's plug-in on the best single expert (by val balanced
+accuracy) for both objectives, and the gated mixture for both objectives (the model's own rule for
+its objective; with per-group thresholds, both the thresholded model and the single-cost rule).
+The table is ranked by the worst-group AURC of the paper's cost sweep (see README, Evaluate).
+
+Before any number is computed, the logged pyfunc model is run on a sample of the split's raw images
+and must agree with the decisions computed from the logits.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+import mlflow
+import numpy as np
+import torch
+
+from argse import ArgseError, figures, tracking
+from argse.config import EvaluateConfig
+from argse.data.loaders import load_source
+from argse.evaluation import Comparison, FitOptions, Method, compare, metric_dict
+from argse.selective import PluginRule
+from argse.serving import predict_frame
+from argse.stages.argse import _resolve as resolve_gating
+from argse.stages.common import ExpertSet, load_experts
+from argse.stages.gating import load_gate, mixture
+
+RANK_BY = ("aurc_worst_costsweep", "aurc_balanced_costsweep")
+SUMMARY_COLUMNS = ("method", "aurc_balanced", "aurc_worst", "aurc_balanced_costsweep", "aurc_worst_costsweep",
+                   "worst_error_full", "coverage", "balanced_error", "worst_error")
+
+
+def resolve_model(cfg: EvaluateConfig, experiment: str | None) -> tuple[mlflow.entities.Run, str]:
+    """The argse run behind ``--model-uri`` and the URI to load its pyfunc from."""
+    ref = cfg.model_uri
+    run = tracking.resolve_upstream("argse", ref, dataset=cfg.dataset, experiment=experiment)
+    uri = ref if ref.startswith(("runs:/", "models:/")) else f"runs:/{run.info.run_id}/model"
+    return run, uri
+
+
+def build_methods(experts: ExpertSet, gate, rule: PluginRule, objective: str) -> list[Method]:
+    probs = experts.probs
+    val_bal = {}
+    for e, name in enumerate(experts.names):
+        eta_val = probs["val"][:, e]
+        per_class = torch.zeros(experts.splits.num_classes, dtype=torch.float64)
+        correct = (eta_val.argmax(1) == experts.labels["val"]).double()
+        per_class.index_add_(0, experts.labels["val"], correct)
+        per_class /= torch.bincount(experts.labels["val"], minlength=len(per_class)).clamp_min(1)
+        val_bal[name] = float(per_class.mean())
+    best = max(val_bal, key=val_bal.get)
+    best_index = experts.names.index(best)
+    splits = ("tunev", "val", "test")
+    methods = [Method(f"chow[{name}]", "chow", {s: probs[s][:, e] for s in splits})
+               for e, name in enumerate(experts.names)]
+    methods.append(Method("chow[uniform-ensemble]", "chow", {s: probs[s].mean(dim=1) for s in splits}))
+    for obj in ("balanced", "worst"):
+        methods.append(Method(f"plugin-{obj}[{best}]", "plugin", {s: probs[s][:, best_index] for s in splits}, obj))
+    mixed = {s: mixture(gate, probs[s]) for s in splits}
+    single_cost = rule if rule.thresholds is None else None
+    for obj in ("balanced", "worst"):
+        methods.append(Method(f"ar-gse[{obj}]", "plugin", mixed, obj, single_cost if obj == objective else None))
+    if rule.thresholds is not None:
+        methods.append(Method(f"ar-gse[{objective},per-group]", "plugin", mixed, objective, rule))
+    # The model's own method is the reference for Chow's operating points: put it first among ar-gse.
+    own = next(m for m in methods if m.rule is rule) if rule.thresholds is not None else \
+        next(m for m in methods if m.name == f"ar-gse[{objective}]")
+    methods.remove(own)
+    methods.insert(next(i for i, m in enumerate(methods) if m.name.startswith("ar-gse")), own)
+    return methods
+
+
+def check_model(model_uri: str, images: np.ndarray, expected) -> float:
+    """Share of sampled images on which the logged pyfunc's prediction equals the logits' one."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    served = model.predict(images)
+    return float((served["prediction"].to_numpy() == expected["prediction"].to_numpy()).mean())
+
+
+def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
+    """Run the stage; return the run id (``None`` for a dry run)."""
+    if cfg.dry_run:
+        argse_run, uri = resolve_model(cfg, experiment)
+        click.echo("evaluate (dry run: no run created)")
+        for key, val in cfg.params().items():
+            click.echo(f"  {key} = {val}")
+        click.echo(f"  model: {uri} (argse run {argse_run.info.run_id}); split {cfg.split}, prior {cfg.test_prior}")
+        return None
+
+    with tracking.stage_run("evaluate", cfg.dataset, cfg.params(), experiment=experiment, run_name="evaluate") as active:
+        argse_run, uri = resolve_model(cfg, experiment)
+        gating_run, ids = resolve_gating_for(argse_run, cfg, experiment)
+        experts = load_experts(ids)
+        tracking.set_upstream("evaluate", cfg.params(), {"argse_run": argse_run.info.run_id,
+                                                         "gating_run": gating_run.info.run_id,
+                                                         "experts_run": experts.ids_tag,
+                                                         "splits_run": experts.splits_run_id})
+        mlflow.set_tag("argse.model_uri", uri)
+        tracking.log_split_inputs(experts.splits, ("tunev", "val", cfg.split))
+        gate = load_gate(gating_run.info.run_id)
+        rule = PluginRule.from_dict(mlflow.artifacts.load_dict(f"runs:/{argse_run.info.run_id}/rule/rule.json"))
+        objective = argse_run.data.params.get("objective.resolved", argse_run.data.params.get("objective", "worst"))
+
+        if cfg.check_images:
+            source = load_source(cfg.dataset, cfg.data_dir)
+            experts.splits.check_source(source)
+            images = experts.splits.images(source, cfg.split)[: cfg.check_images]
+            if images.shape[-1] == 1:
+                images = images[..., 0]
+            expected = predict_frame(rule, mixture(gate, experts.probs[cfg.split][: len(images)]))
+            agreement = check_model(uri, images, expected)
+            mlflow.log_metric("model_check_agreement", agreement)
+            if agreement < 0.99:
+                raise ArgseError(f"the model at {uri} agrees with its logged logits on only {agreement:.1%} "
+                                 f"of {len(images)} {cfg.split} images; it does not belong to these runs")
+
+        splits = experts.splits
+        weights = {s: experts.weights(s, cfg.test_prior) for s in ("tunev", "val", "test")}
+        fit_options = FitOptions(rounds=int(argse_run.data.params.get("rounds", 20)))
+        comparison = compare(
+            build_methods(experts, gate, rule, objective), experts.labels, weights, splits.class_to_group,
+            split=cfg.split, cost=rule.cost, costs=np.linspace(0.0, 1.0, cfg.cost_grid).tolist(),
+            n_boot=cfg.n_boot, seed=cfg.seed, group_names=splits.group_names, fit_options=fit_options,
+            rank_by=RANK_BY,
+        )
+        log_comparison(comparison, cfg, splits.group_names)
+        click.echo(f"evaluate run {active.info.run_id}: {cfg.split} split, {cfg.test_prior} prior, cost {rule.cost:.4g}")
+        click.echo(comparison.to_markdown(columns=SUMMARY_COLUMNS))
+        return active.info.run_id
+
+
+def resolve_gating_for(argse_run, cfg: EvaluateConfig, experiment: str | None):
+    from argse.config import ArgseConfig
+
+    gating_ref = argse_run.data.tags.get(tracking.TAG_UPSTREAM + "gating")
+    if not gating_ref:
+        raise ArgseError(f"argse run {argse_run.info.run_id} records no gating run; refit it with `argse fit`")
+    return resolve_gating(ArgseConfig(dataset=cfg.dataset, gating_run=gating_ref), experiment)
+
+
+def log_comparison(comparison: Comparison, cfg: EvaluateConfig, group_names) -> None:
+    mlflow.log_metrics(metric_dict(comparison))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "results"
+        write_results(comparison, folder)
+        mlflow.log_artifacts(str(folder), "results")
+        if cfg.save_results:
+            out = Path(cfg.output_dir)
+            write_results(comparison, out)
+            click.echo(f"results written to {out.resolve()}")
+    for risk, label in (("balanced", "balanced error"), ("worst", "worst-group error")):
+        curves = {name: (c[0], c[1] if risk == "balanced" else c[2]) for name, c in comparison.curves.items()}
+        fig = figures.risk_coverage_curves(curves, label, f"{cfg.dataset} {cfg.split}: {label} vs coverage")
+        mlflow.log_figure(fig, f"figures/rc_{risk}.png")
+        figures.close(fig)
+    fig = figures.bars_by_group({name: cov for name, cov in comparison.group_coverage.items()}, group_names,
+                                "coverage", f"coverage per group at the operating point ({cfg.split})")
+    mlflow.log_figure(fig, "figures/group_coverage.png")
+    figures.close(fig)
+
+
+def write_results(comparison: Comparison, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    comparison.table.to_csv(folder / "table.csv", index=False)
+    (folder / "table.md").write_text(comparison.to_markdown() + "\n")
+    comparison.rc_points.to_csv(folder / "rc_points.csv", index=False)

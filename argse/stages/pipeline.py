@@ -1,0 +1,221 @@
+"""The pipeline: splits -> experts -> gating (pretrain, selective) -> argse -> evaluate, as child runs
+of one parent run tagged ``argse.stage=pipeline``, each handed the run ids it must consume.
+
+Reuse: a stage is skipped when a FINISHED run of it has the same config hash (all params, upstream
+run ids included) and the same code version. Stages before ``--start-from`` must be reusable; stages
+from ``--start-from`` on are rerun when ``--force`` is given or ``--start-from`` is not ``data``.
+An experts run with the same hash that did not finish (the pipeline was killed) is resumed from its
+checkpoints, in the same runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import click
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from argse import ArgseError, tracking
+from argse.config import (
+    EXPERTS,
+    PIPELINE_STEPS,
+    ArgseConfig,
+    EvaluateConfig,
+    ExpertsConfig,
+    GatingConfig,
+    PipelineConfig,
+    SplitsConfig,
+)
+
+
+@dataclass
+class Step:
+    """One stage of the plan: its config, the upstream ids its hash includes, and what happened."""
+
+    name: str  # splits, experts, gating-pretrain, gating-selective, argse, evaluate
+    stage: str  # the argse.stage tag
+    step: str  # the --start-from / --stop-at name it belongs to
+    config: object
+    upstream: dict[str, str] = field(default_factory=dict)
+    lineage: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+    action: str = ""  # reused, ran, resumed, would reuse, would run
+
+    @property
+    def hash(self) -> str:
+        return tracking.config_hash(self.stage, self.config.params(), self.upstream)
+
+
+def _stage_configs(cfg: PipelineConfig) -> dict:
+    common = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, device=cfg.device, verbose=cfg.verbose)
+    return {
+        "splits": SplitsConfig(**common, imb_factor=cfg.imb_factor, group_thresholds=cfg.group_thresholds).resolve(),
+        "experts": ExpertsConfig(**common, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, la_tau=cfg.la_tau,
+                                 checkpoint_every=cfg.checkpoint_every).resolve(),
+        "gating-pretrain": GatingConfig(**common, mode="pretrain", epochs=cfg.gating_epochs,
+                                        test_prior=cfg.test_prior).resolve(),
+        "gating-selective": GatingConfig(**common, mode="selective", epochs=cfg.gating_epochs,
+                                         test_prior=cfg.test_prior, objective=cfg.objective,
+                                         rounds=cfg.selective_rounds, epochs_per_round=cfg.epochs_per_round).resolve(),
+        "argse": ArgseConfig(**common, objective=cfg.objective, cost=cfg.cost, target_coverage=cfg.target_coverage,
+                             test_prior=cfg.test_prior, rounds=cfg.eg_rounds, register_name=cfg.register_name).resolve(),
+        "evaluate": EvaluateConfig(**common, split=cfg.split, test_prior=cfg.test_prior, cost_grid=cfg.cost_grid,
+                                   n_boot=cfg.n_boot).resolve(),
+    }
+
+
+ORDER = (("splits", "splits", "data"), ("experts", "experts", "experts"), ("gating-pretrain", "gating", "gating"),
+         ("gating-selective", "gating", "gating"), ("argse", "argse", "argse"), ("evaluate", "evaluate", "eval"))
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, experiment: str | None):
+        self.cfg = cfg
+        self.experiment = experiment
+        self.configs = _stage_configs(cfg)
+        self.start = PIPELINE_STEPS.index(cfg.start_from)
+        self.stop = PIPELINE_STEPS.index(cfg.stop_at)
+        self.steps: list[Step] = []
+        self.ids: dict[str, str] = {}
+        self.expert_ids: dict[str, str] = {}
+
+    # -- wiring: each stage's config gets the ids it consumes -----------------------------------
+
+    def _wire(self, name: str) -> tuple[object, dict[str, str]]:
+        """The stage's config with its upstream references set, and the upstream dict its hash uses
+        (the same one the stage tags its run with)."""
+        c, ids = self.configs[name], self.ids
+        splits_id = ids.get("splits")
+        experts_tag = ",".join(self.expert_ids[n] for n in EXPERTS) if self.expert_ids else None
+        if name == "splits":
+            return c, {}
+        if name == "experts":
+            return dataclasses.replace(c, splits_run=splits_id), {"splits_run": splits_id}
+        if name == "gating-pretrain":
+            return (dataclasses.replace(c, experts_run=experts_tag),
+                    {"experts_run": experts_tag, "splits_run": splits_id})
+        if name == "gating-selective":
+            return (dataclasses.replace(c, experts_run=experts_tag, pretrain_run=ids["gating-pretrain"]),
+                    {"experts_run": experts_tag, "splits_run": splits_id, "pretrain_run": ids["gating-pretrain"]})
+        if name == "argse":
+            return (dataclasses.replace(c, gating_run=ids["gating-selective"]),
+                    {"gating_run": ids["gating-selective"], "experts_run": experts_tag, "splits_run": splits_id})
+        return (dataclasses.replace(c, model_uri=ids["argse"]),
+                {"argse_run": ids["argse"], "gating_run": ids["gating-selective"], "experts_run": experts_tag,
+                 "splits_run": splits_id})
+
+    def _lineage(self, name: str) -> dict[str, str]:
+        if name == "experts":
+            return {tracking.TAG_EXPERT: "all"}
+        if name.startswith("gating"):
+            return {"argse.gating_mode": name.split("-")[1]}
+        return {}
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def execute(self, dry_run: bool) -> None:
+        upstream_fresh = False  # once a stage runs, every later one must run too (new ids)
+        for name, stage, step_name in ORDER:
+            index = PIPELINE_STEPS.index(step_name)
+            if index > self.stop:
+                break
+            if upstream_fresh and dry_run:
+                self.steps.append(Step(name, stage, step_name, self.configs[name], action="would run"))
+                continue
+            config, upstream = self._wire(name)
+            step = Step(name, stage, step_name, config, upstream, self._lineage(name))
+            self.steps.append(step)
+            rerun = index >= self.start and (self.cfg.force or self.start > 0)
+            cached = None if rerun else tracking.find_cached_run(
+                stage, step.hash, tracking.code_version(), dataset=self.cfg.dataset, experiment=self.experiment,
+                lineage=step.lineage)
+            if index < self.start and cached is None:
+                raise ArgseError(
+                    f"--start-from {self.cfg.start_from} needs a FINISHED {name} run with this configuration to "
+                    f"reuse and there is none: run the pipeline without --start-from first")
+            if cached is not None:
+                step.run_id, step.action = cached.info.run_id, ("would reuse" if dry_run else "reused")
+                self._record(name, cached)
+                continue
+            if dry_run:
+                step.action = "would run"
+                upstream_fresh = True
+                continue
+            self._run_stage(step)
+            upstream_fresh = True
+
+    def _record(self, name: str, run) -> None:
+        self.ids[name] = run.info.run_id
+        if name == "experts":
+            self.expert_ids = {n: run.data.tags[f"argse.expert_run.{n}"] for n in EXPERTS}
+
+    def _run_stage(self, step: Step) -> None:
+        from argse.stages import argse as argse_stage
+        from argse.stages import evaluate, experts, gating, splits
+
+        started = time.perf_counter()
+        client = MlflowClient()
+        if step.name == "experts":
+            unfinished = tracking.find_resumable_run("experts", step.hash, tracking.code_version(),
+                                                     dataset=self.cfg.dataset, experiment=self.experiment,
+                                                     lineage=step.lineage)
+            if unfinished is not None and not self.cfg.force:
+                click.echo(f"experts: resuming unfinished run {unfinished.info.run_id} from its checkpoints")
+                ids = experts.run(dataclasses.replace(step.config, resume=unfinished.info.run_id),
+                                  experiment=self.experiment)
+                step.action = "resumed"
+            else:
+                ids = experts.run(step.config, experiment=self.experiment)
+                step.action = "ran"
+            step.run_id = ids["all"]
+        else:
+            module = {"splits": splits, "gating-pretrain": gating, "gating-selective": gating,
+                      "argse": argse_stage, "evaluate": evaluate}[step.name]
+            step.run_id = module.run(step.config, experiment=self.experiment)
+            step.action = "ran"
+        self._record(step.name, client.get_run(step.run_id))
+        click.echo(f"{step.name}: {step.action} in {time.perf_counter() - started:.1f} s")
+
+
+def run(cfg: PipelineConfig, *, experiment: str | None = None) -> str | None:
+    """Run the chain; return the pipeline run's id (``None`` for a dry run)."""
+    pipeline = Pipeline(cfg, experiment)
+    if cfg.dry_run:
+        pipeline.execute(dry_run=True)
+        click.echo(f"pipeline plan for {cfg.dataset} (dry run: no run created; --start-from {cfg.start_from}, "
+                   f"--stop-at {cfg.stop_at}{', --force' if cfg.force else ''})")
+        for step in pipeline.steps:
+            click.echo(f"  {step.name:<17} {step.action:<12} {step.run_id or ''}")
+        return None
+
+    started = time.perf_counter()
+    with tracking.stage_run("pipeline", cfg.dataset, cfg.params(), experiment=experiment, run_name="pipeline") as parent:
+        pipeline.execute(dry_run=False)
+        mlflow.set_tags({f"argse.step.{s.name}": f"{s.action} {s.run_id}" for s in pipeline.steps})
+        mlflow.log_metrics({"stages_reused": float(sum(s.action == "reused" for s in pipeline.steps)),
+                            "stages_run": float(sum(s.action in ("ran", "resumed") for s in pipeline.steps)),
+                            "seconds": time.perf_counter() - started})
+        click.echo(f"pipeline run {parent.info.run_id} ({time.perf_counter() - started:.1f} s):")
+        for step in pipeline.steps:
+            click.echo(f"  {step.name:<17} {step.action:<8} {step.run_id}")
+        _finale(pipeline)
+        return parent.info.run_id
+
+
+def _finale(pipeline: Pipeline) -> None:
+    """The evaluate table (also when it was reused), the champion, and how to look at it all."""
+    evaluate_id = pipeline.ids.get("evaluate")
+    if evaluate_id and any(s.name == "evaluate" and s.action == "reused" for s in pipeline.steps):
+        table = tracking.download(evaluate_id, "results/table.md").read_text()
+        click.echo(table)
+    if "argse" in pipeline.ids:
+        decision = MlflowClient().get_run(pipeline.ids["argse"]).data.tags.get("argse.champion_decision", "")
+        if decision:
+            click.echo(decision)
+    uri = mlflow.get_tracking_uri()
+    backend = f" --backend-store-uri {uri}" if not uri.startswith("http") else ""
+    click.echo(f"see the runs: mlflow ui{backend}  (then open http://127.0.0.1:5000)" if backend
+               else f"see the runs: {uri}")

@@ -1,0 +1,137 @@
+"""The AR-GSE stage: the registered pyfunc reproduces the stage's own decisions, serves over HTTP,
+takes the cost at predict time, rejects bad images, and the champion alias moves only on improvement."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from argse.config import ArgseConfig
+from argse.data.loaders import load_digits
+from argse.selective import PluginRule
+from argse.serving import predict_frame
+from argse.stages.argse import register
+from argse.stages.common import load_experts
+from argse.stages.gating import load_gate, mixture
+from argse.stages.splits import load_splits
+from conftest import subprocess_env
+
+MODEL = "models:/ar-gse-digits-lt@champion"
+
+
+def _test_images(ids):
+    splits = load_splits(ids["splits"])
+    return splits.images(load_digits(), "test")[..., 0]
+
+
+def test_champion_predictions_equal_the_stage_code_on_logged_logits(chain_store):
+    _, ids = chain_store
+    run = MlflowClient().get_run(ids["argse"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["argse.upstream.gating"] == ids["selective"]
+    model = mlflow.pyfunc.load_model(MODEL)
+    served = model.predict(_test_images(ids))
+    assert list(served.columns) == ["prediction", "accept", "margin", "group", "confidence"]
+    # The same decisions from what the runs logged: expert logits -> gate -> rule.
+    experts = load_experts({n: ids[n] for n in ("ce", "logitadjust", "balsoftmax")})
+    rule = PluginRule.from_dict(mlflow.artifacts.load_dict(f"runs:/{ids['argse']}/rule/rule.json"))
+    expected = predict_frame(rule, mixture(load_gate(ids["selective"]), experts.probs["test"]))
+    np.testing.assert_array_equal(served["prediction"], expected["prediction"])
+    np.testing.assert_allclose(served["margin"], expected["margin"], atol=1e-4)
+    near = np.abs(expected["margin"].to_numpy() + rule.cost) < 1e-4  # float32 forward vs logged float32 logits
+    np.testing.assert_array_equal(served["accept"][~near], expected["accept"][~near])
+    assert run.data.metrics["model_check_prediction_agreement"] == 1.0
+
+
+def test_cost_is_an_inference_parameter(chain_store):
+    _, ids = chain_store
+    model = mlflow.pyfunc.load_model(MODEL)
+    images = _test_images(ids)
+    strict = model.predict(images, params={"cost": 0.0})["accept"].sum()
+    lenient = model.predict(images, params={"cost": 100.0})["accept"].sum()
+    assert lenient == len(images) and strict <= lenient
+
+
+def test_wrong_image_shape_or_dtype_names_the_expected_shape(chain_store):
+    model = mlflow.pyfunc.load_model(MODEL)
+    with pytest.raises(Exception, match=r"8, 8"):
+        model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    with pytest.raises(Exception, match=r"uint8|8, 8"):
+        model.predict(np.zeros((2, 8, 8), dtype=np.float64))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, payload):
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_mlflow_models_serve_answers_json(chain_store, tmp_path):
+    uri, ids = chain_store
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=subprocess_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(server.stderr.read().decode()[-2000:])
+                time.sleep(0.5)
+        images = _test_images(ids)[:5]
+        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()})
+        assert status == 200, body
+        rows = body["predictions"]
+        assert len(rows) == 5 and set(rows[0]) == {"prediction", "accept", "margin", "group", "confidence"}
+        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": np.zeros((2, 4, 4), int).tolist()})
+        assert 400 <= status < 500 and "shape" in json.dumps(body)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_champion_moves_only_to_a_better_model(chain_store):
+    _, ids = chain_store
+    client = MlflowClient()
+    cfg = ArgseConfig(dataset="digits-lt", register_name="ar-gse-champion-test").resolve()
+    model_uri = client.get_run(ids["argse"]).outputs.model_outputs[0].model_id
+
+    def fit_with_risk(risk):
+        with mlflow.start_run(experiment_id=client.get_run(ids["argse"]).info.experiment_id) as run:
+            mlflow.log_metric("val_worst_l2r", risk)
+            info = type("Info", (), {"model_uri": f"models:/{model_uri}"})
+            decision = register(cfg, info, run.info.run_id, risk)
+        return decision, client.get_model_version_by_alias(cfg.register_name, "champion").version
+
+    _, first = fit_with_risk(0.30)
+    decision, after_worse = fit_with_risk(0.35)
+    assert after_worse == first and "stays" in decision
+    decision, after_better = fit_with_risk(0.20)
+    assert after_better != first and "as champion" in decision
+    assert torch.tensor(0).item() == 0
