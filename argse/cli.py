@@ -13,7 +13,7 @@ import traceback
 import click
 
 from argse import ArgseError
-from argse.config import DATASETS, EXPERTS
+from argse.config import DATASETS, EXPERTS, PRESETS
 
 _STATE = {"verbose": False}
 
@@ -93,6 +93,11 @@ def common(kwargs: dict) -> dict:
     experiment = kwargs.pop("experiment", None) or group.get("experiment")
     kwargs["verbose"] = bool(kwargs.get("verbose") or group.get("verbose"))
     tracking.configure(uri)
+    threads = PRESETS[kwargs["dataset"]].cpu_threads if kwargs.get("dataset") in PRESETS else 0
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     kwargs["_experiment"] = experiment
     return kwargs
 
@@ -287,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the CLI and turns every failure into one line and an exit code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("argse").setLevel(logging.INFO)
+    # Connection retries are reported once, as the one-line error; not as urllib3's warnings.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     args = sys.argv[1:] if argv is None else list(argv)
     _STATE["verbose"] = _verbose_requested(args)
     code = 0

@@ -212,3 +212,52 @@ def chain_store(digits_chain, tmp_path, monkeypatch):
     yield uri, ids
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+PIPELINE_ARGS = ("pipeline", "--dataset", "digits-lt", "--epochs", "4", "--gating-epochs", "10",
+                 "--selective-rounds", "1", "--eg-rounds", "5", "--n-boot", "20", "--cost-grid", "6")
+
+
+@pytest.fixture(scope="session")
+def digits_pipeline(tmp_path_factory, _migrated_db):
+    """A store holding one complete (small) `argse pipeline` on digits-lt, made once per session."""
+    import shutil
+
+    from argse import tracking
+    from argse.cli import main
+
+    folder = tmp_path_factory.mktemp("digits-pipeline")
+    shutil.copy(_migrated_db, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _MLFLOW_ENV:
+            mp.delenv(name, raising=False)
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking.configure(uri)
+        try:
+            main(list(PIPELINE_ARGS))
+        except SystemExit as exc:
+            assert not exc.code, "the pipeline failed"
+    return folder
+
+
+@pytest.fixture
+def pipeline_store(digits_pipeline, tmp_path, monkeypatch):
+    """This test's own copy of the ``digits_pipeline`` database."""
+    import shutil
+
+    import mlflow
+
+    from argse import tracking
+
+    for name in _MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(digits_pipeline / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.configure(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()

@@ -282,3 +282,22 @@ def test_invalid_inputs_get_one_sentence(data):
     with pytest.raises(ValueError, match="reference coverage"):
         compare([ok], labels, weights, CLASS_TO_GROUP, cost=COST, costs=COSTS, n_boot=5)
 
+
+
+def test_batched_bootstrap_equals_bootstrap_ci_of_the_per_replicate_curves():
+    """The evaluate stage's batched bootstrap gives the interval that `bootstrap_ci` over
+    `risk_coverage` + `aurc` gives, ties in the confidence included."""
+    from argse.evaluation import _bootstrap_aurc
+    from argse.selective import aurc, bootstrap_ci, risk_coverage
+
+    gen = torch.Generator().manual_seed(3)
+    n, c2g = 300, torch.tensor([0, 0, 0, 1, 1, 2])
+    confidence = (torch.rand(n, generator=gen, dtype=torch.float64) * 20).round() / 20  # many ties
+    y = torch.randint(0, 6, (n,), generator=gen)
+    pred = torch.where(torch.rand(n, generator=gen) < 0.7, y, torch.randint(0, 6, (n,), generator=gen))
+    w = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    got = _bootstrap_aurc(confidence, pred, y, w, c2g, n_boot=40, seed=11, chunk=7)
+    for risk in ("balanced", "worst"):
+        want = bootstrap_ci(lambda cf, p, t, ww: aurc(risk_coverage(cf, p, t, c2g, ww), risk),
+                            confidence, pred, y, w, n=40, level=0.95, seed=11)
+        assert got[risk] == pytest.approx(want, abs=1e-12)

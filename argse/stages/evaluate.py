@@ -130,8 +130,18 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
         )
         log_comparison(comparison, cfg, splits.group_names)
         click.echo(f"evaluate run {active.info.run_id}: {cfg.split} split, {cfg.test_prior} prior, cost {rule.cost:.4g}")
-        click.echo(comparison.to_markdown(columns=SUMMARY_COLUMNS))
+        click.echo(summary_markdown(comparison.table))
         return active.info.run_id
+
+
+def summary_markdown(table) -> str:
+    """The printed summary: the main columns of the results table, best method first."""
+    columns = [c for c in SUMMARY_COLUMNS if c in table.columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|"]
+    for _, row in table[columns].iterrows():  # a loop over methods
+        cells = [str(row[c]) if c == "method" else f"{float(row[c]):.4f}" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def resolve_gating_for(argse_run, cfg: EvaluateConfig, experiment: str | None):

@@ -209,8 +209,12 @@ def _finale(pipeline: Pipeline) -> None:
     """The evaluate table (also when it was reused), the champion, and how to look at it all."""
     evaluate_id = pipeline.ids.get("evaluate")
     if evaluate_id and any(s.name == "evaluate" and s.action == "reused" for s in pipeline.steps):
-        table = tracking.download(evaluate_id, "results/table.md").read_text()
-        click.echo(table)
+        import pandas as pd
+
+        from argse.stages.evaluate import summary_markdown
+
+        click.echo(f"evaluate run {evaluate_id} (reused):")
+        click.echo(summary_markdown(pd.read_csv(tracking.download(evaluate_id, "results/table.csv"))))
     if "argse" in pipeline.ids:
         decision = MlflowClient().get_run(pipeline.ids["argse"]).data.tags.get("argse.champion_decision", "")
         if decision:
