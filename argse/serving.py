@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,6 @@ from argse.models.gating import GatingNet, mix
 from argse.selective import PluginRule
 
 OUTPUT_COLUMNS = ("prediction", "accept", "margin", "group", "confidence")
-
-# The model's signature validates its input; MLflow's suggestion to add type hints to `predict`
-# (emitted when the class is defined) does not apply.
-warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
 
 class ARGSEModel(mlflow.pyfunc.PythonModel):
@@ -68,7 +63,8 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
         x = self._check(np.asarray(images))
         return torch.stack([expert(x).double().softmax(dim=1) for expert in self.experts], dim=1)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        # The ndarray hint tells MLflow to validate with the logged signature, not with hints.
         images = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
         probs = self.posteriors(images)
         with torch.no_grad():
