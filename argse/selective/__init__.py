@@ -17,12 +17,11 @@ from argse.selective.metrics import (
     risk_coverage,
     selective_errors,
 )
-from argse.selective.rule import GroupStats, PluginRule, RulePrediction, WorstFitHistory, group_stats
+from argse.selective.rule import PluginRule, RulePrediction, WorstFitHistory
 from argse.selective.sweep import CostSweep, cost_sweep
 
 __all__ = [
     "CostSweep",
-    "GroupStats",
     "PluginRule",
     "RiskCoverage",
     "RulePrediction",
@@ -36,7 +35,6 @@ __all__ = [
     "fit_balanced",
     "fit_group_thresholds",
     "fit_worst",
-    "group_stats",
     "risk_coverage",
     "selective_errors",
 ]

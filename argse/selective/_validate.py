@@ -60,7 +60,9 @@ def class_to_group(x: Any, device: Optional[torch.device] = None) -> tuple[torch
 
 
 def posteriors(x: Any, name: str, n_classes: Optional[int] = None, device: Optional[torch.device] = None) -> torch.Tensor:
-    """`x` as a float64 [N, C] tensor whose rows are distributions over the C classes."""
+    """`x` as a float64 [N, C] tensor whose rows are distributions over the C classes.
+
+    Rows must sum to 1 within SUM_TOLERANCE; they are then renormalised to sum to 1 exactly."""
     t = as_tensor(x, name, device)
     if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} must be a 2-D array of posteriors [N, C] with N, C >= 1; got shape {tuple(t.shape)}.")
@@ -80,7 +82,7 @@ def posteriors(x: Any, name: str, n_classes: Optional[int] = None, device: Optio
         raise ValueError(
             f"{name} must be posteriors whose rows sum to 1 (within {SUM_TOLERANCE}); row {i} sums to {float(sums[i]):.6g}."
         )
-    return t
+    return t / sums[:, None]
 
 
 def labels(x: Any, name: str, n: Optional[int], n_classes: int, device: Optional[torch.device] = None) -> torch.Tensor:

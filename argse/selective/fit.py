@@ -27,17 +27,13 @@ class _Split:
     """A validated split reduced to what the rule needs; weights are normalised to sum to 1."""
 
     stats: GroupStats
-    correct: torch.Tensor  # [N, K] bool: the top class of group k is the label
-    by_group: torch.Tensor  # [N, K] float64: w_i * [g(y_i) == k]
+    wrong: torch.Tensor  # [K, N] bool: the top class of group k is not the label
+    by_group: torch.Tensor  # [N, W] float64: w_i * [g(y_i) == k] (W = K, or 2K for a stacked pair)
     weight: torch.Tensor  # [N] float64
 
     @property
-    def n_groups(self) -> int:
-        return int(self.by_group.shape[1])
-
-    @property
     def prior(self) -> torch.Tensor:
-        """[K] P(y in G_k)."""
+        """[W] P(y in G_k)."""
         return self.by_group.sum(dim=0)
 
 
@@ -51,17 +47,57 @@ def _prepare(
     w = w / w.sum()
     stats = group_stats(eta, c2g, n_groups)
     by_group = torch.nn.functional.one_hot(c2g.to(eta.device)[y], n_groups).to(torch.float64) * w[:, None]
-    return _Split(stats=stats, correct=stats.top_class == y[:, None], by_group=by_group, weight=w)
+    return _Split(stats=stats, wrong=stats.top_class != y[None, :], by_group=by_group, weight=w)
 
 
-def _masses(split: _Split, coef: torch.Tensor, mu: torch.Tensor, cost: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For S rules: accepted mass and accepted-and-wrong mass per true group, both [S, K]."""
-    group, margin = margins(split.stats, coef, mu)
-    accept = margin >= -cost
-    correct = split.correct.unsqueeze(0).expand(group.shape[0], -1, -1).gather(2, group.unsqueeze(2))[..., 0]
-    accepted = accept.to(torch.float64) @ split.by_group
-    wrong = (accept & ~correct).to(torch.float64) @ split.by_group
-    return accepted, wrong
+def _stack(fit: _Split, sel: _Split) -> _Split:
+    """S1 and S2 as one split whose first K mass columns are S1's and last K are S2's, so that one
+    pass over the samples evaluates a batch of rules on both."""
+    return _Split(
+        stats=GroupStats(
+            top=torch.cat([fit.stats.top, sel.stats.top], dim=1),
+            top_class=torch.cat([fit.stats.top_class, sel.stats.top_class], dim=1),
+            mass=torch.cat([fit.stats.mass, sel.stats.mass], dim=1),
+        ),
+        wrong=torch.cat([fit.wrong, sel.wrong], dim=1),
+        by_group=torch.block_diag(fit.by_group, sel.by_group),
+        weight=torch.cat([fit.weight, sel.weight]),
+    )
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """The fitting split S1, the selection split S2, both stacked, and the groups."""
+
+    fit: _Split
+    sel: _Split
+    both: _Split
+    class_to_group: torch.Tensor
+    n_groups: int
+
+
+def _prepare_problem(
+    eta_fit: Any, y_fit: Any, eta_sel: Any, y_sel: Any, class_to_group: Any, weights_fit: Any, weights_sel: Any,
+) -> _Problem:
+    device = eta_fit.device if isinstance(eta_fit, torch.Tensor) else None
+    c2g, n_groups = check.class_to_group(class_to_group, device)
+    fit = _prepare(eta_fit, y_fit, weights_fit, ("eta_fit", "y_fit", "weights_fit"), c2g, n_groups, device)
+    sel = _prepare(eta_sel, y_sel, weights_sel, ("eta_sel", "y_sel", "weights_sel"), c2g, n_groups,
+                   fit.weight.device)
+    return _Problem(fit=fit, sel=sel, both=_stack(fit, sel), class_to_group=c2g, n_groups=n_groups)
+
+
+def _masses(split: _Split, accept: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accepted mass and accepted-and-wrong mass per mass column, both [S, W], for S decisions [S, N]."""
+    flags = torch.cat([accept, accept & wrong]).view(torch.uint8).to(torch.float64)
+    both = flags @ split.by_group
+    return both[: accept.shape[0]], both[accept.shape[0]:]
+
+
+def _evaluate(split: _Split, coef: torch.Tensor, mu: torch.Tensor, cost: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_masses` of S rules (coef, mu [S, K]) with a single cost."""
+    _, margin, wrong = margins(split.stats, coef, mu, split.wrong)
+    return _masses(split, margin >= -cost, wrong)
 
 
 def _group_errors(accepted: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
@@ -87,19 +123,14 @@ def _starts(split: _Split, beta: torch.Tensor, n_starts: int) -> tuple[torch.Ten
     """Initial (alpha, mu) [S, K]: accept the top-q share of S1 by the margin of the rule with
     alpha ~ prior ** tilt and mu = 0, then apply the fixed-point map to that acceptance set."""
     schedule = torch.tensor(start_schedule(n_starts), dtype=torch.float64, device=beta.device)
-    level, tilt = schedule[:, 0], schedule[:, 1]
-    prior = split.prior.clamp_min(1e-12)
-    coef = beta / prior[None, :] ** tilt[:, None]
-    group, margin = margins(split.stats, coef, torch.zeros_like(coef))
-    order = margin.argsort(dim=1, descending=True, stable=True)
-    cum = split.weight[order].cumsum(dim=1)
-    take = ((cum < level[:, None] - 1e-12).sum(dim=1) + 1).clamp_max(margin.shape[1])
-    threshold = margin.gather(1, order).gather(1, (take - 1)[:, None])
-    accept = margin >= threshold
-    correct = split.correct.unsqueeze(0).expand(group.shape[0], -1, -1).gather(2, group.unsqueeze(2))[..., 0]
-    accepted = accept.to(torch.float64) @ split.by_group
-    wrong = (accept & ~correct).to(torch.float64) @ split.by_group
-    return _fixed_point(accepted, wrong, beta)
+    tilts, which = schedule[:, 1].unique(return_inverse=True)
+    coef = beta / split.prior.clamp_min(1e-12)[None, :] ** tilts[:, None]
+    _, margin, wrong = margins(split.stats, coef, torch.zeros_like(coef), split.wrong)
+    ranked, order = margin.sort(dim=1, descending=True, stable=True)
+    cum = split.weight[order].cumsum(dim=1)[which]
+    take = ((cum < schedule[:, :1] - 1e-12).sum(dim=1) + 1).clamp_max(margin.shape[1])
+    accept = margin[which] >= ranked[which].gather(1, (take - 1)[:, None])
+    return _fixed_point(*_masses(split, accept, wrong[which]), beta)
 
 
 @dataclass(frozen=True)
@@ -108,39 +139,64 @@ class _Fit:
     mu: torch.Tensor  # [K]
     group_error: torch.Tensor  # [K] on S2
     coverage: float  # on S2
+    risk: float  # sum_k beta_k e_k + cost * P(reject) on S2
+
+
+def _line_search(sel: _Split, beta: torch.Tensor, cost: float, alpha: torch.Tensor, mu: torch.Tensor) -> _Fit:
+    """Exact line search on S2 over a common shift of mu, which moves every margin by the same amount
+    (the rows of eta sum to 1): the acceptance count, among those a threshold can realise, with the
+    lowest risk sum_k beta_k e_k + cost * P(reject). Returns the rule with mu shifted to it."""
+    coef = alpha.shape[0] * beta / alpha
+    _, margin, wrong = margins(sel.stats, coef[None], mu[None], sel.wrong)
+    margin, order = margin[0].sort(descending=True, stable=True)
+    mass = sel.by_group[order]
+    accepted = mass.cumsum(dim=0)
+    errors = _group_errors(accepted, (mass * wrong[0, order, None]).cumsum(dim=0))
+    coverage = accepted.sum(dim=1)
+    risk = errors @ beta + cost * (1.0 - coverage)
+    run_end = torch.ones_like(margin, dtype=torch.bool)
+    run_end[:-1] = margin[1:] != margin[:-1]
+    n = int(torch.where(run_end, risk, torch.full_like(risk, math.inf)).argmin())
+    if n + 1 == margin.shape[0]:  # accept everything: keep a little room below the lowest margin
+        threshold = margin[n] - 1e-9 * (1.0 + margin[n].abs())
+    else:
+        threshold = (margin[n] + margin[n + 1]) / 2
+    return _Fit(alpha=alpha, mu=mu - cost - threshold, group_error=errors[n], coverage=float(coverage[n]),
+                risk=float(risk[n]))
 
 
 def _fit_cost_sensitive(
-    fit: _Split, sel: _Split, beta: torch.Tensor, cost: float, n_starts: int, max_iter: int,
+    problem: _Problem, beta: torch.Tensor, cost: float, n_starts: int, max_iter: int,
     init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> _Fit:
-    """Joint (alpha, mu) fixed point on S1 from several starts; keep the iterate with the lowest
-    L2R risk sum_k beta_k e_k + cost * P(reject) on S2."""
-    n_groups = fit.n_groups
-    alpha, mu = _starts(fit, beta, n_starts)
+    """Joint (alpha, mu) fixed point on S1 from several starts, keeping the iterate with the lowest
+    L2R risk sum_k beta_k e_k + cost * P(reject) on S2; then the exact threshold line search on S2.
+
+    The map is deterministic, so a state met before (a converged start, a cycle, two starts that
+    merged) has nothing new to offer and is dropped."""
+    k = problem.n_groups
+    alpha, mu = _starts(problem.fit, beta, n_starts)
     if init is not None:
         alpha = torch.cat([alpha, init[0][None]])
         mu = torch.cat([mu, init[1][None]])
-    best: Optional[_Fit] = None
-    best_risk = math.inf
+    best_alpha, best_mu, best_risk = alpha[0], mu[0], math.inf
+    seen: set[bytes] = set()
     for _ in range(max_iter):
-        coef = n_groups * beta / alpha
-        accepted, wrong = _masses(sel, coef, mu, cost)
-        errors = _group_errors(accepted, wrong)
-        coverage = accepted.sum(dim=1)
-        risk = errors @ beta + cost * (1.0 - coverage)
+        keys = [row.numpy().tobytes() for row in torch.cat([alpha, mu], dim=1).cpu()]
+        fresh = [i for i, key in enumerate(keys) if key not in seen and keys.index(key) == i]
+        if not fresh:
+            break
+        seen.update(keys)
+        if len(fresh) < len(keys):
+            alpha, mu = alpha[fresh], mu[fresh]
+        accepted, wrong = _evaluate(problem.both, k * beta / alpha, mu, cost)
+        errors = _group_errors(accepted[:, k:], wrong[:, k:])
+        risk = errors @ beta + cost * (1.0 - accepted[:, k:].sum(dim=1))
         i = int(risk.argmin())
         if float(risk[i]) < best_risk:
-            best_risk = float(risk[i])
-            best = _Fit(alpha=alpha[i].clone(), mu=mu[i].clone(), group_error=errors[i], coverage=float(coverage[i]))
-        new_alpha, new_mu = _fixed_point(*_masses(fit, coef, mu, cost), beta)
-        moving = ~(torch.isclose(new_alpha, alpha, rtol=1e-10, atol=0).all(dim=1)
-                   & torch.isclose(new_mu, mu, rtol=1e-10, atol=1e-12).all(dim=1))
-        if not bool(moving.any()):
-            break
-        alpha, mu = new_alpha[moving], new_mu[moving]
-    assert best is not None
-    return best
+            best_alpha, best_mu, best_risk = alpha[i], mu[i], float(risk[i])
+        alpha, mu = _fixed_point(accepted[:, :k], wrong[:, :k], beta)
+    return _line_search(problem.sel, beta, cost, best_alpha, best_mu)
 
 
 def _check_options(n_starts: int, max_iter: int) -> None:
@@ -159,22 +215,10 @@ def _check_beta(beta: Any, n_groups: int, device: torch.device) -> torch.Tensor:
     return b / b.sum()
 
 
-def _prepare_pair(
-    eta_fit: Any, y_fit: Any, eta_sel: Any, y_sel: Any, class_to_group: Any, weights_fit: Any, weights_sel: Any,
-) -> tuple[_Split, _Split, torch.Tensor, int]:
-    device = eta_fit.device if isinstance(eta_fit, torch.Tensor) else None
-    c2g, n_groups = check.class_to_group(class_to_group, device)
-    fit = _prepare(eta_fit, y_fit, weights_fit, ("eta_fit", "y_fit", "weights_fit"), c2g, n_groups, device)
-    sel = _prepare(eta_sel, y_sel, weights_sel, ("eta_sel", "y_sel", "weights_sel"), c2g, n_groups,
-                   fit.weight.device)
-    return fit, sel, c2g, n_groups
-
-
-def _balanced(fit: _Split, sel: _Split, c2g: torch.Tensor, cost: float, beta: torch.Tensor, n_starts: int,
-              max_iter: int) -> PluginRule:
-    result = _fit_cost_sensitive(fit, sel, beta, cost, n_starts, max_iter)
+def _balanced(problem: _Problem, cost: float, beta: torch.Tensor, n_starts: int, max_iter: int) -> PluginRule:
+    result = _fit_cost_sensitive(problem, beta, cost, n_starts, max_iter)
     return PluginRule(alpha=result.alpha.cpu(), mu=result.mu.cpu(), beta=beta.cpu(), cost=cost,
-                      class_to_group=c2g.cpu())
+                      class_to_group=problem.class_to_group.cpu())
 
 
 def fit_balanced(
@@ -195,26 +239,27 @@ def fit_balanced(
 
     The paper's Algorithm 1 with the joint fixed point of DESIGN.md §4: from `n_starts` initial
     acceptance sets, iterate alpha_k = K * P(accept, y in G_k) and mu_k = K * beta_k * e_k / alpha_k on
-    the fitting split (eta_fit, y_fit) for at most `max_iter` steps, and return the iterate with the
-    lowest risk sum_k beta_k * e_k + cost * P(reject) on the selection split (eta_sel, y_sel).
-    `beta=None` is uniform (1/K each), i.e. the balanced error. Start i accepts the top share
-    q_i of S1 ranked by the rule with alpha ~ P(y in G_k) ** tilt_i and mu = 0 (`start_schedule`).
+    the fitting split (eta_fit, y_fit) for at most `max_iter` steps; keep the iterate with the lowest
+    risk sum_k beta_k * e_k + cost * P(reject) on the selection split (eta_sel, y_sel), and finally
+    shift its mu by a common amount (which moves the acceptance threshold) to the exact best
+    threshold on the selection split. `beta=None` is uniform (1/K each), i.e. the balanced error.
+    Start i accepts the top share q_i of S1 ranked by the rule with alpha ~ P(y in G_k) ** tilt_i and
+    mu = 0 (`start_schedule`). Weights are normalised per split; all statistics are weighted.
     """
     _check_options(n_starts, max_iter)
     cost = check.cost(cost)
-    fit, sel, c2g, n_groups = _prepare_pair(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
-    b = _check_beta(beta, n_groups, fit.weight.device)
-    return _balanced(fit, sel, c2g, cost, b, n_starts, max_iter)
+    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    b = _check_beta(beta, problem.n_groups, problem.fit.weight.device)
+    return _balanced(problem, cost, b, int(n_starts), int(max_iter))
 
 
-def _worst(fit: _Split, sel: _Split, c2g: torch.Tensor, cost: float, rounds: int, step: float, n_starts: int,
-           max_iter: int) -> PluginRule:
-    n_groups = fit.n_groups
-    beta = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64, device=fit.weight.device)
+def _worst(problem: _Problem, cost: float, rounds: int, step: float, n_starts: int, max_iter: int) -> PluginRule:
+    n_groups = problem.n_groups
+    beta = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64, device=problem.fit.weight.device)
     rows: list[tuple[torch.Tensor, _Fit, float]] = []
     init = None
     for _ in range(rounds):
-        result = _fit_cost_sensitive(fit, sel, beta, cost, n_starts, max_iter, init)
+        result = _fit_cost_sensitive(problem, beta, cost, n_starts, max_iter, init)
         worst = float(result.group_error.max()) + cost * (1.0 - result.coverage)
         rows.append((beta, result, worst))
         init = (result.alpha, result.mu)
@@ -233,7 +278,7 @@ def _worst(fit: _Split, sel: _Split, c2g: torch.Tensor, cost: float, rounds: int
     )
     beta_best, chosen, _ = rows[best]
     return PluginRule(alpha=chosen.alpha.cpu(), mu=chosen.mu.cpu(), beta=beta_best.cpu(), cost=cost,
-                      class_to_group=c2g.cpu(), history=history)
+                      class_to_group=problem.class_to_group.cpu(), history=history)
 
 
 def fit_worst(
@@ -247,7 +292,7 @@ def fit_worst(
     weights_fit: Optional[check.ArrayLike] = None,
     weights_sel: Optional[check.ArrayLike] = None,
     rounds: int = 20,
-    step: float = 1.0,
+    step: float = 2.0,
     n_starts: int = 12,
     max_iter: int = 30,
 ) -> PluginRule:
@@ -255,11 +300,11 @@ def fit_worst(
 
     Algorithm 2 of Narasimhan, Menon, Jitkrittum, Gupta, Kumar, "Learning to Reject Meets Long-tail
     Learning", ICLR 2024: exponentiated gradient over the group weights beta. Start from beta^0
-    uniform; in round t, fit the cost-sensitive rule for beta^t on the fitting split as `fit_balanced`
-    does (joint alpha/mu fixed point, several starts, plus the previous round's rule as a warm start),
-    measure its group errors e_k on the selection split, and update beta_k <- beta_k * exp(step * e_k),
-    normalised. After `rounds` rounds, return the round whose rule has the lowest worst-group L2R risk
-    on the selection split.
+    uniform; in round t, fit the cost-sensitive rule for beta^t as `fit_balanced(..., beta=beta^t)`
+    does (joint alpha/mu fixed point on the fitting split, several starts plus the previous round's
+    rule, selection on the selection split), measure its group errors e_k on the selection split, and
+    update beta_k <- beta_k * exp(step * e_k), normalised. After `rounds` rounds, return the round whose
+    rule has the lowest worst-group L2R risk max_k e_k + cost * P(reject) on the selection split.
 
     The returned `PluginRule` carries the per-round record in `rule.history` (a `WorstFitHistory`:
     beta, alpha, mu, group errors, coverage and worst risk per round on the selection split, and
@@ -272,8 +317,8 @@ def fit_worst(
     if not math.isfinite(step) or step < 0:
         raise ValueError(f"step must be a finite number >= 0; got {step}.")
     cost = check.cost(cost)
-    fit, sel, c2g, _ = _prepare_pair(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
-    return _worst(fit, sel, c2g, cost, int(rounds), step, int(n_starts), int(max_iter))
+    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    return _worst(problem, cost, int(rounds), step, int(n_starts), int(max_iter))
 
 
 def fit_group_thresholds(

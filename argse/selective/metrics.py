@@ -115,7 +115,7 @@ def risk_coverage(
     start = torch.repeat_interleave(run_end - run_length, run_length)
     end = torch.repeat_interleave(run_end, run_length)
     count = torch.arange(1, n + 1, device=conf.device)
-    frac = ((count - start) / (end - start)).to(torch.float64)[:, None]
+    frac = ((count - start).to(torch.float64) / (end - start).to(torch.float64))[:, None]
     exact = (count == end)[:, None]
 
     def at_count(cum: torch.Tensor) -> torch.Tensor:

@@ -23,37 +23,50 @@ from argse.selective import _validate as check
 
 @dataclass(frozen=True)
 class GroupStats:
-    """Per-sample, per-group sufficient statistics of a batch of posteriors [N, C]."""
+    """Per-group sufficient statistics of a batch of posteriors [N, C], stored group-major [K, N]."""
 
-    top: torch.Tensor  #: [N, K] the largest eta_y over the classes y of group k
-    top_class: torch.Tensor  #: [N, K] long, the class attaining it (lowest index on ties)
-    mass: torch.Tensor  #: [N, K] sum of eta_y over the classes of group k
+    top: torch.Tensor  #: [K, N] the largest eta_y over the classes y of group k
+    top_class: torch.Tensor  #: [K, N] long, the class attaining it (lowest index on ties)
+    mass: torch.Tensor  #: [K, N] sum of eta_y over the classes of group k
 
 
 def group_stats(eta: torch.Tensor, class_to_group: torch.Tensor, n_groups: int) -> GroupStats:
     """The sufficient statistics of validated posteriors `eta` [N, C] for groups `class_to_group` [C]."""
     n = eta.shape[0]
     class_to_group = class_to_group.to(eta.device)
-    top = eta.new_empty(n, n_groups)
-    top_class = torch.empty(n, n_groups, dtype=torch.long, device=eta.device)
+    top = eta.new_empty(n_groups, n)
+    top_class = torch.empty(n_groups, n, dtype=torch.long, device=eta.device)
     for k in range(n_groups):  # a loop over groups, not samples
         members = (class_to_group == k).nonzero().flatten()
         value, where = eta[:, members].max(dim=1)
-        top[:, k] = value
-        top_class[:, k] = members[where]
+        top[k] = value
+        top_class[k] = members[where]
     onehot = torch.nn.functional.one_hot(class_to_group, n_groups).to(eta.dtype)
-    return GroupStats(top=top, top_class=top_class, mass=eta @ onehot)
+    return GroupStats(top=top, top_class=top_class, mass=(eta @ onehot).T.contiguous())
 
 
-def margins(stats: GroupStats, coef: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted group and margin for S rules at once.
+def margins(
+    stats: GroupStats, coef: torch.Tensor, mu: torch.Tensor, wrong: Optional[torch.Tensor] = None,
+) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """Predicted group and margin of S rules at once, in O(S * N * K).
 
-    `coef` and `mu` are [S, K], with coef_k = K * beta_k / alpha_k. Returns (group [S, N], margin [S, N]).
+    `coef` and `mu` are [S, K], with coef_k = K * beta_k / alpha_k. Returns (group [S, N], margin
+    [S, N], None); when `wrong` [K, N] (bool: the top class of group k is not the label) is given, the
+    group is not materialised and the third entry is the `wrong` flag of the predicted group [S, N].
     Ties between groups go to the lower group index.
     """
-    score = stats.top.unsqueeze(0) * coef.unsqueeze(1)  # [S, N, K]
-    best, group = score.max(dim=-1)
-    return group, best - (coef - mu) @ stats.mass.T
+    best = coef[:, :1] * stats.top[0]
+    group = None if wrong is not None else torch.zeros(best.shape, dtype=torch.long, device=best.device)
+    chosen = None if wrong is None else wrong[0].expand(best.shape)
+    for k in range(1, stats.top.shape[0]):  # a loop over groups, not samples
+        score = coef[:, k:k + 1] * stats.top[k]
+        better = score > best
+        best = torch.maximum(best, score)
+        if group is not None:
+            group.masked_fill_(better, k)
+        if chosen is not None:
+            chosen = (better & wrong[k]) | (~better & chosen)
+    return group, best - (coef - mu) @ stats.mass, chosen
 
 
 @dataclass(frozen=True)
@@ -173,9 +186,9 @@ class PluginRule:
         device = eta.device if isinstance(eta, torch.Tensor) else None
         eta = check.posteriors(eta, "eta", self.n_classes, device)
         stats = group_stats(eta, self.class_to_group, self.n_groups)
-        group, margin = margins(stats, self.coef.to(eta.device)[None], self.mu.to(eta.device)[None])
+        group, margin, _ = margins(stats, self.coef.to(eta.device)[None], self.mu.to(eta.device)[None])
         group, margin = group[0], margin[0]
-        pred = stats.top_class.gather(1, group[:, None])[:, 0]
+        pred = stats.top_class.gather(0, group[None])[0]
         if self.thresholds is None:
             accept = margin >= -self.cost
         else:

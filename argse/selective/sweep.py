@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from argse.selective import _validate as check
-from argse.selective.fit import _balanced, _prepare, _prepare_pair, _Split, _worst
+from argse.selective.fit import _balanced, _prepare, _prepare_problem, _Split, _worst
 from argse.selective.metrics import area_under, selective_errors
 from argse.selective.rule import PluginRule, margins
 
@@ -43,7 +43,7 @@ def cost_sweep(
     weights_test: Optional[check.ArrayLike] = None,
     min_coverage: float = 0.0,
     rounds: int = 20,
-    step: float = 1.0,
+    step: float = 2.0,
     n_starts: int = 12,
     max_iter: int = 30,
 ) -> CostSweep:
@@ -58,17 +58,17 @@ def cost_sweep(
     cost_list = [check.cost(c, "costs") for c in check.as_tensor(costs, "costs").flatten().tolist()]
     if not cost_list:
         raise ValueError("costs must hold at least one cost >= 0.")
-    fit, sel, c2g, n_groups = _prepare_pair(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
-    test = _prepare(eta_test, y_test, weights_test, ("eta_test", "y_test", "weights_test"), c2g, n_groups,
-                    fit.weight.device)
-    beta = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64, device=fit.weight.device)
-    y_test_t = check.labels(y_test, "y_test", None, c2g.shape[0], fit.weight.device)
+    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    c2g, n_groups, device = problem.class_to_group, problem.n_groups, problem.fit.weight.device
+    test = _prepare(eta_test, y_test, weights_test, ("eta_test", "y_test", "weights_test"), c2g, n_groups, device)
+    beta = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64, device=device)
+    y_test_t = check.labels(y_test, "y_test", None, c2g.shape[0], device)
     rules, points = [], []
     for c in cost_list:  # a loop over costs
         if objective == "balanced":
-            rule = _balanced(fit, sel, c2g, c, beta, n_starts, max_iter)
+            rule = _balanced(problem, c, beta, n_starts, max_iter)
         else:
-            rule = _worst(fit, sel, c2g, c, rounds, step, n_starts, max_iter)
+            rule = _worst(problem, c, rounds, step, n_starts, max_iter)
         accept, pred = _decide(rule, test)
         errors = selective_errors(pred, accept, y_test_t, c2g, test.weight)
         rules.append(rule)
@@ -89,7 +89,7 @@ def cost_sweep(
 def _decide(rule: PluginRule, split: _Split) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept mask and predictions of `rule` on a prepared split (its statistics are reused)."""
     device = split.weight.device
-    group, margin = margins(split.stats, rule.coef.to(device)[None], rule.mu.to(device)[None])
+    group, margin, _ = margins(split.stats, rule.coef.to(device)[None], rule.mu.to(device)[None])
     accept = margin[0] >= -rule.cost
-    pred = split.stats.top_class.gather(1, group[0][:, None])[:, 0]
+    pred = split.stats.top_class.gather(0, group)[0]
     return accept, pred
