@@ -187,7 +187,7 @@ def gating(**kwargs):
               help="Pick the cost whose rule accepts this share of val (default 0.8 when --cost is not given).")
 @click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True)
 @click.option("--rounds", type=int, default=20, show_default=True, help="Exponentiated-gradient rounds (worst).")
-@click.option("--step", type=float, default=1.0, show_default=True, help="Exponentiated-gradient step size (worst).")
+@click.option("--step", type=float, default=2.0, show_default=True, help="Exponentiated-gradient step size (worst).")
 @click.option("--n-starts", type=int, default=12, show_default=True, help="Starting points of the fixed point.")
 @click.option("--group-thresholds-mode", type=click.Choice(["global", "per-group"]), default="global", show_default=True,
               help="per-group: one threshold per predicted group, each reaching --target-coverage.")

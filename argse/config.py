@@ -229,7 +229,7 @@ class ArgseConfig(StageConfig):
     target_coverage: float | None = None
     test_prior: str = "lt"
     rounds: int = 20
-    step: float = 1.0
+    step: float = 2.0
     n_starts: int = 12
     group_thresholds_mode: str = "global"
     register_name: str | None = None

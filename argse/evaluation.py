@@ -97,7 +97,7 @@ class FitOptions:
     (`rounds` and `step` apply to the worst-group objective only)."""
 
     rounds: int = 20
-    step: float = 1.0
+    step: float = 2.0
     n_starts: int = 12
     max_iter: int = 30
 

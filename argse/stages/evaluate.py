@@ -121,7 +121,9 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
 
         splits = experts.splits
         weights = {s: experts.weights(s, cfg.test_prior) for s in ("tunev", "val", "test")}
-        fit_options = FitOptions(rounds=int(argse_run.data.params.get("rounds", 20)))
+        params = argse_run.data.params
+        fit_options = FitOptions(rounds=int(params.get("rounds", 20)), step=float(params.get("step", 2.0)),
+                                 n_starts=int(params.get("n_starts", 12)))
         comparison = compare(
             build_methods(experts, gate, rule, objective), experts.labels, weights, splits.class_to_group,
             split=cfg.split, cost=rule.cost, costs=np.linspace(0.0, 1.0, cfg.cost_grid).tolist(),
