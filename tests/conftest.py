@@ -1,8 +1,10 @@
-"""Shared fixtures: a private MLflow store per test, the CLI run in-process, a CIFAR-format folder."""
+"""Shared fixtures: a private MLflow store per test, the CLI run in-process, a CIFAR-format folder,
+and session-wide stores that already hold trained runs (built once, copied per test)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,44 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+
+PIPELINE_ARGS = ("pipeline", "--dataset", "digits-lt", "--epochs", "4", "--gating-epochs", "10",
+                 "--selective-rounds", "1", "--eg-rounds", "5", "--n-boot", "20", "--cost-grid", "6")
+
+
+def _use_copy(db: Path, workdir: Path, mp: pytest.MonkeyPatch) -> str:
+    """Point MLflow (env and client) at a copy of ``db`` in ``workdir``, which becomes the cwd."""
+    from argse import tracking
+
+    for name in _MLFLOW_ENV:
+        mp.delenv(name, raising=False)
+    mp.chdir(workdir)
+    if db != workdir / "mlflow.db":
+        shutil.copy(db, workdir / "mlflow.db")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.configure(uri)
+    return uri
+
+
+def _end_runs() -> None:
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def _build(folder: Path, db: Path, commands) -> None:
+    """Run ``argse`` commands in-process against a copy of ``db`` kept in ``folder``."""
+    from argse.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        _use_copy(db, folder, mp)
+        for args in commands:
+            try:
+                main(list(args))
+            except SystemExit as exc:
+                assert not exc.code, f"argse {' '.join(args)} failed"
 
 
 @pytest.fixture(scope="session")
@@ -28,22 +68,8 @@ def _migrated_db(tmp_path_factory):
 @pytest.fixture
 def store(tmp_path, monkeypatch, _migrated_db):
     """A fresh SQLite tracking store in a temp dir, which is also the working directory."""
-    import shutil
-
-    import mlflow
-
-    from argse import tracking
-
-    for name in _MLFLOW_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(_migrated_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.configure(uri)
-    yield uri
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
+    yield _use_copy(_migrated_db, tmp_path, monkeypatch)
+    _end_runs()
 
 
 @dataclass
@@ -102,162 +128,79 @@ def subprocess_env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
+# -- session stores with trained runs ---------------------------------------------------------------
+
+
+
 @pytest.fixture(scope="session")
 def digits_experts(tmp_path_factory, _migrated_db):
-    """A store holding a digits-lt splits run and an `--expert all` experts run, made once per session.
+    """A store holding a digits-lt splits run and an `--expert all` experts run.
 
-    Returns ``(folder, {"splits": run_id, "experts": parent_id, "ce": id, ...})``. Use it through
-    ``experts_store``, which gives each test its own copy of the database."""
-    import shutil
-
+    Returns ``(folder, ids)`` with the ids of splits, experts (the parent), ce, logitadjust and
+    balsoftmax. Use it through ``experts_store``, which gives each test its own copy of the database."""
     import mlflow
 
-    from argse import tracking
-    from argse.cli import main
-
     folder = tmp_path_factory.mktemp("digits-experts")
-    shutil.copy(_migrated_db, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        for name in _MLFLOW_ENV:
-            mp.delenv(name, raising=False)
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        tracking.configure(uri)
-        for args in (["splits", "--dataset", "digits-lt"],
-                     ["experts", "--dataset", "digits-lt", "--epochs", "6", "--checkpoint-every", "3"]):
-            try:
-                main(args)
-            except SystemExit as exc:
-                assert not exc.code, f"argse {' '.join(args)} failed"
-        client = mlflow.MlflowClient()
-        exp = client.get_experiment_by_name("ar-gse/digits-lt").experiment_id
-        ids = {"splits": tracking.resolve_upstream("splits", "latest", dataset="digits-lt").info.run_id}
-        for run in client.search_runs([exp], "tags.\"argse.stage\" = 'experts'"):
-            ids[run.data.tags["argse.expert"].replace("all", "experts")] = run.info.run_id
+    _build(folder, _migrated_db, [["splits", "--dataset", "digits-lt"],
+                                  ["experts", "--dataset", "digits-lt", "--epochs", "6", "--checkpoint-every", "3"]])
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ar-gse/digits-lt").experiment_id
+    ids = {"splits": client.search_runs([exp], "tags.\"argse.stage\" = 'splits'")[0].info.run_id}
+    for run in client.search_runs([exp], "tags.\"argse.stage\" = 'experts'"):
+        ids[run.data.tags["argse.expert"].replace("all", "experts")] = run.info.run_id
     return folder, ids
+
+
+@pytest.fixture(scope="session")
+def digits_chain(digits_experts, tmp_path_factory):
+    """``digits_experts`` plus gating (pretrain, selective) and an AR-GSE fit. Returns ``(folder, ids)``
+    with the ids above and pretrain, selective, argse."""
+    source, ids = digits_experts
+    folder = tmp_path_factory.mktemp("digits-chain")
+    _build(folder, source / "mlflow.db", [
+        ["gating", "--mode", "pretrain", "--epochs", "30", "--dataset", "digits-lt"],
+        ["gating", "--mode", "selective", "--rounds", "2", "--epochs-per-round", "5", "--dataset", "digits-lt"],
+        ["fit", "--rounds", "8", "--dataset", "digits-lt"],
+    ])
+    ids = dict(ids)
+    with pytest.MonkeyPatch.context() as mp:
+        from argse import tracking
+
+        _use_copy(folder / "mlflow.db", folder, mp)
+        ids["pretrain"] = tracking.resolve_upstream(
+            "gating", "latest", dataset="digits-lt", lineage={"argse.gating_mode": "pretrain"}).info.run_id
+        ids["selective"] = tracking.resolve_upstream(
+            "gating", "latest", dataset="digits-lt", lineage={"argse.gating_mode": "selective"}).info.run_id
+        ids["argse"] = tracking.resolve_upstream("argse", "latest", dataset="digits-lt").info.run_id
+    return folder, ids
+
+
+@pytest.fixture(scope="session")
+def digits_pipeline(tmp_path_factory, _migrated_db):
+    """A store holding one complete (small) `argse pipeline` on digits-lt."""
+    folder = tmp_path_factory.mktemp("digits-pipeline")
+    _build(folder, _migrated_db, [PIPELINE_ARGS])
+    return folder
 
 
 @pytest.fixture
 def experts_store(digits_experts, tmp_path, monkeypatch):
     """This test's own copy of the ``digits_experts`` database (artifacts stay shared, read-only)."""
-    import shutil
-
-    import mlflow
-
-    from argse import tracking
-
     folder, ids = digits_experts
-    for name in _MLFLOW_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(folder / "mlflow.db", tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.configure(uri)
-    yield uri, ids
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-
-
-@pytest.fixture(scope="session")
-def digits_chain(digits_experts, tmp_path_factory):
-    """``digits_experts`` plus gating (pretrain, selective) and an AR-GSE fit, made once per session.
-    Returns ``(folder, ids)`` with ids of splits, experts, ce, ..., pretrain, selective, argse."""
-    import shutil
-
-    from argse import tracking
-    from argse.cli import main
-
-    source, ids = digits_experts
-    folder = tmp_path_factory.mktemp("digits-chain")
-    shutil.copy(source / "mlflow.db", folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    ids = dict(ids)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in _MLFLOW_ENV:
-            mp.delenv(name, raising=False)
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        tracking.configure(uri)
-        for key, stage, args in (("pretrain", "gating", ["gating", "--mode", "pretrain", "--epochs", "30"]),
-                                 ("selective", "gating", ["gating", "--mode", "selective", "--rounds", "2",
-                                                          "--epochs-per-round", "5"]),
-                                 ("argse", "argse", ["fit", "--rounds", "8"])):
-            try:
-                main([*args, "--dataset", "digits-lt"])
-            except SystemExit as exc:
-                assert not exc.code, f"argse {' '.join(args)} failed"
-            ids[key] = tracking.resolve_upstream(stage, "latest", dataset="digits-lt").info.run_id
-    return folder, ids
+    yield _use_copy(folder / "mlflow.db", tmp_path, monkeypatch), ids
+    _end_runs()
 
 
 @pytest.fixture
 def chain_store(digits_chain, tmp_path, monkeypatch):
     """This test's own copy of the ``digits_chain`` database."""
-    import shutil
-
-    import mlflow
-
-    from argse import tracking
-
     folder, ids = digits_chain
-    for name in _MLFLOW_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(folder / "mlflow.db", tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.configure(uri)
-    yield uri, ids
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-
-
-PIPELINE_ARGS = ("pipeline", "--dataset", "digits-lt", "--epochs", "4", "--gating-epochs", "10",
-                 "--selective-rounds", "1", "--eg-rounds", "5", "--n-boot", "20", "--cost-grid", "6")
-
-
-@pytest.fixture(scope="session")
-def digits_pipeline(tmp_path_factory, _migrated_db):
-    """A store holding one complete (small) `argse pipeline` on digits-lt, made once per session."""
-    import shutil
-
-    from argse import tracking
-    from argse.cli import main
-
-    folder = tmp_path_factory.mktemp("digits-pipeline")
-    shutil.copy(_migrated_db, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        for name in _MLFLOW_ENV:
-            mp.delenv(name, raising=False)
-        mp.chdir(folder)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        tracking.configure(uri)
-        try:
-            main(list(PIPELINE_ARGS))
-        except SystemExit as exc:
-            assert not exc.code, "the pipeline failed"
-    return folder
+    yield _use_copy(folder / "mlflow.db", tmp_path, monkeypatch), ids
+    _end_runs()
 
 
 @pytest.fixture
 def pipeline_store(digits_pipeline, tmp_path, monkeypatch):
     """This test's own copy of the ``digits_pipeline`` database."""
-    import shutil
-
-    import mlflow
-
-    from argse import tracking
-
-    for name in _MLFLOW_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(digits_pipeline / "mlflow.db", tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.configure(uri)
-    yield uri
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
+    yield _use_copy(digits_pipeline / "mlflow.db", tmp_path, monkeypatch)
+    _end_runs()

@@ -4,6 +4,7 @@ reference and every way it can fail, the experiment rule, config hashes and the 
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 import mlflow.pyfunc
 import pytest
 from mlflow.tracking import MlflowClient
@@ -81,7 +82,7 @@ def test_run_id_runs_uri_and_models_uri_resolve(store):
     assert tracking.resolve_upstream("argse", f"runs:/{run_id}/model", dataset="digits-lt").info.run_id == run_id
 
     class Identity(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):
+        def predict(self, context, model_input: np.ndarray, params=None):
             return model_input
 
     with mlflow.start_run(run_id=run_id):
