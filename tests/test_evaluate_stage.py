@@ -1,0 +1,70 @@
+"""The evaluate stage on a digits-lt AR-GSE run: table, metrics, figures, splits, bad model URIs."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from argse import tracking
+from argse.evaluation import metric_key
+
+METHODS = {"chow[ce]", "chow[logitadjust]", "chow[balsoftmax]", "chow[uniform-ensemble]", "ar-gse[balanced]",
+           "ar-gse[worst]"}
+
+
+def _evaluate_runs():
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.\"argse.stage\" = 'evaluate'", order_by=["attributes.start_time DESC"])
+
+
+@pytest.mark.parametrize("split", ["test", "val", "tunev"])
+def test_table_equals_the_logged_metrics_on_every_split(chain_store, cli, split):
+    _, ids = chain_store
+    result = cli("evaluate", "--dataset", "digits-lt", "--split", split, "--n-boot", "20", "--cost-grid", "5")
+    assert result.code == 0, result.err
+    assert "| method |" in result.out  # the summary table is printed without --verbose
+    run = _evaluate_runs()[0]
+    assert run.info.status == "FINISHED" and run.data.tags["argse.upstream.argse"] == ids["argse"]
+    assert run.data.metrics["model_check_agreement"] == 1.0
+    table = pd.read_csv(tracking.download(run.info.run_id, "results/table.csv"))
+    assert table.columns[0] == "method" and METHODS <= set(table["method"])
+    assert any(m.startswith("plugin-worst[") for m in table["method"])
+    checked = 0
+    for _, row in table.iterrows():
+        for column in table.columns[1:]:
+            assert run.data.metrics[metric_key(row["method"], column)] == pytest.approx(row[column], rel=1e-9, abs=1e-12)
+            checked += 1
+    assert checked > 100
+    for column in ("aurc_balanced", "aurc_worst", "aurc_worst_costsweep", "aurc_balanced_cov0.2"):
+        assert table[column].between(0, 1).all()
+    assert (table["aurc_worst_lo"] <= table["aurc_worst"]).all() and (table["aurc_worst"] <= table["aurc_worst_hi"]).all()
+    # Ranked by the cost-sweep worst-group AURC.
+    assert table["aurc_worst_costsweep"].is_monotonic_increasing
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "figures")}
+    assert artifacts == {"figures/rc_balanced.png", "figures/rc_worst.png", "figures/group_coverage.png"}
+    assert {"results/table.csv", "results/table.md", "results/rc_points.csv"} == {
+        a.path for a in MlflowClient().list_artifacts(run.info.run_id, "results")}
+
+
+def test_model_uri_forms_and_save_results(chain_store, cli, tmp_path):
+    _, ids = chain_store
+    for uri in (f"runs:/{ids['argse']}/model", "models:/ar-gse-digits-lt@champion"):
+        result = cli("evaluate", "--dataset", "digits-lt", "--model-uri", uri, "--n-boot", "10", "--cost-grid", "3",
+                     "--save-results", "--output-dir", tmp_path / "out")
+        assert result.code == 0, result.err
+        assert _evaluate_runs()[0].data.tags["argse.model_uri"] == uri
+    assert (tmp_path / "out" / "table.csv").is_file() and (tmp_path / "out" / "rc_points.csv").is_file()
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("models:/no-such-model@champion", "does not resolve in the model registry"),
+    ("runs:/" + "0" * 32 + "/model", "does not exist"),
+    ("s3://bucket/model", "is not a run reference"),
+])
+def test_unknown_model_uri_is_one_line_and_nonzero(chain_store, cli, uri, message):
+    result = cli("evaluate", "--dataset", "digits-lt", "--model-uri", uri)
+    assert result.code == 1 and message in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert _evaluate_runs()[0].info.status == "FAILED"
