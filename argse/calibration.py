@@ -54,8 +54,7 @@ def fit_temperature(
             fb = objective(b)
     best = (lo + hi) / 2.0
     # The interval ends are candidates too: the search never evaluates them exactly.
-    candidates = [(objective(best), best), (objective(math.log(T_MIN)), math.log(T_MIN)),
-                  (objective(math.log(T_MAX)), math.log(T_MAX))]
+    candidates = [(objective(u), u) for u in (best, math.log(T_MIN), math.log(T_MAX))]
     return float(math.exp(min(candidates)[1]))
 
 
@@ -74,15 +73,20 @@ def _validate(
     z = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float64)
     labels = torch.as_tensor(y).detach().to("cpu").flatten()
     if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] < 2:
-        raise ValueError(f"logits must have shape [N, C] with N >= 1 and C >= 2; got {list(z.shape)}.")
+        raise ValueError(
+            f"logits must have shape [N, C] with N >= 1 and C >= 2; got {list(z.shape)}."
+        )
     if labels.numel() != z.shape[0]:
-        raise ValueError(f"y must hold one label per row of logits ({z.shape[0]}); got {labels.numel()}.")
+        raise ValueError(
+            f"y must hold one label per row of logits ({z.shape[0]}); got {labels.numel()}."
+        )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"y must hold integer labels; got dtype {labels.dtype}.")
     labels = labels.long()
     if int(labels.min()) < 0 or int(labels.max()) >= z.shape[1]:
         raise ValueError(
-            f"y must lie in [0, {z.shape[1] - 1}]; got labels from {int(labels.min())} to {int(labels.max())}."
+            f"y must lie in [0, {z.shape[1] - 1}]; "
+            f"got labels from {int(labels.min())} to {int(labels.max())}."
         )
     if not bool(torch.isfinite(z).all()):
         raise ValueError("logits must be finite; got NaN or infinite values.")
@@ -90,7 +94,9 @@ def _validate(
         return z, labels, None
     w = torch.as_tensor(weights).detach().to(device="cpu", dtype=torch.float64).flatten()
     if w.numel() != z.shape[0]:
-        raise ValueError(f"weights must hold one value per row of logits ({z.shape[0]}); got {w.numel()}.")
+        raise ValueError(
+            f"weights must hold one value per row of logits ({z.shape[0]}); got {w.numel()}."
+        )
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError("weights must be finite, non-negative and not all zero.")
     return z, labels, w

@@ -1,10 +1,11 @@
-"""The experts' training losses: CE, LogitAdjust (Menon et al. 2021), BalancedSoftmax (Ren et al. 2020).
+"""The experts' training losses: CE, LogitAdjust and BalancedSoftmax.
 
 Each is a cross-entropy on logits shifted by a fixed per-class vector:
 
 * ``ce``: no shift.
-* ``logitadjust``: ``f(x) + tau * log(pi)`` with ``pi = n / sum(n)`` the train class prior.
-* ``balsoftmax``: ``f(x) + log(n)`` with ``n`` the train class counts.
+* ``logitadjust`` (Menon et al. 2021): ``f(x) + tau * log(pi)`` with ``pi = n / sum(n)`` the train
+  class prior.
+* ``balsoftmax`` (Ren et al. 2020): ``f(x) + log(n)`` with ``n`` the train class counts.
 
 LogitAdjust at ``tau = 1`` and BalancedSoftmax coincide: ``log(pi) = log(n) - log(sum(n))`` differs
 from ``log(n)`` by the same constant for every class, and softmax cross-entropy is unchanged by a
@@ -87,7 +88,9 @@ def make_loss(
     else:
         counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64).flatten()
     if counts.numel() < 2:
-        raise ValueError(f"class_counts needs one count per class (at least 2); got {counts.numel()}.")
+        raise ValueError(
+            f"class_counts needs one count per class (at least 2); got {counts.numel()}."
+        )
     if not bool(torch.all(counts >= 1)):
         empty = torch.nonzero(counts < 1).flatten().tolist()
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Temperature scaling: recovers a known temperature, lowers NLL, honours weights, rejects bad input."""
+"""Temperature scaling: recovers a known temperature, lowers NLL, honours weights, rejects bad
+input."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,9 @@ import torch
 from argse.calibration import T_MAX, T_MIN, fit_temperature, nll
 
 
-def _tempered(t_true: float, n: int = 20_000, c: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tempered(
+    t_true: float, n: int = 20_000, c: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits t_true * z whose labels are drawn from softmax(z): the right temperature is t_true."""
     generator = torch.Generator().manual_seed(seed)
     z = 2.0 * torch.randn(n, c, generator=generator)
@@ -25,7 +28,8 @@ def test_fitted_temperature_lowers_nll_to_that_of_the_true_posterior() -> None:
     logits, y, z = _tempered(3.0)
     t = fit_temperature(logits, y)
     assert nll(logits / t, y) < nll(logits, y) - 0.1
-    assert nll(logits / t, y) <= nll(z, y) + 1e-9  # the fit is at least as good as the truth in-sample
+    # In-sample, the fitted temperature is at least as good as the true one.
+    assert nll(logits / t, y) <= nll(z, y) + 1e-9
 
 
 def test_weights_change_the_fit_and_uniform_weights_do_not() -> None:

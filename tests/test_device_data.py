@@ -21,7 +21,10 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return torch.round(x * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _candidates(image: np.ndarray, padding: int, flip: bool) -> list[tuple[int, int, bool, np.ndarray]]:
+def _candidates(
+    image: np.ndarray, padding: int, flip: bool
+) -> list[tuple[int, int, bool, np.ndarray]]:
+    """Every padded crop (and its mirror image when ``flip``) as (dy, dx, flipped, image)."""
     h, w, _ = image.shape
     padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
     out = []
@@ -33,8 +36,11 @@ def _candidates(image: np.ndarray, padding: int, flip: bool) -> list[tuple[int, 
     return out
 
 
-def _match(produced: np.ndarray, source: np.ndarray, padding: int, flip: bool) -> tuple[int, int, bool]:
-    hits = [(dy, dx, f) for dy, dx, f, c in _candidates(source, padding, flip) if np.array_equal(c, produced)]
+def _match(
+    produced: np.ndarray, source: np.ndarray, padding: int, flip: bool
+) -> tuple[int, int, bool]:
+    candidates = _candidates(source, padding, flip)
+    hits = [(dy, dx, f) for dy, dx, f, c in candidates if np.array_equal(c, produced)]
     assert hits, "augmented image is not a padded crop (and flip) of its source"
     return hits[0]
 
@@ -58,7 +64,8 @@ def test_digits_augmentation_shifts_by_at_most_one_pixel_without_flips() -> None
     source = _images(200, 8, 8, 1)[..., 0]  # [N, H, W] is taken as one channel
     data = DeviceImages(source, np.arange(200), augmentation="digits", **_identity_stats(1))
     seen = set()
-    for x, y in data.batches(50, shuffle=True, generator=torch.Generator().manual_seed(0), augment=True, drop_last=False):
+    generator = torch.Generator().manual_seed(0)
+    for x, y in data.batches(50, shuffle=True, generator=generator, augment=True, drop_last=False):
         assert x.shape[1:] == (1, 8, 8)
         produced = _to_uint8(x)
         for k, index in enumerate(y.tolist()):
@@ -90,17 +97,21 @@ def test_normalize_stats_are_per_channel_in_unit_range() -> None:
 
 
 @pytest.mark.parametrize("n, drop_last", [(103, False), (103, True), (128, False), (33, False)])
-def test_rank_shards_are_disjoint_cover_the_permutation_and_have_equal_batch_counts(n: int, drop_last: bool) -> None:
+def test_rank_shards_are_disjoint_cover_the_permutation_and_have_equal_batch_counts(
+    n: int, drop_last: bool
+) -> None:
     source = _images(n, 4, 4, 1)
     data = DeviceImages(source, np.arange(n), augmentation="digits", **_identity_stats(1))
     world_size, batch_size = 2, 16
     per_rank = []
     for rank in range(world_size):
+        generator = torch.Generator().manual_seed(7)  # the same state on every rank
         batches = list(
-            data.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(7), augment=True,
+            data.batches(batch_size, shuffle=True, generator=generator, augment=True,
                          drop_last=drop_last, rank=rank, world_size=world_size)
         )
-        assert len(batches) == data.num_batches(batch_size, drop_last=drop_last, world_size=world_size)
+        expected = data.num_batches(batch_size, drop_last=drop_last, world_size=world_size)
+        assert len(batches) == expected
         per_rank.append([y for _, y in batches])
     assert len(per_rank[0]) == len(per_rank[1]) > 0
     # Step by step, rank 0's part then rank 1's part reproduce the shared permutation in order.
@@ -118,11 +129,13 @@ def test_rank_shards_are_disjoint_cover_the_permutation_and_have_equal_batch_cou
 
 
 def test_same_generator_state_gives_identical_batches() -> None:
-    data = DeviceImages(_images(50, 32, 32, 3), np.arange(50), augmentation="cifar", **_identity_stats(3))
+    images = _images(50, 32, 32, 3)
+    data = DeviceImages(images, np.arange(50), augmentation="cifar", **_identity_stats(3))
 
     def epoch(seed: int) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
-        return [x for x, _ in data.batches(16, shuffle=True, generator=generator, augment=True, drop_last=True)]
+        batches = data.batches(16, shuffle=True, generator=generator, augment=True, drop_last=True)
+        return [x for x, _ in batches]
 
     first, again, other = epoch(3), epoch(3), epoch(4)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -132,7 +145,9 @@ def test_same_generator_state_gives_identical_batches() -> None:
 def test_channels_last_layout_is_optional_and_values_are_unchanged() -> None:
     source = _images(8, 32, 32, 3)
     plain = DeviceImages(source, np.arange(8), augmentation="none", **_identity_stats(3))
-    cl = DeviceImages(source, np.arange(8), augmentation="none", channels_last=True, **_identity_stats(3))
+    cl = DeviceImages(
+        source, np.arange(8), augmentation="none", channels_last=True, **_identity_stats(3)
+    )
     (x_plain, _), = plain.eval_batches(8)
     (x_cl, _), = cl.eval_batches(8)
     assert x_plain.is_contiguous()
@@ -142,7 +157,8 @@ def test_channels_last_layout_is_optional_and_values_are_unchanged() -> None:
 
 def test_bad_inputs_are_rejected_with_a_sentence() -> None:
     with pytest.raises(ValueError, match="uint8"):
-        DeviceImages(np.zeros((2, 8, 8), np.float32), [0, 1], augmentation="digits", mean=[0], std=[1])
+        floats = np.zeros((2, 8, 8), np.float32)
+        DeviceImages(floats, [0, 1], augmentation="digits", mean=[0], std=[1])
     with pytest.raises(ValueError, match="cifar, digits, none"):
         DeviceImages(_images(2, 8, 8, 1), [0, 1], augmentation="mixup", mean=[0], std=[1])
     with pytest.raises(ValueError, match="same length"):

@@ -97,12 +97,19 @@ def test_digits_net_reaches_90_percent_on_sklearn_digits() -> None:
     torch.manual_seed(0)
     model = DigitsNet(10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    for _ in range(6):
-        for batch in train[torch.randperm(len(train))].split(64):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    # One thread: on tiny 8x8 batches a second OpenMP thread only adds synchronisation, and on a
+    # busy machine it made this test ten times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(6):
+            for batch in train[torch.randperm(len(train))].split(64):
+                loss = F.cross_entropy(model(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         accuracy = (model(x[test]).argmax(1) == y[test]).float().mean().item()
@@ -112,7 +119,12 @@ def test_digits_net_reaches_90_percent_on_sklearn_digits() -> None:
 def _lrs(epochs: int, steps: int, warmup: float, batch_size: int = 128) -> list[float]:
     model = torch.nn.Linear(2, 2)
     optimizer, scheduler = make_optimizer_and_scheduler(
-        model, lr=0.1, batch_size=batch_size, epochs=epochs, steps_per_epoch=steps, warmup_epochs=warmup
+        model,
+        lr=0.1,
+        batch_size=batch_size,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        warmup_epochs=warmup,
     )
     lrs = []
     for _ in range(epochs * steps):
@@ -151,16 +163,27 @@ def test_resolve_device_and_autocast() -> None:
             resolve_device("cuda")
     with autocast_context(torch.device("cpu")):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    with autocast_context(torch.device("cpu"), cpu_bf16=True):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path) -> None:
+    generator = torch.Generator()
+
+    def draw() -> tuple[float, ...]:
+        return (
+            random.random(),
+            np.random.rand(),
+            torch.rand(1).item(),
+            torch.rand(1, generator=generator).item(),
+        )
+
     seed_everything(11)
-    generator = torch.Generator().manual_seed(5)
+    generator.manual_seed(5)
     path = tmp_path / "rng.pt"
     torch.save({"rng": capture_rng_state(generator)}, path)
-    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
+    expected = draw()
     seed_everything(99)
     generator.manual_seed(0)
     restore_rng_state(torch.load(path, weights_only=True)["rng"], generator)
-    got = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
-    assert got == expected
+    assert draw() == expected

@@ -1,0 +1,249 @@
+"""Long-tailed train set, disjoint evaluation splits, groups and target-prior weights (DESIGN.md §3).
+
+:func:`make_splits` turns a :class:`~argse.data.loaders.SourceData` into :class:`Splits`: indices
+into the source pools, the achieved class counts, ``class_to_group`` and per-sample weights. A
+``Splits`` round-trips through a folder (the ``splits/`` artifact of a splits run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from argse import ArgseError
+from argse.data.loaders import SourceData
+
+EVAL_SPLITS = ("tunev", "val", "test")
+SPLITS = ("train",) + EVAL_SPLITS
+PRIORS = ("lt", "balanced")
+
+
+def longtail_counts(n_max: int, num_classes: int, imb_factor: float) -> np.ndarray:
+    """``n_c = floor(n_max * IF ** (-c / (C - 1)))`` for classes c = 0..C-1 (at least 1 each)."""
+    c = np.arange(num_classes)
+    counts = np.floor(n_max * imb_factor ** (-c / max(num_classes - 1, 1)) + 1e-9).astype(np.int64)
+    return np.maximum(counts, 1)
+
+
+def group_names(num_groups: int) -> tuple[str, ...]:
+    if num_groups == 2:
+        return ("head", "tail")
+    if num_groups == 3:
+        return ("many", "medium", "few")
+    return tuple(f"group{k}" for k in range(num_groups))
+
+
+def assign_groups(train_counts: np.ndarray, thresholds: tuple[int, ...]) -> np.ndarray:
+    """Group of each class from its train count: group 0 has more than ``thresholds[0]`` images,
+    group k more than ``thresholds[k]`` and at most ``thresholds[k-1]``, the last group the rest."""
+    counts = np.asarray(train_counts)
+    class_to_group = np.zeros(len(counts), dtype=np.int64)
+    for t in thresholds:
+        class_to_group += (counts <= t).astype(np.int64)
+    num_groups = len(thresholds) + 1
+    names = group_names(num_groups)
+    empty = [names[k] for k in range(num_groups) if not np.any(class_to_group == k)]
+    if empty:
+        raise ArgseError(
+            f"--group-thresholds {','.join(map(str, thresholds))} leaves group(s) {', '.join(empty)} "
+            f"without classes (train counts range {counts.min()}..{counts.max()}); choose thresholds inside that range"
+        )
+    return class_to_group
+
+
+def prior_weights(labels: np.ndarray, target_prior: np.ndarray) -> np.ndarray:
+    """``w_i = pi_target(y_i) / pi_split(y_i)``: reweights a split to the target label prior."""
+    num_classes = len(target_prior)
+    split_counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    split_prior = split_counts / max(split_counts.sum(), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(split_prior > 0, target_prior / split_prior, 0.0)
+    return ratio[labels].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The product of the splits stage: everything later stages need to know about the data."""
+
+    dataset: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    indices: dict[str, np.ndarray]  # train -> source train pool; tunev/val/test -> held-out pool
+    labels: dict[str, np.ndarray]
+    train_counts: np.ndarray
+    requested_counts: np.ndarray
+    class_to_group: np.ndarray
+    group_thresholds: tuple[int, ...]
+    source_fingerprint: str
+    config: dict
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.class_to_group.max()) + 1
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return group_names(self.num_groups)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the source data's fingerprint and every index: names this exact split."""
+        digest = hashlib.sha256(self.source_fingerprint.encode())
+        for name in SPLITS:
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(self.indices[name], dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
+    def prior(self, target: str) -> np.ndarray:
+        """The target label prior: ``lt`` (the train counts) or ``balanced`` (uniform)."""
+        if target == "lt":
+            return self.train_counts / self.train_counts.sum()
+        if target == "balanced":
+            return np.full(self.num_classes, 1.0 / self.num_classes)
+        raise ArgseError(f"unknown target prior {target!r}: choose one of {', '.join(PRIORS)}")
+
+    def weights(self, split: str, target: str = "lt") -> np.ndarray:
+        """Per-sample weights of ``split`` that reweight it to the ``target`` prior (mean 1)."""
+        return prior_weights(self.labels[split], self.prior(target))
+
+    def images(self, source: SourceData, split: str) -> np.ndarray:
+        pool = source.train_images if split == "train" else source.heldout_images
+        return pool[self.indices[split]]
+
+    def check_source(self, source: SourceData) -> None:
+        """Refuse a source whose bytes differ from the one these splits were drawn from."""
+        if source.fingerprint != self.source_fingerprint:
+            raise ArgseError(
+                f"the {self.dataset} data found now differs from the data these splits were made from "
+                f"(fingerprint {source.fingerprint[:12]} vs {self.source_fingerprint[:12]}); "
+                "point --data-dir at the same files or create new splits"
+            )
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "indices.npz", **{name: self.indices[name] for name in SPLITS})
+        np.savez(folder / "labels.npz", **{name: self.labels[name] for name in SPLITS})
+        np.savez(
+            folder / "weights.npz",
+            **{f"{split}_{target}": self.weights(split, target) for split in EVAL_SPLITS for target in PRIORS},
+        )
+        np.savetxt(folder / "class_to_group.csv", self.class_to_group, fmt="%d", header="group", comments="")
+        counts = {
+            "class": list(range(self.num_classes)),
+            "name": list(self.class_names),
+            "group": self.class_to_group.tolist(),
+            "requested_train": self.requested_counts.tolist(),
+            "train": self.train_counts.tolist(),
+            **{split: np.bincount(self.labels[split], minlength=self.num_classes).tolist() for split in EVAL_SPLITS},
+        }
+        with open(folder / "class_counts.json", "w") as fh:
+            json.dump(counts, fh, indent=1)
+        meta = {
+            "dataset": self.dataset,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "class_to_group": self.class_to_group.tolist(),
+            "group_names": list(self.group_names),
+            "group_thresholds": list(self.group_thresholds),
+            "train_counts": self.train_counts.tolist(),
+            "requested_counts": self.requested_counts.tolist(),
+            "sizes": {name: int(len(self.indices[name])) for name in SPLITS},
+            "source_fingerprint": self.source_fingerprint,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+        }
+        with open(folder / "splits.json", "w") as fh:
+            json.dump(meta, fh, indent=1)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Splits":
+        folder = Path(folder)
+        try:
+            with open(folder / "splits.json") as fh:
+                meta = json.load(fh)
+            with np.load(folder / "indices.npz") as npz:
+                indices = {name: npz[name].astype(np.int64) for name in SPLITS}
+            with np.load(folder / "labels.npz") as npz:
+                labels = {name: npz[name].astype(np.int64) for name in SPLITS}
+        except (OSError, KeyError, ValueError) as exc:
+            raise ArgseError(f"{folder} is not a complete splits/ artifact ({exc}); rerun the splits stage") from exc
+        splits = cls(
+            dataset=meta["dataset"], num_classes=meta["num_classes"], class_names=tuple(meta["class_names"]),
+            indices=indices, labels=labels, train_counts=np.asarray(meta["train_counts"], dtype=np.int64),
+            requested_counts=np.asarray(meta["requested_counts"], dtype=np.int64),
+            class_to_group=np.asarray(meta["class_to_group"], dtype=np.int64),
+            group_thresholds=tuple(meta["group_thresholds"]), source_fingerprint=meta["source_fingerprint"],
+            config=meta["config"],
+        )
+        if splits.fingerprint != meta["fingerprint"]:
+            raise ArgseError(f"{folder}: the indices do not match the recorded fingerprint; rerun the splits stage")
+        return splits
+
+
+def make_splits(
+    source: SourceData,
+    *,
+    imb_factor: float,
+    tunev_ratio: float,
+    val_ratio: float,
+    group_thresholds: tuple[int, ...],
+    seed: int,
+    n_max: int | None = None,
+    config: dict | None = None,
+) -> Splits:
+    """Draw the long-tailed train set and the disjoint per-class tunev / val / test splits.
+
+    ``n_max`` (the head class's count) defaults to the smallest class in the train pool, so every
+    class can supply what the profile asks (CIFAR-100: 500). A class with fewer images than asked
+    for takes what it has; ``Splits.requested_counts`` keeps what was asked.
+    """
+    num_classes = source.num_classes
+    rng = np.random.default_rng(seed)
+    pool_counts = np.bincount(source.train_labels, minlength=num_classes)
+    if n_max is None:
+        n_max = int(pool_counts[pool_counts > 0].min()) if np.any(pool_counts > 0) else 1
+    requested = longtail_counts(n_max, num_classes, imb_factor)
+    train_parts = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(source.train_labels == c)
+        take = min(int(requested[c]), len(idx))  # a short class gives what it has
+        train_parts.append(np.sort(rng.choice(idx, size=take, replace=False)))
+    train = np.concatenate(train_parts)
+    train_counts = np.bincount(source.train_labels[train], minlength=num_classes)
+    if np.any(train_counts == 0):
+        missing = np.flatnonzero(train_counts == 0)
+        raise ArgseError(
+            f"classes {missing[:10].tolist()} have no training images in the source data; "
+            "the data folder is incomplete"
+        )
+
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in EVAL_SPLITS}
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(source.heldout_labels == c))
+        n_tunev = int(round(len(idx) * tunev_ratio))
+        n_val = int(round(len(idx) * val_ratio))
+        parts["tunev"].append(idx[:n_tunev])
+        parts["val"].append(idx[n_tunev:n_tunev + n_val])
+        parts["test"].append(idx[n_tunev + n_val:])
+    indices = {"train": train, **{name: np.sort(np.concatenate(p)) for name, p in parts.items()}}
+    for name in EVAL_SPLITS:
+        if len(indices[name]) == 0:
+            raise ArgseError(f"the {name} split is empty: the held-out data has too few images per class")
+    labels = {
+        name: (source.train_labels if name == "train" else source.heldout_labels)[idx]
+        for name, idx in indices.items()
+    }
+    return Splits(
+        dataset=source.name, num_classes=num_classes, class_names=source.class_names, indices=indices,
+        labels=labels, train_counts=train_counts, requested_counts=requested,
+        class_to_group=assign_groups(train_counts, group_thresholds), group_thresholds=tuple(group_thresholds),
+        source_fingerprint=source.fingerprint, config=dict(config or {}),
+    )
