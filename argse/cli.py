@@ -136,6 +136,8 @@ def splits(**kwargs):
 @click.option("--warmup-epochs", type=PRESET_INT, default=None, help="Linear warm-up epochs (default: preset).")
 @click.option("--checkpoint-every", type=int, default=10, show_default=True, help="Epochs between checkpoints.")
 @flag("--compile", help="torch.compile the model.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA and on CPUs with bf16 units (CIFAR preset), else fp32.")
 @click.option("--splits-run", default="latest", show_default=True, help="latest, a run id or runs:/<id>/splits.")
 @click.option("--resume", type=OPTIONAL_TEXT, default=None, metavar="RUN_ID",
               help="Continue this expert run from its last checkpoint.")

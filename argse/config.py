@@ -37,6 +37,7 @@ class DatasetPreset:
     gating_epochs: int
     gating_batch_size: int
     cpu_threads: int = 0  # torch threads on the CPU; 0 keeps torch's default
+    cpu_fast_path: bool = False  # channels_last, and bf16 autocast where the CPU has bf16 units
 
 
 PRESETS: dict[str, DatasetPreset] = {
@@ -46,6 +47,7 @@ PRESETS: dict[str, DatasetPreset] = {
         name="cifar100-lt", num_classes=100, image_shape=(32, 32, 3), imb_factor=100.0,
         tunev_ratio=0.3, val_ratio=0.2, group_thresholds=(20,), epochs=200, batch_size=128,
         lr=0.1, warmup_epochs=5, augmentation="cifar", gating_epochs=100, gating_batch_size=256,
+        cpu_fast_path=True,  # bench/train_throughput.py: 1.2x from channels_last, 1.8x more from bf16
     ),
     # digits-lt: scikit-learn's bundled 8x8 digits (offline). Half of each class is held out for
     # evaluation; the other half is the pool the long-tailed train set is drawn from. IF=20 gives
@@ -157,6 +159,7 @@ class ExpertsConfig(StageConfig):
     warmup_epochs: int | None = None
     checkpoint_every: int = 10
     compile: bool = False
+    precision: str = "auto"
     splits_run: str = "latest"
     resume: str | None = None
     _PRESENTATIONAL = ("verbose", "dry_run", "resume")
@@ -181,6 +184,8 @@ class ExpertsConfig(StageConfig):
             raise ArgseUsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if cfg.checkpoint_every < 1:
             raise ArgseUsageError("--checkpoint-every must be >= 1")
+        if cfg.precision not in ("auto", "fp32", "bf16"):
+            raise ArgseUsageError(f"--precision {cfg.precision!r}: choose auto, fp32 or bf16")
         return cfg
 
 

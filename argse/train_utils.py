@@ -94,6 +94,17 @@ def autocast_context(
     return contextlib.nullcontext()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX-BF16 or AVX512-BF16), where bf16 autocast
+    speeds training up rather than emulating bf16 slowly."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.backends.mkldnn.is_available()
+
+
 def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     """The state of every random generator (Python, NumPy, torch CPU, CUDA, and ``generator`` if given).
 

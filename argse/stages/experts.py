@@ -41,6 +41,7 @@ from argse.stages.splits import load_splits
 from argse.train_utils import (
     autocast_context,
     capture_rng_state,
+    cpu_has_native_bf16,
     make_optimizer_and_scheduler,
     resolve_device,
     restore_rng_state,
@@ -89,9 +90,11 @@ def load_data(splits: Splits, splits_run_id: str, cfg: ExpertsConfig, device: to
     mean, std = normalize_stats(train_images)
     augmentation = preset(cfg.dataset).augmentation
 
+    channels_last = training_mode(cfg, device)[1]
+
     def holder(split: str, aug: str) -> DeviceImages:
         return DeviceImages(splits.images(source, split), splits.labels[split], mean=mean, std=std,
-                            augmentation=aug, device=device)
+                            augmentation=aug, device=device, channels_last=channels_last)
 
     return Data(splits, splits_run_id, holder("train", augmentation),
                 {split: holder(split, "none") for split in EVAL_SPLITS})
@@ -99,13 +102,13 @@ def load_data(splits: Splits, splits_run_id: str, cfg: ExpertsConfig, device: to
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: DeviceImages, device: torch.device) -> torch.Tensor:
-    """Raw logits of every image, in order (float32 on the CPU)."""
+    """Raw logits of every image, in order (float32 on the CPU). Computed in float32 even when training
+    uses bf16, so the logged logits are what the logged model computes."""
     was_training = model.training
     model.eval()
     out = []
     for x, _ in images.eval_batches(EVAL_BATCH):
-        with autocast_context(device):
-            out.append(model(x).float().cpu())
+        out.append(model(x).float().cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -149,14 +152,29 @@ def load_checkpoint(run_id: str) -> dict | None:
     return state
 
 
+def training_mode(cfg: ExpertsConfig, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) for this run. ``--precision auto``: bf16 on CUDA, and on a CPU
+    with bf16 units when the dataset preset opts in (CIFAR); channels_last on CUDA and with that CPU
+    fast path. ``fp32`` / ``bf16`` force the precision."""
+    fast_cpu = device.type == "cpu" and preset(cfg.dataset).cpu_fast_path
+    if cfg.precision == "auto":
+        bf16 = device.type == "cuda" or (fast_cpu and cpu_has_native_bf16())
+    else:
+        bf16 = cfg.precision == "bf16"
+    return bf16, device.type == "cuda" or fast_cpu
+
+
 def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,
                  resume: dict | None, run_id: str | None) -> ExpertModel:
     """Train one expert, logging per-epoch metrics (rank 0); return the calibrated model."""
     splits = data.splits
     seed_everything(cfg.seed + EXPERTS.index(name))
     backbone = build_backbone(cfg.dataset, splits.num_classes).to(device)
-    if device.type == "cuda":
+    bf16, channels_last = training_mode(cfg, device)
+    if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
+    if ddp.main:
+        mlflow.set_tags({"argse.precision": "bf16" if bf16 else "fp32", "argse.channels_last": str(channels_last)})
     model: torch.nn.Module = backbone
     if ddp.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -191,7 +209,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
         bar = tqdm(batches, total=steps, desc=f"{name} {epoch}/{cfg.epochs}", leave=False,
                    disable=not ddp.main, dynamic_ncols=True)
         for x, y in bar:
-            with autocast_context(device):
+            with autocast_context(device, enabled=bf16, cpu_bf16=bf16):
                 loss = criterion(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -284,7 +302,7 @@ def _config_from_run(run, cfg: ExpertsConfig) -> ExpertsConfig:
     for key in ("lr", "la_tau", "weight_decay"):
         if value(key) not in (None, "", "preset"):
             updates[key] = float(value(key))
-    for key in ("data_dir", "device"):
+    for key in ("data_dir", "device", "precision"):
         if value(key):
             updates[key] = value(key)
     updates["expert"] = run.data.tags.get(tracking.TAG_EXPERT, cfg.expert)
