@@ -56,8 +56,8 @@ PRESETS: dict[str, DatasetPreset] = {
         name="digits-lt", num_classes=10, image_shape=(8, 8, 1), imb_factor=20.0,
         tunev_ratio=0.3, val_ratio=0.2, group_thresholds=(20,), epochs=30, batch_size=64,
         lr=0.05, warmup_epochs=1, augmentation="digits", gating_epochs=60, gating_batch_size=128,
-        # An 8x8 net is too small to split across threads: one thread is faster, and much faster
-        # when another process shares the cores (bench/digits_threads.py).
+        # One thread: 15 ms a step whether or not another process holds a core; two threads are
+        # 1.5x faster on an idle machine but 3.8x slower with one core busy (bench/digits_threads.py).
         cpu_threads=1,
     ),
 }
