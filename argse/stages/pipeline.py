@@ -11,6 +11,7 @@ checkpoints, in the same runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -184,6 +185,9 @@ def run(cfg: PipelineConfig, *, experiment: str | None = None) -> str | None:
     """Run the chain; return the pipeline run's id (``None`` for a dry run)."""
     pipeline = Pipeline(cfg, experiment)
     if cfg.dry_run:
+        if os.environ.get("MLFLOW_RUN_ID"):
+            # `mlflow run` made a run before this process started; say what it is.
+            MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], "argse.dry_run", "true")
         pipeline.execute(dry_run=True)
         click.echo(f"pipeline plan for {cfg.dataset} (dry run: no run created; --start-from {cfg.start_from}, "
                    f"--stop-at {cfg.stop_at}{', --force' if cfg.force else ''})")
@@ -218,7 +222,7 @@ def _finale(pipeline: Pipeline) -> None:
     if "argse" in pipeline.ids:
         decision = MlflowClient().get_run(pipeline.ids["argse"]).data.tags.get("argse.champion_decision", "")
         if decision:
-            click.echo(decision)
+            click.echo(f"argse run {pipeline.ids['argse']}: {decision}")
     uri = mlflow.get_tracking_uri()
     backend = f" --backend-store-uri {uri}" if not uri.startswith("http") else ""
     click.echo(f"see the runs: mlflow ui{backend}  (then open http://127.0.0.1:5000)" if backend
