@@ -107,6 +107,11 @@ class StageConfig:
     # Options that do not change a stage's result: neither logged as params nor hashed.
     _PRESENTATIONAL = ("verbose", "dry_run")
 
+    def dry_run_header(self, title: str) -> str:
+        """The first lines of a dry run: what runs, that no run is created, and every option."""
+        return "\n".join([f"{title} (dry run: no run created)"]
+                         + [f"  {key} = {value}" for key, value in self.params().items()])
+
     def params(self) -> dict[str, Any]:
         """The resolved options as MLflow params (what the config hash is computed over)."""
         out = {}

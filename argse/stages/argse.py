@@ -100,9 +100,7 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:
         gating_run, ids = _resolve(cfg, experiment)
-        click.echo("argse (dry run: no run created)")
-        for key, val in cfg.params().items():
-            click.echo(f"  {key} = {val}")
+        click.echo(cfg.dry_run_header("argse"))
         click.echo(f"  gating run: {gating_run.info.run_id} ({gating_run.data.tags.get(TAG_MODE)})")
         click.echo("  experts: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
         click.echo(f"  plan: mixture on tunev/val, fit the {cfg.objective} rule "

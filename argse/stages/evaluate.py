@@ -86,9 +86,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:
         argse_run, uri = resolve_model(cfg, experiment)
-        click.echo("evaluate (dry run: no run created)")
-        for key, val in cfg.params().items():
-            click.echo(f"  {key} = {val}")
+        click.echo(cfg.dry_run_header("evaluate"))
         click.echo(f"  model: {uri} (argse run {argse_run.info.run_id}); split {cfg.split}, prior {cfg.test_prior}")
         return None
 

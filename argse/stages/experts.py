@@ -317,9 +317,7 @@ def dry_run(cfg: ExpertsConfig, experiment: str | None) -> None:
     h, w, c = preset(cfg.dataset).image_shape
     n_train = len(splits.indices["train"])
     flops = estimate_training_flops(model, (c, h, w), n_train, cfg.epochs)
-    click.echo("experts (dry run: no run created)")
-    for key, val in cfg.params().items():
-        click.echo(f"  {key} = {val}")
+    click.echo(cfg.dry_run_header("experts"))
     click.echo(f"  splits run: {splits_run_id} ({n_train} train images, {splits.num_classes} classes)")
     click.echo(f"  experts: {', '.join(cfg.experts())}; model {type(model).__name__}, "
                f"{count_parameters(model):,} parameters")

@@ -80,9 +80,7 @@ def run(cfg: GatingConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:
         ids = resolve_experts(cfg.experts_run, dataset=cfg.dataset, experiment=experiment)
-        click.echo(f"gating --mode {cfg.mode} (dry run: no run created)")
-        for key, val in cfg.params().items():
-            click.echo(f"  {key} = {val}")
+        click.echo(cfg.dry_run_header(f"gating --mode {cfg.mode}"))
         click.echo("  experts: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
         if cfg.mode == "selective":
             pre = _resolve_pretrain(cfg, ",".join(ids.values()), experiment)

@@ -66,9 +66,7 @@ def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:
         splits = build(cfg)
-        click.echo("splits (dry run: no run created)")
-        for key, value in cfg.params().items():
-            click.echo(f"  {key} = {value}")
+        click.echo(cfg.dry_run_header("splits"))
         click.echo(f"  experiment: {tracking.home_experiment(cfg.dataset, experiment)}")
         click.echo("  would write splits/{indices,labels,weights}.npz, class_counts.json, class_to_group.csv, "
                    "splits.json and class_distribution.png; sizes: "
