@@ -86,7 +86,7 @@ def test_selective_without_a_pretrain_run_is_one_line(experts_store, cli):
 
 def test_mode_is_required(store, cli):
     result = cli("gating", "--dataset", "digits-lt")
-    assert result.code == 2 and "--mode" in result.err
+    assert result.code == 2 and "--mode" in result.err and len(result.err.strip().splitlines()) == 1
 
 
 def test_gating_dry_run_creates_no_run(chain_store, cli):
