@@ -124,6 +124,7 @@ class Comparison:
 
     table: pd.DataFrame  #: one row per method, `method` first, sorted best first (see the module doc)
     rc_points: pd.DataFrame  #: method, coverage, balanced, worst, standard; <= MAX_RC_POINTS per method
+    cost_points: pd.DataFrame  #: method, cost, coverage, balanced, worst: the cost sweep's points
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  #: method -> (coverage, balanced, worst)
     group_coverage: dict[str, np.ndarray]  #: method -> [K] coverage per group at the operating point
     rules: dict[str, PluginRule]  #: plug-in method -> the rule of its operating point
@@ -470,7 +471,9 @@ def _evaluate(
     row["balanced_l2r"] = op.balanced_error + cost * (1.0 - op.coverage)
     row["worst_l2r"] = op.worst_error + cost * (1.0 - op.coverage)
     row["ece"] = ece(eta[split], y, weights=w)
-    return row, rc, op
+    points = pd.DataFrame({"method": m.name, "cost": costs, "coverage": sweep.coverage.numpy(),
+                           "balanced": sweep.balanced.numpy(), "worst": sweep.worst.numpy()})
+    return row, rc, op, points
 
 
 def compare(
@@ -534,16 +537,17 @@ def compare(
 
     reference, reference_coverage = _reference(methods, rules, eta, data.w[SEL_SPLIT], target_coverage)
 
-    rows, rc_frames = [], []
+    rows, rc_frames, cost_frames = [], [], []
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     group_coverage: dict[str, np.ndarray] = {}
     for i, m in enumerate(methods):  # a loop over methods
-        row, rc, op = _evaluate(
+        row, rc, op, points = _evaluate(
             m, rules.get(m.name), eta[m.name], data, split, cost=cost, costs=grid, min_coverage=min_coverage,
             reference_coverage=reference_coverage, n_boot=int(n_boot), seed=seed + i, fit_options=fit_options,
         )
         row.update({f"coverage_{name}": value for name, value in zip(group_labels, op.group_coverage.tolist())})
         rows.append(row)
+        cost_frames.append(points)
         curves[m.name] = (rc.coverage.numpy(), rc.balanced.numpy(), rc.worst.numpy())
         group_coverage[m.name] = op.group_coverage.numpy()
         keep = _downsample(rc.coverage.shape[0], MAX_RC_POINTS)
@@ -560,6 +564,7 @@ def compare(
     return Comparison(
         table=table,
         rc_points=pd.concat(rc_frames, ignore_index=True),
+        cost_points=pd.concat(cost_frames, ignore_index=True),
         curves=curves,
         group_coverage=group_coverage,
         rules=rules,

@@ -44,7 +44,9 @@ def test_table_equals_the_logged_metrics_on_every_split(chain_store, cli, split)
     assert table["aurc_worst_costsweep"].is_monotonic_increasing
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "figures")}
     assert artifacts == {"figures/rc_balanced.png", "figures/rc_worst.png", "figures/group_coverage.png"}
-    assert {"results/table.csv", "results/table.md", "results/rc_points.csv"} == {
+    points = pd.read_csv(tracking.download(run.info.run_id, "results/costsweep_points.csv"))
+    assert len(points) == 5 * len(table) and points["coverage"].between(0, 1).all()
+    assert {"results/table.csv", "results/table.md", "results/rc_points.csv", "results/costsweep_points.csv"} == {
         a.path for a in MlflowClient().list_artifacts(run.info.run_id, "results")}
 
 

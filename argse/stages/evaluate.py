@@ -179,3 +179,4 @@ def write_results(comparison: Comparison, folder: Path) -> None:
     comparison.table.to_csv(folder / "table.csv", index=False)
     (folder / "table.md").write_text(comparison.to_markdown() + "\n")
     comparison.rc_points.to_csv(folder / "rc_points.csv", index=False)
+    comparison.cost_points.to_csv(folder / "costsweep_points.csv", index=False)
