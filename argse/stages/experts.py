@@ -142,13 +142,12 @@ def load_checkpoint(run_id: str) -> dict | None:
     path = tracking.download(run_id, CHECKPOINT)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "optimizer", "scheduler", "epoch", "rng", "config"):
-            state[key]
+        missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "rng", "config") if k not in state]
+        problem = f"missing {', '.join(missing)}" if missing else ""
     except Exception as exc:
-        raise ArgseError(
-            f"the checkpoint of run {run_id} is corrupt ({type(exc).__name__}); "
-            "start a fresh run instead of --resume"
-        ) from None
+        problem = type(exc).__name__
+    if problem:
+        raise ArgseError(f"the checkpoint of run {run_id} is corrupt ({problem}); start a fresh run instead of --resume")
     return state
 
 
