@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from argse import ArgseUsageError
+from argse.data.splits import PRIORS
 
 DATASETS = ("cifar100-lt", "digits-lt")
 EXPERTS = ("ce", "logitadjust", "balsoftmax")
-STAGES = ("splits", "experts", "gating", "argse", "evaluate", "pipeline")
+OBJECTIVES = ("balanced", "worst")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ class StageConfig:
     # Options that do not change a stage's result: neither logged as params nor hashed.
     _PRESENTATIONAL = ("verbose", "dry_run")
 
+    def _check_choices(self, **choices: tuple[str, ...]) -> None:
+        """One usage error for the first option whose value is not among its choices."""
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ArgseUsageError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(allowed)}")
+
     def dry_run_header(self, title: str) -> str:
         """The first lines of a dry run: what runs, that no run is created, and every option."""
         return "\n".join([f"{title} (dry run: no run created)"]
@@ -189,8 +197,7 @@ class ExpertsConfig(StageConfig):
             raise ArgseUsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if cfg.checkpoint_every < 1:
             raise ArgseUsageError("--checkpoint-every must be >= 1")
-        if cfg.precision not in ("auto", "fp32", "bf16"):
-            raise ArgseUsageError(f"--precision {cfg.precision!r}: choose auto, fp32 or bf16")
+        cfg._check_choices(precision=("auto", "fp32", "bf16"))
         return cfg
 
 
@@ -213,12 +220,7 @@ class GatingConfig(StageConfig):
 
     def resolve(self) -> "GatingConfig":
         p = preset(self.dataset)
-        if self.mode not in ("pretrain", "selective"):
-            raise ArgseUsageError(f"--mode {self.mode!r}: choose pretrain or selective")
-        if self.objective not in ("balanced", "worst"):
-            raise ArgseUsageError(f"--objective {self.objective!r}: choose balanced or worst")
-        if self.test_prior not in ("lt", "balanced"):
-            raise ArgseUsageError(f"--test-prior {self.test_prior!r}: choose lt or balanced")
+        self._check_choices(mode=("pretrain", "selective"), objective=OBJECTIVES, test_prior=PRIORS)
         cfg = dataclasses.replace(
             self,
             epochs=p.gating_epochs if self.epochs is None else int(self.epochs),
@@ -246,12 +248,7 @@ class ArgseConfig(StageConfig):
 
     def resolve(self) -> "ArgseConfig":
         preset(self.dataset)
-        if self.objective not in ("balanced", "worst"):
-            raise ArgseUsageError(f"--objective {self.objective!r}: choose balanced or worst")
-        if self.group_thresholds_mode not in ("global", "per-group"):
-            raise ArgseUsageError(f"--group-thresholds-mode {self.group_thresholds_mode!r}: choose global or per-group")
-        if self.test_prior not in ("lt", "balanced"):
-            raise ArgseUsageError(f"--test-prior {self.test_prior!r}: choose lt or balanced")
+        self._check_choices(objective=OBJECTIVES, group_thresholds_mode=("global", "per-group"), test_prior=PRIORS)
         if self.cost is not None and self.target_coverage is not None:
             raise ArgseUsageError("give --cost or --target-coverage, not both")
         target = self.target_coverage
@@ -283,10 +280,7 @@ class EvaluateConfig(StageConfig):
 
     def resolve(self) -> "EvaluateConfig":
         preset(self.dataset)
-        if self.split not in ("tunev", "val", "test"):
-            raise ArgseUsageError(f"--split {self.split!r}: choose test, val or tunev")
-        if self.test_prior not in ("lt", "balanced"):
-            raise ArgseUsageError(f"--test-prior {self.test_prior!r}: choose lt or balanced")
+        self._check_choices(split=("test", "val", "tunev"), test_prior=PRIORS)
         if self.cost_grid < 2 or self.n_boot < 1 or self.check_images < 0:
             raise ArgseUsageError("--cost-grid must be >= 2, --n-boot >= 1 and --check-images >= 0")
         return self
@@ -325,20 +319,14 @@ class PipelineConfig(StageConfig):
 
     def resolve(self) -> "PipelineConfig":
         preset(self.dataset)
-        for name in ("start_from", "stop_at"):
-            if getattr(self, name) not in PIPELINE_STEPS:
-                raise ArgseUsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one of {', '.join(PIPELINE_STEPS)}")
+        self._check_choices(start_from=PIPELINE_STEPS, stop_at=PIPELINE_STEPS, objective=OBJECTIVES,
+                            test_prior=PRIORS, split=("test", "val", "tunev"))
         if PIPELINE_STEPS.index(self.start_from) > PIPELINE_STEPS.index(self.stop_at):
             raise ArgseUsageError(f"--start-from {self.start_from} comes after --stop-at {self.stop_at}")
         return self
 
 
-def stage_config_fields(cls: type) -> list[str]:
-    """Names of a config dataclass's public fields (for tests and docs)."""
-    return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
-
-
 __all__ = [
-    "DATASETS", "EXPERTS", "STAGES", "DatasetPreset", "PRESETS", "preset",
+    "DATASETS", "EXPERTS", "OBJECTIVES", "DatasetPreset", "PRESETS", "preset",
     "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig", "EvaluateConfig", "PipelineConfig", "PIPELINE_STEPS",
 ]

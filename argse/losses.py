@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EXPERTS = ("ce", "logitadjust", "balsoftmax")
+from argse.config import EXPERTS
 
 
 class AdjustedCrossEntropy(nn.Module):

@@ -25,8 +25,6 @@ from argse.models.experts import ExpertModel
 from argse.models.gating import GatingNet, mix
 from argse.selective import PluginRule
 
-OUTPUT_COLUMNS = ("prediction", "accept", "margin", "group", "confidence")
-
 
 class ARGSEModel(mlflow.pyfunc.PythonModel):
     """The pyfunc; build its artifacts with :func:`save_components`."""

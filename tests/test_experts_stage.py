@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from argse.stages.experts import load_expert_logits
 from argse.stages.splits import load_splits
-from conftest import REPO, subprocess_env
+from conftest import subprocess_env
 
 EXPERT_NAMES = ("ce", "logitadjust", "balsoftmax")
 

@@ -87,7 +87,8 @@ def operating_point(rule: PluginRule, eta: torch.Tensor, y: torch.Tensor, w: tor
     return metrics
 
 
-def _resolve(cfg: ArgseConfig, experiment: str | None):
+def resolve_inputs(cfg: ArgseConfig, experiment: str | None):
+    """The gating run ``cfg.gating_run`` names and its experts, ``{expert: run_id}``."""
     gating_run = tracking.resolve_upstream("gating", cfg.gating_run, dataset=cfg.dataset, experiment=experiment)
     tag = gating_run.data.tags.get(tracking.TAG_UPSTREAM + "experts", "")
     ids = tag.split(",")
@@ -99,7 +100,7 @@ def _resolve(cfg: ArgseConfig, experiment: str | None):
 def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:
-        gating_run, ids = _resolve(cfg, experiment)
+        gating_run, ids = resolve_inputs(cfg, experiment)
         click.echo(cfg.dry_run_header("argse"))
         click.echo(f"  gating run: {gating_run.info.run_id} ({gating_run.data.tags.get(TAG_MODE)})")
         click.echo("  experts: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
@@ -109,7 +110,7 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
         return None
 
     with tracking.stage_run("argse", cfg.dataset, cfg.params(), experiment=experiment, run_name="argse") as active:
-        gating_run, ids = _resolve(cfg, experiment)
+        gating_run, ids = resolve_inputs(cfg, experiment)
         experts = load_experts(ids)
         tracking.set_upstream("argse", cfg.params(), {"gating_run": gating_run.info.run_id,
                                                       "experts_run": experts.ids_tag,

@@ -18,7 +18,6 @@ from pathlib import Path
 import click
 import mlflow
 import numpy as np
-import torch
 
 from argse import ArgseError, figures, tracking
 from argse.config import EvaluateConfig
@@ -26,8 +25,9 @@ from argse.data.loaders import load_source
 from argse.evaluation import Comparison, FitOptions, Method, compare, metric_dict
 from argse.selective import PluginRule
 from argse.serving import predict_frame
-from argse.stages.argse import _resolve as resolve_gating
+from argse.stages.argse import resolve_inputs
 from argse.stages.common import ExpertSet, load_experts
+from argse.models.gating import balanced_accuracy
 from argse.stages.gating import load_gate, mixture
 
 RANK_BY = ("aurc_worst_costsweep", "aurc_balanced_costsweep")
@@ -45,14 +45,7 @@ def resolve_model(cfg: EvaluateConfig, experiment: str | None) -> tuple[mlflow.e
 
 def build_methods(experts: ExpertSet, gate, rule: PluginRule, objective: str) -> list[Method]:
     probs = experts.probs
-    val_bal = {}
-    for e, name in enumerate(experts.names):
-        eta_val = probs["val"][:, e]
-        per_class = torch.zeros(experts.splits.num_classes, dtype=torch.float64)
-        correct = (eta_val.argmax(1) == experts.labels["val"]).double()
-        per_class.index_add_(0, experts.labels["val"], correct)
-        per_class /= torch.bincount(experts.labels["val"], minlength=len(per_class)).clamp_min(1)
-        val_bal[name] = float(per_class.mean())
+    val_bal = {name: balanced_accuracy(probs["val"][:, e], experts.labels["val"]) for e, name in enumerate(experts.names)}
     best = max(val_bal, key=val_bal.get)
     best_index = experts.names.index(best)
     splits = ("tunev", "val", "test")
@@ -150,7 +143,7 @@ def resolve_gating_for(argse_run, cfg: EvaluateConfig, experiment: str | None):
     gating_ref = argse_run.data.tags.get(tracking.TAG_UPSTREAM + "gating")
     if not gating_ref:
         raise ArgseError(f"argse run {argse_run.info.run_id} records no gating run; refit it with `argse fit`")
-    return resolve_gating(ArgseConfig(dataset=cfg.dataset, gating_run=gating_ref), experiment)
+    return resolve_inputs(ArgseConfig(dataset=cfg.dataset, gating_run=gating_ref), experiment)
 
 
 def log_comparison(comparison: Comparison, cfg: EvaluateConfig, group_names) -> None:
