@@ -6,7 +6,7 @@ be torch tensors or numpy arrays; outputs are tensors and floats in small frozen
 inputs raise ValueError with a sentence naming the argument.
 """
 
-from argse.selective.fit import fit_balanced, fit_group_thresholds, fit_worst
+from argse.selective.fit import fit_at_coverage, fit_balanced, fit_group_thresholds, fit_worst
 from argse.selective.metrics import (
     RiskCoverage,
     SelectiveErrors,
@@ -32,6 +32,7 @@ __all__ = [
     "chow",
     "cost_sweep",
     "ece",
+    "fit_at_coverage",
     "fit_balanced",
     "fit_group_thresholds",
     "fit_worst",

@@ -126,11 +126,17 @@ def _starts(split: _Split, beta: torch.Tensor, n_starts: int) -> tuple[torch.Ten
     tilts, which = schedule[:, 1].unique(return_inverse=True)
     coef = beta / split.prior.clamp_min(1e-12)[None, :] ** tilts[:, None]
     _, margin, wrong = margins(split.stats, coef, torch.zeros_like(coef), split.wrong)
-    ranked, order = margin.sort(dim=1, descending=True, stable=True)
-    cum = split.weight[order].cumsum(dim=1)[which]
-    take = ((cum < schedule[:, :1] - 1e-12).sum(dim=1) + 1).clamp_max(margin.shape[1])
-    accept = margin[which] >= ranked[which].gather(1, (take - 1)[:, None])
+    accept = _accept_top(margin[which], split.weight, schedule[:, 0])
     return _fixed_point(*_masses(split, accept, wrong[which]), beta)
+
+
+def _accept_top(margin: torch.Tensor, weight: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Accept masks [S, N] of S margins [S, N]: the top share `level[s]` of the (normalised) weight,
+    where samples tied with the last one taken are accepted with it, so the share may exceed the level."""
+    ranked, order = margin.sort(dim=1, descending=True, stable=True)
+    cum = weight[order].cumsum(dim=1)
+    take = ((cum < level[:, None] - 1e-12).sum(dim=1) + 1).clamp_max(margin.shape[1])
+    return margin >= ranked.gather(1, (take - 1)[:, None])
 
 
 @dataclass(frozen=True)
@@ -361,3 +367,161 @@ def fit_group_thresholds(
         take = min(int((cum < float(target[k]) - 1e-12).sum()) + 1, margin.shape[0])
         thresholds[k] = float(margin[take - 1])
     return rule.with_thresholds(thresholds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fitting at a coverage: the operating points of the coverage-matched comparison (DESIGN.md §4)
+
+
+@dataclass(frozen=True)
+class _LevelFit:
+    alpha: torch.Tensor  # [T, K]
+    mu: torch.Tensor  # [T, K]
+    group_error: torch.Tensor  # [T, K] on S2, at the level
+    risk: torch.Tensor  # [T] sum_k beta_k e_k on S2, at the level
+
+
+def _at_level(split: _Split, coef: torch.Tensor, mu: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_masses` of S rules (coef, mu [S, K]), each accepting the top share level[s] of the split."""
+    _, margin, wrong = margins(split.stats, coef, mu, split.wrong)
+    return _masses(split, _accept_top(margin, split.weight, level), wrong)
+
+
+def _fit_at_levels(
+    problem: _Problem, beta: torch.Tensor, level: torch.Tensor, n_starts: int, max_iter: int,
+    init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> _LevelFit:
+    """T coverage-constrained fits at once (beta [T, K], level [T]): the joint (alpha, mu) fixed point
+    on S1 with the acceptance set held at the top share level[t] of S1 (the threshold, hence the
+    common shift of mu, is set by the level, not by a cost), from several starts (plus `init`, [T, K]
+    each); each problem keeps the iterate with the lowest sum_k beta_k e_k on S2, where S2's threshold
+    is likewise set to accept the top share level[t].
+
+    As in `_fit_cost_sensitive`, a state met before has nothing new to offer and is dropped, so the
+    batch shrinks as starts converge or merge."""
+    t, k = beta.shape
+    starts = [_starts(problem.fit, beta[i], n_starts) for i in range(t)]
+    alpha = torch.stack([a for a, _ in starts])  # [T, S, K]
+    mu = torch.stack([m for _, m in starts])
+    if init is not None:
+        alpha = torch.cat([alpha, init[0][:, None]], dim=1)
+        mu = torch.cat([mu, init[1][:, None]], dim=1)
+    s = alpha.shape[1]
+    owner = torch.arange(t, device=beta.device).repeat_interleave(s)
+    alpha, mu = alpha.reshape(t * s, k), mu.reshape(t * s, k)
+    best_alpha, best_mu = alpha.view(t, s, k)[:, 0].clone(), mu.view(t, s, k)[:, 0].clone()
+    best_error = torch.ones(t, k, dtype=torch.float64, device=beta.device)
+    best_risk = torch.full((t,), math.inf, dtype=torch.float64, device=beta.device)
+    seen: set[bytes] = set()
+    for _ in range(max_iter):
+        keys = [row.numpy().tobytes() for row in torch.cat([owner[:, None].double(), alpha, mu], dim=1).cpu()]
+        fresh = [i for i, key in enumerate(keys) if key not in seen and keys.index(key) == i]
+        if not fresh:
+            break
+        seen.update(keys)
+        if len(fresh) < len(keys):
+            alpha, mu, owner = alpha[fresh], mu[fresh], owner[fresh]
+        beta_rows, level_rows = beta[owner], level[owner]
+        coef = k * beta_rows / alpha
+        errors = _group_errors(*_at_level(problem.sel, coef, mu, level_rows))
+        risk = (errors * beta_rows).sum(dim=1)
+        lowest = torch.full_like(best_risk, math.inf).scatter_reduce(0, owner, risk, "amin")
+        for i in (risk == lowest[owner]).nonzero().flatten().tolist():  # at most a few rows per problem
+            j = int(owner[i])
+            if float(risk[i]) < float(best_risk[j]):
+                best_alpha[j], best_mu[j], best_error[j], best_risk[j] = alpha[i], mu[i], errors[i], risk[i]
+        alpha, mu = _fixed_point(*_at_level(problem.fit, coef, mu, level_rows), beta_rows)
+    return _LevelFit(alpha=best_alpha, mu=best_mu, group_error=best_error, risk=best_risk)
+
+
+def _threshold_at_level(margin: torch.Tensor, weight: torch.Tensor, level: float) -> float:
+    """A threshold that accepts exactly the top share `level` of the weight (ties taken together):
+    halfway between the last margin taken and the next lower distinct one, so that float error in a
+    shifted margin cannot flip a decision."""
+    ranked, order = margin.sort(descending=True, stable=True)
+    cum = weight[order].cumsum(dim=0) / weight.sum()
+    take = min(int((cum < level - 1e-12).sum()) + 1, ranked.shape[0])
+    cut = ranked[take - 1]
+    lower = ranked[ranked < cut]
+    if lower.numel() == 0:  # everything accepted: keep a little room below the lowest margin
+        return float(cut - 1e-9 * (1.0 + cut.abs()))
+    return float((cut + lower[0]) / 2)
+
+
+def fit_at_coverage(
+    eta_fit: check.ArrayLike,
+    y_fit: check.ArrayLike,
+    eta_sel: check.ArrayLike,
+    y_sel: check.ArrayLike,
+    class_to_group: check.ArrayLike,
+    coverages: Union[float, Sequence[float]],
+    *,
+    objective: str = "balanced",
+    weights_fit: Optional[check.ArrayLike] = None,
+    weights_sel: Optional[check.ArrayLike] = None,
+    rounds: int = 20,
+    step: float = 2.0,
+    n_starts: int = 12,
+    max_iter: int = 30,
+) -> list[PluginRule]:
+    """One plug-in rule per target coverage tau, fitted *for* that coverage (DESIGN.md §4).
+
+    The paper's rule family with the acceptance level as the constraint instead of a cost: alpha and
+    mu iterate the fixed point of `fit_balanced` on the fitting split with the acceptance set held at
+    the top share tau of it; the iterate with the lowest sum_k beta_k e_k on the selection split (at
+    coverage tau there too) is kept. For `objective="worst"` beta follows the exponentiated gradient
+    of `fit_worst` (beta_k <- beta_k * exp(step * e_k)), and the round with the lowest max_k e_k on the
+    selection split is kept (its record is `rule.history`, with `coverage` the selection split's).
+    Finally mu is shifted by a common amount so that the rule, with cost 0, accepts exactly the top
+    share tau of the selection split (samples tied at the threshold are accepted together).
+
+    `coverages` is one tau or a sequence, each in (0, 1]; the result is a list in the same order.
+    """
+    _check_options(n_starts, max_iter)
+    if objective not in ("balanced", "worst"):
+        raise ValueError(f"objective must be 'balanced' or 'worst'; got {objective!r}.")
+    if int(rounds) != rounds or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1; got {rounds!r}.")
+    step = float(step)
+    if not math.isfinite(step) or step < 0:
+        raise ValueError(f"step must be a finite number >= 0; got {step}.")
+    taus = [coverages] if isinstance(coverages, (int, float)) else list(coverages)
+    if not taus or any(not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0 for v in taus):
+        raise ValueError(f"coverages must be one or more numbers in (0, 1]; got {coverages!r}.")
+    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    device, k = problem.fit.weight.device, problem.n_groups
+    level = torch.tensor([float(v) for v in taus], dtype=torch.float64, device=device)
+    beta = torch.full((len(taus), k), 1.0 / k, dtype=torch.float64, device=device)
+
+    fits: list[tuple[torch.Tensor, _LevelFit]] = []
+    init = None
+    for _ in range(rounds if objective == "worst" else 1):
+        result = _fit_at_levels(problem, beta, level, int(n_starts), int(max_iter), init)
+        fits.append((beta, result))
+        init = (result.alpha, result.mu)
+        beta = beta * torch.exp(step * result.group_error)
+        beta = beta / beta.sum(dim=1, keepdim=True)
+
+    rules = []
+    for j, tau in enumerate(level.tolist()):  # a loop over target coverages
+        worst = torch.stack([f.group_error[j].max() for _, f in fits])
+        best = int(worst.argmin())
+        beta_j, chosen = fits[best][0][j], fits[best][1]
+        alpha, mu = chosen.alpha[j], chosen.mu[j]
+        coef = k * beta_j / alpha
+        _, margin, _ = margins(problem.sel.stats, coef[None], mu[None])
+        mu = mu - _threshold_at_level(margin[0], problem.sel.weight, tau)
+        history = None
+        if objective == "worst":
+            history = WorstFitHistory(
+                beta=torch.stack([b[j] for b, _ in fits]).cpu(),
+                alpha=torch.stack([f.alpha[j] for _, f in fits]).cpu(),
+                mu=torch.stack([f.mu[j] for _, f in fits]).cpu(),
+                group_error=torch.stack([f.group_error[j] for _, f in fits]).cpu(),
+                coverage=torch.full((len(fits),), tau, dtype=torch.float64),
+                worst_risk=worst.cpu(),
+                best_round=best,
+            )
+        rules.append(PluginRule(alpha=alpha.cpu(), mu=mu.cpu(), beta=beta_j.cpu(), cost=0.0,
+                                class_to_group=problem.class_to_group.cpu(), history=history))
+    return rules

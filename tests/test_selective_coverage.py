@@ -1,0 +1,132 @@
+"""Fitting the plug-in rejector *for* a coverage (`fit_at_coverage`), against an exhaustive search over
+the whole K = 2 rule family at that coverage, on the known-posterior population of
+tests/test_selective_fit.py (a population, not a sample: weighted risks are population risks)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from argse.selective import fit_at_coverage, fit_balanced, selective_errors
+from tests.test_selective_fit import population, sample
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def easy():
+    return population(tail_sigma=1.0)
+
+
+@pytest.fixture(scope="module")
+def hard_tail():
+    return population(tail_sigma=2.5)
+
+
+def exhaustive_at_coverage(cells, c2g, tau, kind, n_rho=60, n_delta=60):
+    """Lowest balanced (or worst-group) error over the K = 2 family among rules accepting a share of at
+    least tau, written independently of the library: rho = coef_1 / coef_0 on a log grid, delta =
+    (mu_1 - mu_0) / coef_0 on a grid, and the threshold at the first cut (cells sorted by score) whose
+    accepted mass reaches tau."""
+    eta, joint = cells
+    onehot = torch.nn.functional.one_hot(c2g, 2).to(torch.float64)
+    group_mass, group_share = joint @ onehot, eta @ onehot
+    head, tail = (c2g == 0).nonzero().flatten(), (c2g == 1).nonzero().flatten()
+    top = torch.stack([eta[:, head].max(dim=1).values, eta[:, tail].max(dim=1).values], dim=1)
+    top_class = torch.stack([head[eta[:, head].argmax(dim=1)], tail[eta[:, tail].argmax(dim=1)]], dim=1)
+    best = math.inf
+    for rho in np.geomspace(0.1, 1000.0, n_rho):
+        pick_tail = rho * top[:, 1] > top[:, 0]
+        pred = torch.where(pick_tail, top_class[:, 1], top_class[:, 0])
+        right = torch.nn.functional.one_hot(pred, eta.shape[1]).to(torch.float64) * joint
+        wrong_mass = group_mass - right @ onehot
+        base = torch.maximum(top[:, 0], rho * top[:, 1]) - group_share[:, 0] - rho * group_share[:, 1]
+        for delta in np.linspace(-2.0, 2.0 * float(rho), n_delta):
+            score = base + delta * group_share[:, 1]
+            order = score.argsort(descending=True)
+            accepted, wrong = group_mass[order].cumsum(dim=0), wrong_mass[order].cumsum(dim=0)
+            n = int((accepted.sum(dim=1) < tau - 1e-12).sum())
+            errors = torch.where(accepted[n] > 0, wrong[n] / accepted[n].clamp_min(1e-300), torch.ones(2))
+            best = min(best, float(errors.mean() if kind == "balanced" else errors.max()))
+    return best
+
+
+def errors_of(rule, rows, c2g):
+    eta, y, w = rows
+    out = rule.predict(eta)
+    return selective_errors(out.pred, out.accept, y, c2g, weights=w)
+
+
+TAUS = (0.3, 0.5, 0.7, 0.9)
+
+
+def test_balanced_fit_at_coverage_is_within_001_of_the_exhaustive_optimum(easy):
+    rows, c2g, cells = easy
+    eta, y, w = rows
+    rules = fit_at_coverage(eta, y, eta, y, c2g, TAUS, weights_fit=w, weights_sel=w)
+    for tau, rule in zip(TAUS, rules):
+        errors = errors_of(rule, rows, c2g)
+        assert errors.coverage == pytest.approx(tau, abs=0.01)
+        optimum = exhaustive_at_coverage(cells, c2g, tau, "balanced")
+        assert errors.balanced_error <= optimum + 0.01, (tau, errors.balanced_error, optimum)
+
+
+def test_worst_fit_at_coverage_is_near_the_exhaustive_optimum_on_a_hard_tail(hard_tail):
+    rows, c2g, cells = hard_tail
+    eta, y, w = rows
+    rules = fit_at_coverage(eta, y, eta, y, c2g, TAUS, objective="worst", weights_fit=w, weights_sel=w)
+    balanced = fit_at_coverage(eta, y, eta, y, c2g, TAUS, weights_fit=w, weights_sel=w)
+    for tau, rule, other in zip(TAUS, rules, balanced):
+        errors = errors_of(rule, rows, c2g)
+        optimum = exhaustive_at_coverage(cells, c2g, tau, "worst")
+        assert errors.worst_error <= optimum + 0.01, (tau, errors.worst_error, optimum)
+        assert errors.worst_error <= errors_of(other, rows, c2g).worst_error + 1e-9
+        assert rule.history is not None and rule.history.best_round == int(rule.history.worst_risk.argmin())
+
+
+def test_threshold_of_a_coverage_fit_accepts_the_target_share_of_the_selection_split():
+    eta, y, c2g = sample(4000, 3)
+    w = torch.rand(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    taus = [1.0, 0.8, 0.55, 0.2]
+    rules = fit_at_coverage(eta[:2000], y[:2000], eta[2000:], y[2000:], c2g, taus, weights_sel=w)
+    for tau, rule in zip(taus, rules):
+        accept = rule.predict(eta[2000:]).accept.double()
+        share = float((accept * w).sum() / w.sum())
+        assert tau <= share <= tau + float(w.max() / w.sum()) + 1e-12  # reaches tau, overshoots by < one sample
+        assert rule.cost == 0.0
+
+
+def test_fit_at_coverage_beats_a_cost_rule_shifted_to_a_far_coverage(hard_tail):
+    """What the coverage fit is for: a rule fitted at a cost whose coverage is far from tau, then only
+    re-thresholded to tau, is worse at tau than the rule fitted for tau."""
+    rows, c2g, _ = hard_tail
+    eta, y, w = rows
+    far = fit_balanced(eta, y, eta, y, c2g, 0.05, weights_fit=w, weights_sel=w)  # low cost: high coverage
+    decision = far.predict(eta)
+    margin, order = decision.margin.sort(descending=True)
+    cum = w[order].cumsum(0)
+    cut = margin[int((cum < 0.4).sum())]
+    shifted = selective_errors(decision.pred, decision.margin >= cut, y, c2g, weights=w)
+    fitted = errors_of(fit_at_coverage(eta, y, eta, y, c2g, 0.4, weights_fit=w, weights_sel=w)[0], rows, c2g)
+    assert fitted.balanced_error <= shifted.balanced_error + 1e-9
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"coverages": []}, "coverages must be"),
+    ({"coverages": [0.5, 1.2]}, "coverages must be"),
+    ({"coverages": 0.0}, "coverages must be"),
+    ({"coverages": 0.5, "objective": "mean"}, "objective must be"),
+])
+def test_bad_coverage_fit_arguments_are_one_sentence(bad, message):
+    eta, y, c2g = sample(200, 1)
+    kwargs = {"objective": "balanced", **bad}
+    coverages = kwargs.pop("coverages")
+    with pytest.raises(ValueError, match=message):
+        fit_at_coverage(eta, y, eta, y, c2g, coverages, **kwargs)
