@@ -1,10 +1,16 @@
 """The final AR-GSE model as an MLflow pyfunc: three experts, their temperatures, the gate and the rule.
 
-Input: a batch of raw images, uint8 ``[N, H, W, C]`` (``[N, H, W]`` for the one-channel digits).
-Output: one row per image with ``prediction``, ``accept``, ``margin``, ``group`` (of the predicted
-class) and ``confidence`` (the mixture's probability of the predicted class). The inference
-parameter ``cost`` changes the rejection cost at predict time (rules with per-group thresholds ignore
-it, as their thresholds replace the cost).
+Input (the contract): a batch of raw images whose pixels are integers in 0..255, ``[N, H, W, C]``
+(``[N, H, W]`` for the one-channel digits): a uint8 array, or any integer array, or JSON integers.
+Floats are refused, whatever their values (images scaled to [0, 1], scikit-learn's 0..16 digits): a
+model that silently truncated them would answer confidently on black images. An empty batch gets
+an empty answer. Output: one row per image with ``prediction``, ``accept``, ``margin``, ``group`` (of
+the predicted class) and ``confidence`` (the mixture's probability of the predicted class). The
+inference parameter ``cost`` (a number >= 0) changes the rejection cost at predict time (rules with
+per-group thresholds ignore it, as their thresholds replace the cost).
+
+The model is logged *from code* (MLflow 3): ``served_model.py`` builds :class:`ARGSEModel`, and the
+``argse`` package travels with the model (``code_paths``), so it loads where argse is not installed.
 """
 
 from __future__ import annotations
@@ -19,11 +25,82 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from argse.models.backbones import build_backbone
 from argse.models.experts import ExpertModel
 from argse.models.gating import GatingNet, mix
 from argse.selective import PluginRule
+
+
+# The answer's columns, their dtypes and their MLflow signature types.
+OUTPUT_COLUMNS = {"prediction": (np.int64, "long"), "accept": (bool, "boolean"), "margin": (np.float64, "double"),
+                  "group": (np.int64, "long"), "confidence": (np.float64, "double")}
+MODEL_CODE = Path(__file__).with_name("served_model.py")
+
+
+class ContractError(MlflowException):
+    """A request that breaks the input contract: HTTP 400 from ``mlflow models serve``, one line.
+
+    The scoring server prefixes the message of any MlflowException raised in ``predict`` with the
+    whole request (``Failed to predict data '<every pixel>'``); the message of this one is fixed once
+    set, so the client reads the one line that says what to send instead."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._line
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_line"):
+            self._line = value
+
+
+def input_contract(image_shape) -> str:
+    """What a request must hold, in words (the first half of every refusal)."""
+    h, w, c = image_shape
+    shape = f"[N, {h}, {w}]" if c == 1 else f"[N, {h}, {w}, {c}]"
+    return f"send images as integers in 0..255 (uint8) of shape {shape}"
+
+
+def as_images(images, image_shape) -> np.ndarray:
+    """The uint8 batch a request holds, or a :class:`ContractError` naming the contract."""
+    h, w, c = image_shape
+    contract = input_contract(image_shape)
+    images = images.to_numpy() if isinstance(images, pd.DataFrame) else np.asarray(images)
+    if images.size == 0:
+        return np.zeros((0, h, w, c), dtype=np.uint8)
+    if images.dtype.kind == "f":
+        low, high = float(np.nanmin(images)), float(np.nanmax(images))
+        raise ContractError(f"{contract}; got floats in [{low:g}, {high:g}]: scale them to 0..255 and round "
+                            "(x * 255 for [0, 1], x * 255 / 16 for scikit-learn's 0..16 digits)")
+    if images.dtype.kind not in "iu":
+        kind = {"b": "booleans", "U": "text", "S": "bytes", "O": "mixed values"}.get(images.dtype.kind, str(images.dtype))
+        raise ContractError(f"{contract}; got {kind}")
+    ok = images.shape[1:] in ((h, w, c),) + (((h, w),) if c == 1 else ())
+    if images.ndim not in (3, 4) or not ok:
+        raise ContractError(f"{contract}; got shape {list(images.shape)}")
+    low, high = int(images.min()), int(images.max())
+    if low < 0 or high > 255:
+        raise ContractError(f"{contract}; got integers in {low}..{high}")
+    return images.astype(np.uint8, copy=False).reshape((-1, h, w, c))
+
+
+def as_cost(value) -> float | None:
+    """The ``cost`` inference parameter: ``None`` (the rule's own) or a finite number >= 0."""
+    if value is None:
+        return None
+    try:
+        cost = float(value)
+    except (TypeError, ValueError):
+        cost = float("nan")
+    if isinstance(value, bool) or not np.isfinite(cost) or cost < 0:
+        raise ContractError(f"params.cost must be a number >= 0 (the rejection cost); got {value!r}")
+    return cost
 
 
 class ARGSEModel(mlflow.pyfunc.PythonModel):
@@ -45,29 +122,22 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
         self.gate.eval()
         self.rule = PluginRule.from_dict(json.loads((folder / "rule.json").read_text()))
 
-    def _check(self, images: np.ndarray) -> torch.Tensor:
-        h, w, c = self.meta["image_shape"]
-        expected = f"[N, {h}, {w}]" if c == 1 else f"[N, {h}, {w}, {c}]"
-        if images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 of shape {expected}; got dtype {images.dtype}")
-        ok = images.shape[1:] in ((h, w, c),) + (((h, w),) if c == 1 else ())
-        if images.ndim not in (3, 4) or not ok:
-            raise ValueError(f"images must be uint8 of shape {expected}; got shape {list(images.shape)}")
-        return torch.from_numpy(np.ascontiguousarray(images))
-
     @torch.no_grad()
-    def posteriors(self, images: np.ndarray) -> torch.Tensor:
-        """Calibrated expert posteriors [N, E, C] (float64) of raw images."""
-        x = self._check(np.asarray(images))
+    def posteriors(self, images) -> torch.Tensor:
+        """Calibrated expert posteriors [N, E, C] (float64) of raw images (see :func:`as_images`)."""
+        x = torch.from_numpy(np.ascontiguousarray(as_images(images, self.meta["image_shape"])))
         return torch.stack([expert(x).double().softmax(dim=1) for expert in self.experts], dim=1)
 
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
         # The ndarray hint tells MLflow to validate with the logged signature, not with hints.
-        images = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+        cost = as_cost((params or {}).get("cost"))
+        images = as_images(model_input, self.meta["image_shape"])
+        if len(images) == 0:
+            return _frame({name: [] for name in OUTPUT_COLUMNS})
         probs = self.posteriors(images)
         with torch.no_grad():
             mixture = mix(probs, self.gate(probs.float()).double())
-        return predict_frame(self.rule, mixture, (params or {}).get("cost"))
+        return predict_frame(self.rule, mixture, cost)
 
 
 def predict_frame(rule: PluginRule, mixture: torch.Tensor, cost: float | None = None) -> pd.DataFrame:
@@ -75,13 +145,13 @@ def predict_frame(rule: PluginRule, mixture: torch.Tensor, cost: float | None = 
     if cost is not None and rule.thresholds is None:
         rule = rule.with_cost(float(cost))
     out = rule.predict(mixture)
-    return pd.DataFrame({
-        "prediction": out.pred.numpy().astype(np.int64),
-        "accept": out.accept.numpy().astype(bool),
-        "margin": out.margin.double().numpy(),
-        "group": out.group.numpy().astype(np.int64),
-        "confidence": mixture.gather(1, out.pred[:, None].long())[:, 0].double().numpy(),
-    })
+    return _frame({"prediction": out.pred.numpy(), "accept": out.accept.numpy(), "margin": out.margin.double().numpy(),
+                   "group": out.group.numpy(),
+                   "confidence": mixture.gather(1, out.pred[:, None].long())[:, 0].double().numpy()})
+
+
+def _frame(columns: dict) -> pd.DataFrame:
+    return pd.DataFrame(columns).astype({name: dtype for name, (dtype, _) in OUTPUT_COLUMNS.items()})
 
 
 def save_components(folder: Path, *, dataset: str, num_classes: int, image_shape, class_names, group_names,
@@ -101,26 +171,30 @@ def save_components(folder: Path, *, dataset: str, num_classes: int, image_shape
 
 def log_model(*, dataset: str, num_classes: int, image_shape, class_names, group_names,
               experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule, example: np.ndarray):
-    """Log the pyfunc as the active run's ``model``; returns MLflow's ModelInfo."""
+    """Log the pyfunc, from code, as the active run's ``model``; returns MLflow's ModelInfo.
+
+    The signature declares the outputs and the ``cost`` parameter but no input schema: with one,
+    the scoring server casts JSON to the schema's dtype before the model sees it (0.5 -> 0), and the
+    contract could not be enforced. The input example, with its ``cost``, shows the request format."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     h, w, c = image_shape
-    shape = (-1, h, w) if c == 1 else (-1, h, w, c)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
-        outputs=Schema([ColSpec("long", "prediction"), ColSpec("boolean", "accept"), ColSpec("double", "margin"),
-                        ColSpec("long", "group"), ColSpec("double", "confidence")]),
+        inputs=None,
+        outputs=Schema([ColSpec(kind, name) for name, (_, kind) in OUTPUT_COLUMNS.items()]),
         params=ParamSchema([ParamSpec("cost", "double", float(rule.cost))]),
     )
+    images = example.reshape(((-1, h, w) if c == 1 else (-1, h, w, c))).astype(np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_components(Path(tmp) / "components", dataset=dataset, num_classes=num_classes,
                                  image_shape=image_shape, class_names=class_names, group_names=group_names,
                                  experts=experts, gate=gate, rule=rule)
         return mlflow.pyfunc.log_model(
-            name="model", python_model=ARGSEModel(), artifacts={"components": str(folder)},
-            signature=signature, input_example=example.reshape((-1,) + shape[1:]),
+            name="model", python_model=str(MODEL_CODE), artifacts={"components": str(folder)},
+            signature=signature, input_example=(images, {"cost": float(rule.cost)}),
             pip_requirements=pip_requirements(), code_paths=[package_dir()],
+            metadata={"input_contract": input_contract(image_shape)},
         )
 
 
