@@ -154,6 +154,12 @@ def _log_params(run_id: str, params: Mapping[str, Any]) -> None:
         mlflow.log_params(fresh)
 
 
+def top_level_name(run_name: str, dataset: str) -> str:
+    """The name of a run at the top of the run list (``experts digits-lt``): what it is and on which
+    data. Child runs keep their short names (``expert-ce``), their parent says the rest."""
+    return f"{run_name} {dataset}"
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -170,8 +176,8 @@ def stage_run(
     FAILED when the body raises (KILLED on Ctrl-C), so ``latest`` never resolves to a broken run.
 
     Which run: ``resume_run_id`` if given; a child of the active run when there is one (pipeline,
-    ``--expert all``); the run ``mlflow run`` handed over in ``MLFLOW_RUN_ID``; else a new run in the
-    home experiment.
+    ``--expert all``), named ``run_name``; the run ``mlflow run`` handed over in ``MLFLOW_RUN_ID``;
+    else a new run in the home experiment. Top-level runs are named by :func:`top_level_name`.
     """
     upstream = dict(upstream or {})
     active = mlflow.active_run()
@@ -180,11 +186,14 @@ def stage_run(
     elif active is not None:
         run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True)
     elif os.environ.get("MLFLOW_RUN_ID"):
-        # Consume it: runs started inside this one must not resume it again.
+        # Consume it: runs started inside this one must not resume it again. `mlflow run` made it
+        # before this process started, under a random name: give it the name a top-level run gets.
         run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"))
+        if run_name:
+            MlflowClient().update_run(run.info.run_id, name=top_level_name(run_name, dataset))
     else:
         exp_id = _experiment_id(home_experiment(dataset, experiment), create=True)
-        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name and top_level_name(run_name, dataset))
     try:
         mlflow.set_tags({TAG_STAGE: stage, TAG_DATASET: dataset, TAG_CODE: code_version(), **(tags or {})})
         _log_params(run.info.run_id, params)
