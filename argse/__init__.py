@@ -3,6 +3,12 @@
 __version__ = "0.1.0"
 
 
+def fmt_number(value: float) -> str:
+    """How every cost, coverage, error and risk is echoed to the user: four significant digits
+    (``0.0004883``, ``0.8442``, ``0.2``), the same number printed the same way in every line."""
+    return f"{value:.4g}"
+
+
 class ArgseError(Exception):
     """A failure the user can fix; its message is one line that says what is wrong and what to do.
 

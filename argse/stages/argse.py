@@ -18,7 +18,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, figures, serving, tracking
+from argse import ArgseError, figures, fmt_number, serving, tracking
 from argse.config import EXPERTS, ArgseConfig
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS
@@ -121,9 +121,9 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
         model_info = log_servable(cfg, experts, gate, rule)
         decision = register(cfg, model_info, active.info.run_id, summary[CHAMPION_METRIC])
         click.echo(
-            f"argse run {active.info.run_id}: {cfg.objective} rule at cost {rule.cost:.4f}, val coverage "
-            f"{summary['val_coverage']:.3f}, balanced error {summary['val_balanced_error']:.4f}, worst "
-            f"{summary['val_worst_error']:.4f}; {decision}")
+            f"argse run {active.info.run_id}: {cfg.objective} rule at cost {fmt_number(rule.cost)}, val coverage "
+            f"{fmt_number(summary['val_coverage'])}, balanced error {fmt_number(summary['val_balanced_error'])}, "
+            f"worst {fmt_number(summary['val_worst_error'])}; {decision}")
         return active.info.run_id
 
 
@@ -165,7 +165,7 @@ def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule,
     mlflow.log_metrics(summary)
     fig = figures.bars_by_group({"coverage": [summary[f"val_coverage_{n}"] for n in names],
                                  "error": [summary[f"val_error_{n}"] for n in names]},
-                                names, "val", f"AR-GSE[{cfg.objective}] at cost {rule.cost:.3g}")
+                                names, "val", f"AR-GSE[{cfg.objective}] at cost {fmt_number(rule.cost)}")
     mlflow.log_figure(fig, "val_operating_point.png")
     figures.close(fig)
     return rule, summary

@@ -20,7 +20,7 @@ import click
 import mlflow
 import torch
 
-from argse import ArgseError, figures, tracking
+from argse import ArgseError, figures, fmt_number, tracking
 from argse.config import GatingConfig
 from argse.gating_train import train_pretrain, train_selective
 from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gate_weights, mix
@@ -102,7 +102,8 @@ def run(cfg: GatingConfig, *, experiment: str | None = None) -> str | None:
             summary = _pretrain(cfg, experts)
         else:
             summary = _selective(cfg, experts, pretrain.info.run_id)
-        click.echo(f"gating run {active.info.run_id} ({cfg.mode}): " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+        click.echo(f"gating run {active.info.run_id} ({cfg.mode}): " + ", ".join(
+            f"{k} {int(v) if k.startswith('best_') else fmt_number(v)}" for k, v in summary.items()))
         return active.info.run_id
 
 

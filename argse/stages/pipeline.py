@@ -210,7 +210,11 @@ def run(cfg: PipelineConfig, *, experiment: str | None = None) -> str | None:
 
 
 def _finale(pipeline: Pipeline) -> None:
-    """The evaluate table (also when it was reused), the champion, and how to look at it all."""
+    """Name the pipeline run by what it did; the evaluate table (also when it was reused), the
+    registry's state, and how to look at it all."""
+    client = MlflowClient()
+    client.update_run(mlflow.active_run().info.run_id,
+                      name=f"{tracking.top_level_name('pipeline', pipeline.cfg.dataset)}: {_what_ran(pipeline.steps)}")
     evaluate_id = pipeline.ids.get("evaluate")
     if evaluate_id and any(s.name == "evaluate" and s.action == "reused" for s in pipeline.steps):
         import pandas as pd
@@ -219,11 +223,43 @@ def _finale(pipeline: Pipeline) -> None:
 
         click.echo(f"evaluate run {evaluate_id} (reused):")
         click.echo(summary_markdown(pd.read_csv(tracking.download(evaluate_id, "results/table.csv"))))
-    if "argse" in pipeline.ids:
-        decision = MlflowClient().get_run(pipeline.ids["argse"]).data.tags.get("argse.champion_decision", "")
+    argse_step = next((s for s in pipeline.steps if s.name == "argse" and s.run_id), None)
+    if argse_step is not None and argse_step.action == "reused":
+        click.echo(f"argse run {argse_step.run_id} (reused): nothing registered; "
+                   + _registry_state(client, argse_step.run_id, pipeline.configs["argse"].register_name))
+    elif argse_step is not None:
+        decision = client.get_run(argse_step.run_id).data.tags.get("argse.champion_decision", "")
         if decision:
-            click.echo(f"argse run {pipeline.ids['argse']}: {decision}")
+            click.echo(f"argse run {argse_step.run_id}: {decision}")
     uri = mlflow.get_tracking_uri()
     backend = f" --backend-store-uri {uri}" if not uri.startswith("http") else ""
     click.echo(f"see the runs: mlflow ui{backend}  (then open http://127.0.0.1:5000)" if backend
                else f"see the runs: {uri}")
+
+
+def _what_ran(steps: list[Step]) -> str:
+    """``ran splits..evaluate``; ``reused splits..experts, ran gating-pretrain..evaluate``."""
+    spans: list[list[str]] = []  # [action, first step, last step]
+    for step in steps:
+        if spans and spans[-1][0] == step.action:
+            spans[-1][2] = step.name
+        else:
+            spans.append([step.action, step.name, step.name])
+    return ", ".join(f"{action} {first}" + (f"..{last}" if last != first else "") for action, first, last in spans)
+
+
+def _registry_state(client: MlflowClient, run_id: str, name: str) -> str:
+    """Which version of ``name`` holds this run's model, and where ``champion`` points."""
+    from mlflow.exceptions import MlflowException
+
+    from argse.stages.argse import CHAMPION
+
+    mine = client.get_run(run_id).data.tags.get("argse.registered_model", "").rpartition("/")[2]
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return f"{name} has no {CHAMPION}" + (f"; this run's model is v{mine}" if mine else "")
+    if champion.run_id == run_id:
+        return f"{name}@{CHAMPION} is v{champion.version}, this run's model"
+    return (f"{name}@{CHAMPION} is v{champion.version} (run {champion.run_id})"
+            + (f"; this run's model is v{mine}" if mine else ""))
