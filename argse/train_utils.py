@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,12 @@ def make_optimizer_and_scheduler(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
+
+
+def on_terminal() -> bool:
+    """Whether progress bars have a terminal to draw on (stderr, where tqdm writes); off one (a file,
+    a pipe, CI) the stages print one line per epoch instead."""
+    return sys.stderr.isatty()
 
 
 def seed_everything(seed: int) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from argse import ArgseError, ArgseUsageError, tracking
+from argse import ArgseError, ArgseUsageError, fmt_number, tracking
 from argse.calibration import fit_temperature, nll
 from argse.config import EXPERTS, ExpertsConfig, preset
 from argse.data.device import DeviceImages, normalize_stats
@@ -43,6 +43,7 @@ from argse.train_utils import (
     capture_rng_state,
     cpu_has_native_bf16,
     make_optimizer_and_scheduler,
+    on_terminal,
     resolve_device,
     restore_rng_state,
     seed_everything,
@@ -199,15 +200,17 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
 
     val = data.evaluation["val"]
     tmp = Path(tempfile.mkdtemp(prefix="argse-ckpt-"))
+    # On a terminal: one bar per expert over all its steps. Elsewhere (files, CI): one line per epoch.
+    bars = ddp.main and on_terminal()
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps, desc=name, leave=False, dynamic_ncols=True,
+               disable=not bars)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         model.train()
         started = time.perf_counter()
         total_loss, seen = torch.zeros((), device=device), 0
         batches = data.train.batches(local_batch, shuffle=True, generator=generator, augment=True,
                                      drop_last=False, rank=ddp.rank, world_size=ddp.world_size)
-        bar = tqdm(batches, total=steps, desc=f"{name} {epoch}/{cfg.epochs}", leave=False,
-                   disable=not ddp.main, dynamic_ncols=True)
-        for x, y in bar:
+        for x, y in batches:
             with autocast_context(device, enabled=bf16, cpu_bf16=bf16):
                 loss = criterion(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -216,6 +219,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
             scheduler.step()
             total_loss += loss.detach() * len(y)
             seen += len(y)
+            bar.update()
         seconds = time.perf_counter() - started
         if not ddp.main:
             continue
@@ -225,11 +229,17 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
         metrics.update(train_loss=float(total_loss) / max(seen, 1), lr=scheduler.get_last_lr()[0],
                        epoch_seconds=seconds, images_per_second=seen * ddp.world_size / seconds)
         mlflow.log_metrics(metrics, step=epoch)
-        log.debug("%s epoch %d/%d: loss %.4f, val acc %.4f, balanced %.4f", name, epoch, cfg.epochs,
-                 metrics["train_loss"], metrics["val_acc"], metrics["val_balanced_acc"])
+        progress = (f"epoch {epoch}/{cfg.epochs}: loss {fmt_number(metrics['train_loss'])}, val acc "
+                    f"{fmt_number(metrics['val_acc'])}, balanced {fmt_number(metrics['val_balanced_acc'])}")
+        bar.set_postfix_str(progress, refresh=False)
+        if not bars:
+            click.echo(f"{name} {progress} ({seconds:.1f} s)")
+        elif cfg.verbose:
+            tqdm.write(f"{name} {progress} ({seconds:.1f} s)")
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             save_checkpoint(tmp / "last.pt", backbone, optimizer, scheduler, epoch, generator, cfg.params())
             mlflow.log_artifact(str(tmp / "last.pt"), "checkpoints")
+    bar.close()
     return ExpertModel(backbone, data.train.mean, data.train.std)
 
 
@@ -401,9 +411,9 @@ def _train_and_log(name: str, cfg: ExpertsConfig, data: Data, device: torch.devi
     expert = train_expert(name, cfg, data, device, ddp, resume, run_id)
     metrics = calibrate_and_log(name, expert, data, device)
     groups = data.splits.group_names
-    click.echo(f"{name}: run {run_id}, val balanced acc {metrics['final_val_balanced_acc']:.3f} ("
-               + ", ".join(f"{g} {metrics[f'final_val_acc_{g}']:.3f}" for g in groups)
-               + f"), temperature {metrics['temperature']:.2f}")
+    click.echo(f"{name}: run {run_id}, val balanced acc {fmt_number(metrics['final_val_balanced_acc'])} ("
+               + ", ".join(f"{g} {fmt_number(metrics[f'final_val_acc_{g}'])}" for g in groups)
+               + f"), temperature {fmt_number(metrics['temperature'])}")
 
 
 def _log_summary(ids: dict[str, str], splits: Splits) -> None:
