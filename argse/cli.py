@@ -7,12 +7,13 @@ Errors reach the user as one line on stderr: exit 2 for bad usage, 1 for a faile
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 
 import click
 
-from argse import ArgseError
+from argse import ArgseError, ArgseUsageError
 from argse.config import DATASETS, EXPERTS, PRESETS
 
 _STATE = {"verbose": False}
@@ -98,8 +99,38 @@ def common(kwargs: dict) -> dict:
         import torch
 
         torch.set_num_threads(threads)
+    if kwargs.get("dry_run") and os.environ.get("MLFLOW_RUN_ID"):
+        # `mlflow run` made a run before this process started; a dry run leaves it empty: say so.
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().update_run(os.environ["MLFLOW_RUN_ID"],
+                                  name=f"{tracking.top_level_name(ctx.info_name, kwargs['dataset'])}: dry run")
+    if (kwargs.get("verbose") or kwargs.get("dry_run")) and os.environ.get("RANK", "0") == "0":
+        for line in _system_lines(ctx.info_name, kwargs):
+            click.echo(line)
     kwargs["_experiment"] = experiment
     return kwargs
+
+
+def _system_lines(command: str, kwargs: dict) -> list[str]:
+    """What ``--verbose`` and ``--dry-run`` say about the machine: versions, the resolved device and
+    precision. Only expert training uses ``--device``; the other stages compute on the CPU."""
+    import torch
+
+    from argse.config import ExpertsConfig
+    from argse.train_utils import describe_system, resolve_device, training_mode
+
+    if command not in ("experts", "pipeline"):
+        return describe_system(torch.device("cpu"), False, scope="this stage computes on the CPU")
+    try:
+        device = resolve_device(kwargs["device"])
+    except ValueError as exc:
+        raise ArgseUsageError(str(exc)) from None
+    # The pipeline trains its experts at ExpertsConfig's default precision.
+    precision = kwargs.get("precision", ExpertsConfig.precision)
+    bf16, _ = training_mode(precision, device, PRESETS[kwargs["dataset"]].cpu_fast_path)
+    return describe_system(device, bf16, device_option=kwargs["device"], precision_option=precision,
+                           scope="expert training runs there, the other stages on the CPU" if command == "pipeline" else "")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

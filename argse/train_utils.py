@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import platform
 import random
 import sys
 from typing import Any
@@ -101,6 +103,18 @@ def autocast_context(
     return contextlib.nullcontext()
 
 
+def training_mode(precision: str, device: torch.device, cpu_fast_path: bool) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) for expert training. ``precision`` ``auto``: bf16 on CUDA, and
+    on a CPU with bf16 units when the dataset preset opts in (``cpu_fast_path``, CIFAR); channels_last
+    on CUDA and with that CPU fast path. ``fp32`` / ``bf16`` force the precision."""
+    fast_cpu = device.type == "cpu" and cpu_fast_path
+    if precision == "auto":
+        bf16 = device.type == "cuda" or (fast_cpu and cpu_has_native_bf16())
+    else:
+        bf16 = precision == "bf16"
+    return bf16, device.type == "cuda" or fast_cpu
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 matrix units (Intel AMX-BF16 or AVX512-BF16), where bf16 autocast
     speeds training up rather than emulating bf16 slowly."""
@@ -110,6 +124,48 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return ("amx_bf16" in flags or "avx512_bf16" in flags) and torch.backends.mkldnn.is_available()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name"), or the platform's description."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe_system(device: torch.device, bf16: bool, *, device_option: str = "", precision_option: str = "",
+                    scope: str = "") -> list[str]:
+    """Two lines for ``--verbose`` and ``--dry-run``: the library versions, then the device the work
+    runs on (GPU or CPU model, memory, threads) and its precision, each beside the option value it was
+    resolved from (``--device auto``); ``scope`` says which work runs there."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = f"{cpu_model()}, {cpus} CPUs{', bf16 units' if cpu_has_native_bf16() else ''}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        hardware = (f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, "
+                    f"{torch.cuda.device_count()} GPU(s) visible; host {cpu}")
+    else:
+        threads = torch.get_num_threads()
+        hardware = f"{cpu}; {threads} torch thread{'s' if threads != 1 else ''}"
+    precision = "bf16 autocast" if bf16 else "fp32"
+    return [f"system: torch {torch.__version__}, torchvision {installed('torchvision')}, mlflow {installed('mlflow')}, "
+            f"Python {platform.python_version()}",
+            f"device: {device}" + (f" from --device {device_option}" if device_option else "") + f" ({hardware}); "
+            f"precision {precision}" + (f" from --precision {precision_option}" if precision_option else "")
+            + (f"; {scope}" if scope else "")]
 
 
 def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from argse import ArgseError, ArgseUsageError, fmt_number, tracking
+from argse import ArgseError, ArgseUsageError, fmt_number, tracking, train_utils
 from argse.calibration import fit_temperature, nll
 from argse.config import EXPERTS, ExpertsConfig, preset
 from argse.data.device import DeviceImages, normalize_stats
@@ -41,7 +41,6 @@ from argse.stages.splits import load_splits
 from argse.train_utils import (
     autocast_context,
     capture_rng_state,
-    cpu_has_native_bf16,
     make_optimizer_and_scheduler,
     on_terminal,
     resolve_device,
@@ -153,15 +152,8 @@ def load_checkpoint(run_id: str) -> dict | None:
 
 
 def training_mode(cfg: ExpertsConfig, device: torch.device) -> tuple[bool, bool]:
-    """(bf16 autocast, channels_last) for this run. ``--precision auto``: bf16 on CUDA, and on a CPU
-    with bf16 units when the dataset preset opts in (CIFAR); channels_last on CUDA and with that CPU
-    fast path. ``fp32`` / ``bf16`` force the precision."""
-    fast_cpu = device.type == "cpu" and preset(cfg.dataset).cpu_fast_path
-    if cfg.precision == "auto":
-        bf16 = device.type == "cuda" or (fast_cpu and cpu_has_native_bf16())
-    else:
-        bf16 = cfg.precision == "bf16"
-    return bf16, device.type == "cuda" or fast_cpu
+    """(bf16 autocast, channels_last) for this run (see :func:`argse.train_utils.training_mode`)."""
+    return train_utils.training_mode(cfg.precision, device, preset(cfg.dataset).cpu_fast_path)
 
 
 def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,
@@ -331,6 +323,86 @@ def dry_run(cfg: ExpertsConfig, experiment: str | None) -> None:
     click.echo(f"  experts: {', '.join(cfg.experts())}; model {type(model).__name__}, "
                f"{count_parameters(model):,} parameters")
     click.echo(f"  training cost: about {flops:.3g} FLOPs per expert ({cfg.epochs} epochs)")
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise ArgseUsageError(str(exc)) from None
+    click.echo("  " + estimate(cfg, splits, device))
+
+
+def estimate(cfg: ExpertsConfig, splits: Splits, device: torch.device, steps: int = 3) -> str:
+    """Time and memory of the configured training on ``device``, projected from ``steps`` measured
+    training steps (after one warm-up) of the real backbone at the real batch size, on random images
+    of the dataset's shape through the real on-device augmentation, and one evaluation batch."""
+    import resource
+
+    h, w, c = preset(cfg.dataset).image_shape
+    bf16, channels_last = training_mode(cfg, device)
+    n_train, n_eval = len(splits.indices["train"]), {s: len(splits.indices[s]) for s in EVAL_SPLITS}
+    batch = min(cfg.batch_size, n_train)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randint(0, 256, ((steps + 1) * batch, h, w, c), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(len(images)) % splits.num_classes
+    data = DeviceImages(images, labels, mean=[0.5] * c, std=[0.25] * c, augmentation=preset(cfg.dataset).augmentation,
+                        device=device, channels_last=channels_last)
+    backbone = build_backbone(cfg.dataset, splits.num_classes).to(device)
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    criterion = make_loss("ce", splits.train_counts).to(device)
+    optimizer, _ = make_optimizer_and_scheduler(backbone, lr=cfg.lr, batch_size=batch, weight_decay=cfg.weight_decay,
+                                                epochs=1, steps_per_epoch=steps + 1, warmup_epochs=0)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = []
+    for x, y in data.batches(batch, shuffle=True, generator=generator, augment=True, drop_last=True):
+        started = time.perf_counter()
+        with autocast_context(device, enabled=bf16, cpu_bf16=bf16):
+            loss = criterion(backbone(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync()
+        timed.append(time.perf_counter() - started)
+    step_seconds = sum(timed[1:]) / max(len(timed) - 1, 1)
+    eval_images = DeviceImages(images[:min(EVAL_BATCH, len(images))], labels[:min(EVAL_BATCH, len(images))],
+                               mean=[0.5] * c, std=[0.25] * c, augmentation="none", device=device,
+                               channels_last=channels_last)
+    started = time.perf_counter()
+    predict_logits(backbone, eval_images, device)
+    sync()
+    eval_seconds = (time.perf_counter() - started) / len(eval_images)
+
+    steps_per_epoch = -(-n_train // cfg.batch_size)
+    per_expert = (cfg.epochs * (steps_per_epoch * step_seconds + n_eval["val"] * eval_seconds)
+                  + sum(n_eval.values()) * eval_seconds)
+    experts = len(cfg.experts())
+    image_bytes = (n_train + sum(n_eval.values())) * h * w * c
+    if device.type == "cuda":
+        peak = f"{_size(torch.cuda.max_memory_allocated(device) + image_bytes)} of GPU memory (allocator peak + images)"
+    else:
+        peak = f"{_size(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + image_bytes)} of RAM (process peak + images)"
+    precision = "bf16 autocast" if bf16 else "fp32"
+    return (f"estimate on {device} ({precision}): {step_seconds * 1000:.1f} ms per training step of {batch} images "
+            f"(measured, {len(timed) - 1} steps after a warm-up), {steps_per_epoch} steps x {cfg.epochs} epochs x "
+            f"{experts} expert(s) + per-epoch val evaluation = about {_duration(per_expert * experts)}"
+            + (" before torch.compile's speed-up" if cfg.compile else "") + f"; memory about {peak}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
 
 
 def run(cfg: ExpertsConfig, *, experiment: str | None = None) -> dict[str, str]:

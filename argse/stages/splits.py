@@ -34,20 +34,29 @@ def build(cfg: SplitsConfig) -> Splits:
 def distribution_table(splits: Splits, sample_classes: int = 3) -> str:
     """Per group, then a few head / middle / tail classes: train counts and evaluation split sizes."""
     counts = {split: np.bincount(splits.labels[split], minlength=splits.num_classes) for split in EVAL_SPLITS}
-    rows = [f"{'':<18}{'classes':>8}{'train':>8}{'min':>6}{'max':>6}" + "".join(f"{s:>7}" for s in EVAL_SPLITS)]
+    groups = [["group", "classes", "train", "min", "max", *EVAL_SPLITS]]
     for k, name in enumerate(splits.group_names):
         mask = splits.class_to_group == k
         tc = splits.train_counts[mask]
-        rows.append(f"{name:<18}{int(mask.sum()):>8}{int(tc.sum()):>8}{int(tc.min()):>6}{int(tc.max()):>6}"
-                    + "".join(f"{int(counts[s][mask].sum()):>7}" for s in EVAL_SPLITS))
+        groups.append([name, int(mask.sum()), int(tc.sum()), int(tc.min()), int(tc.max()),
+                       *(int(counts[s][mask].sum()) for s in EVAL_SPLITS)])
     c = splits.num_classes
     picks = sorted(set(list(range(min(sample_classes, c))) + [c // 2] + list(range(max(c - sample_classes, 0), c))))
-    rows.append(f"{'class':<18}{'group':>8}{'train':>8}{'asked':>6}{'':>6}" + "".join(f"{s:>7}" for s in EVAL_SPLITS))
+    classes = [["class", "group", "train", "asked", *EVAL_SPLITS]]
     for cls in picks:
-        label = f"{cls} {splits.class_names[cls]}"[:17]
-        rows.append(f"{label:<18}{splits.group_names[splits.class_to_group[cls]]:>8}{int(splits.train_counts[cls]):>8}"
-                    f"{int(splits.requested_counts[cls]):>6}{'':>6}" + "".join(f"{int(counts[s][cls]):>7}" for s in EVAL_SPLITS))
-    return "\n".join(rows)
+        classes.append([f"{cls} {splits.class_names[cls]}"[:24], splits.group_names[splits.class_to_group[cls]],
+                        int(splits.train_counts[cls]), int(splits.requested_counts[cls]),
+                        *(int(counts[s][cls]) for s in EVAL_SPLITS)])
+    return "\n".join(_aligned(groups) + [""] + _aligned(classes))
+
+
+def _aligned(rows: list[list]) -> list[str]:
+    """Rows of cells as text columns, each as wide as its widest cell (header included): the first
+    column left-aligned, the others right-aligned, so headers sit over their values."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+            for row in cells]
 
 
 def summary(splits: Splits) -> dict[str, float]:
