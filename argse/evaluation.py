@@ -1,37 +1,40 @@
-"""AR-GSE against its baselines on one split: the numbers behind the evaluate stage (issue 7).
+"""AR-GSE against its baselines on one split: the numbers behind the evaluate stage.
 
 Pure computation on posteriors, no MLflow: `compare` takes a list of `Method`s (a name, Chow's rule
 or the plug-in rejector, and the method's posteriors on tunev / val / test) and returns a `Comparison`
-with one table row per method, the risk-coverage curves and the per-group coverage at the operating
-point. `metric_dict` flattens the table into `<method>/<column>` metric names that MLflow accepts.
+with one table row per method and the coverage-matched points behind it. `metric_dict` flattens the
+table into `<method>/<column>` metric names that MLflow accepts.
 
 Protocol, for every method on the evaluated split (all metrics weighted by the split's weights):
 
-* Threshold sweep: the risk-coverage curve of the method's confidence (Chow: the max posterior;
-  plug-in: the rule's margin, minus the threshold of the predicted group when the rule has per-group
-  thresholds) with its predictions (Chow: argmax; plug-in: h(x)). AURCs are `argse.selective.aurc`
-  areas, not normalised: over [0, 1] and over [min_coverage, 1]. The 95% percentile-bootstrap
-  intervals resample the split's samples. Caveat: a plug-in margin ranks the confident samples of one
-  group before any of another (for a near one-hot eta of group k the margin is about mu_k), and a group
-  with nothing accepted counts as error 1.0, so at low coverage a plug-in curve sits at worst error 1.0;
-  the full-range AURC carries that, the [min_coverage, 1] one mostly not.
-* Cost sweep (the paper's protocol): for each cost c of the grid, plug-in methods refit their rule on
-  tunev (S1) / val (S2) with their objective (`argse.selective.cost_sweep`); Chow's rule at cost c
-  rejects iff max posterior < 1 - c (nothing to fit). The (coverage, risk) points on the split give
-  the AURC.
-* Full coverage: the errors of the predictions with every sample accepted.
+* Coverage-matched comparison (what the table ranks by; DESIGN.md §4). For each target coverage tau
+  of the grid (`coverages`, default 1.00, 0.95, ..., 0.20) the operating point is chosen on val only
+  and then measured on the split. Chow: the largest threshold on the top posterior that accepts a
+  weighted share of at least tau of val (samples tied at the threshold accepted together). Plug-in:
+  a rule fitted for that coverage (`argse.selective.fit_at_coverage`: alpha, mu and, for the worst
+  group, beta fitted with the acceptance level held at tau on tunev, selected on val, its threshold
+  set to accept exactly tau of val). `aurc_balanced` / `aurc_worst` are the trapezoid areas of the
+  (tau, error) points over the grid, not normalised: with the default grid they lie in [0, 0.8].
+  Their 95% percentile-bootstrap intervals resample the split's samples with every operating point
+  fixed; every method sees the same resamples. `balanced_error_at<tau>` / `worst_error_at<tau>` read
+  the points at tau = 1, 0.8 and 0.6 (those in the grid). A group with no accepted sample has error
+  1.0 by convention; `empty_group_points` counts the taus where that happens to a method.
+* Threshold sweep (secondary, `*_threshold` columns): the full-range area under the risk-coverage
+  curve of the method's confidence (Chow: the max posterior; plug-in: the operating rule's margin).
+  A plug-in margin ranks the confident samples of one group before any of another, so at low
+  coverage its worst group is empty and counts as 1.0: this area does not rank anything.
 * Operating point: a plug-in method uses its fixed `rule` (the model's own) as given (its cost must
-  equal `cost` unless it has per-group thresholds), or fits one at `cost` on tunev / val. A Chow method has no cost of its own, so it is compared at equal coverage:
-  its threshold is the max-posterior quantile on val that reaches the reference coverage on val:
-  `target_coverage` when given, else the val coverage of the operating rule of the first plug-in
-  method whose name starts with "ar-gse", else of the first plug-in method (`Comparison.reference`
-  says which). L2R risks: balanced_l2r = balanced_error + cost * (1 - coverage), and
-  worst_l2r = worst_error + cost * (1 - coverage). Per-group coverage: `coverage_<group name>` (the
-  group index when no names are given); `coverage_val` is the operating point's coverage on val.
+  equal `cost` unless it has per-group thresholds), or fits one at `cost` on tunev / val. A Chow
+  method has no cost of its own, so it is compared at equal coverage: its threshold is the
+  max-posterior quantile on val that reaches the reference coverage on val: `target_coverage` when
+  given, else the val coverage of the operating rule of the first plug-in method whose name starts
+  with "ar-gse", else of the first plug-in method (`Comparison.reference` says which). L2R risks:
+  balanced_l2r = balanced_error + cost * (1 - coverage), worst_l2r = worst_error + cost * (1 -
+  coverage). Per-group coverage: `coverage_<group name>`; `coverage_val` is the coverage on val.
 * ECE (15 bins) of the method's posterior.
 
-Ranking (default `rank_by`): ascending aurc_worst (threshold sweep, full range), ties broken by
-aurc_balanced, then by the input order; the first row is the best method.
+Ranking (default `rank_by`): ascending coverage-matched aurc_worst, ties broken by aurc_balanced,
+then by the input order; the first row is the best method.
 """
 
 from __future__ import annotations
@@ -48,12 +51,11 @@ import torch
 
 from argse.selective import (
     PluginRule,
-    RiskCoverage,
     SelectiveErrors,
     aurc,
     chow,
-    cost_sweep,
     ece,
+    fit_at_coverage,
     fit_balanced,
     fit_worst,
     risk_coverage,
@@ -66,12 +68,16 @@ SPLITS = ("tunev", "val", "test")
 FIT_SPLIT, SEL_SPLIT = "tunev", "val"
 KINDS = ("chow", "plugin")
 OBJECTIVES = ("balanced", "worst")
-#: At most this many points per method in `Comparison.rc_points`.
-MAX_RC_POINTS = 200
+#: The target coverages of the coverage-matched comparison: 1.00, 0.95, ..., 0.20.
+COVERAGES = tuple(round(1.0 - 0.05 * i, 2) for i in range(17))
+#: The targets whose errors get their own table columns (the paper's "rejection rate" reading).
+READOUT_COVERAGES = (1.0, 0.8, 0.6)
 #: The level of the bootstrap intervals of the AURCs.
 CI_LEVEL = 0.95
 #: The default ranking of the table: ascending in these columns, in this order of precedence.
 RANK_BY = ("aurc_worst", "aurc_balanced")
+#: The columns of `Comparison.coverage_points`, in order.
+POINT_COLUMNS = ("method", "target_coverage", "coverage", "balanced_error", "worst_error")
 
 
 @dataclass
@@ -93,7 +99,7 @@ class Method:
 
 @dataclass(frozen=True)
 class FitOptions:
-    """Options of `fit_balanced` / `fit_worst` / `cost_sweep` for the rules `compare` fits itself
+    """Options of `fit_balanced` / `fit_worst` / `fit_at_coverage` for the rules `compare` fits itself
     (`rounds` and `step` apply to the worst-group objective only)."""
 
     rounds: int = 20
@@ -102,16 +108,36 @@ class FitOptions:
     max_iter: int = 30
 
 
-def table_columns(group_names: Sequence[str], min_coverage: float = 0.2) -> list[str]:
-    """The columns of `Comparison.table`, in order, for groups named `group_names`."""
-    tag = f"cov{float(min_coverage):g}"
+def check_coverages(coverages: Sequence[float]) -> tuple[float, ...]:
+    """The coverage grid, validated and sorted descending: at least two distinct values in (0, 1]."""
+    try:
+        values = [float(v) for v in coverages]
+    except (TypeError, ValueError):
+        raise ValueError(f"coverages must be numbers in (0, 1]; got {coverages!r}.") from None
+    bad = [v for v in values if not (math.isfinite(v) and 0.0 < v <= 1.0)]
+    if bad:
+        raise ValueError(f"coverages must lie in (0, 1]; got {bad[0]:g}.")
+    grid = tuple(sorted(set(values), reverse=True))
+    if len(grid) < 2:
+        raise ValueError(f"coverages must hold at least two distinct values (an area needs two points); got {values}.")
+    return grid
+
+
+def readout_column(risk: str, tau: float) -> str:
+    """The table column of the `risk` ("balanced" or "worst") error at target coverage tau."""
+    return f"{risk}_error_at{tau:g}"
+
+
+def table_columns(group_names: Sequence[str], coverages: Sequence[float] = COVERAGES) -> list[str]:
+    """The columns of `Comparison.table`, in order, for groups named `group_names` and a coverage grid."""
+    readout = [tau for tau in READOUT_COVERAGES if any(abs(tau - c) < 1e-9 for c in coverages)]
     return [
         "method",
         "aurc_balanced", "aurc_balanced_lo", "aurc_balanced_hi",
         "aurc_worst", "aurc_worst_lo", "aurc_worst_hi",
-        "aurc_standard", f"aurc_balanced_{tag}", f"aurc_worst_{tag}",
-        "aurc_balanced_costsweep", "aurc_worst_costsweep",
-        "balanced_error_full", "worst_error_full", "error_full",
+        *[readout_column(risk, tau) for tau in readout for risk in ("balanced", "worst")],
+        "empty_group_points",
+        "aurc_balanced_threshold", "aurc_worst_threshold",
         "coverage", "coverage_val", "balanced_error", "worst_error", "error", "balanced_l2r", "worst_l2r",
         *[f"coverage_{g}" for g in group_names],
         "ece",
@@ -123,15 +149,16 @@ class Comparison:
     """The result of `compare`: the table (one row per method, best first) and what figures need."""
 
     table: pd.DataFrame  #: one row per method, `method` first, sorted best first (see the module doc)
-    rc_points: pd.DataFrame  #: method, coverage, balanced, worst, standard; <= MAX_RC_POINTS per method
-    cost_points: pd.DataFrame  #: method, cost, coverage, balanced, worst: the cost sweep's points
-    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  #: method -> (coverage, balanced, worst)
+    coverage_points: pd.DataFrame  #: POINT_COLUMNS: one row per method and target coverage
+    group_points: pd.DataFrame  #: method, target_coverage, group, coverage, error: per group and target
+    coverage_rules: dict[str, list[PluginRule]]  #: plug-in method -> its rule at each target coverage
     group_coverage: dict[str, np.ndarray]  #: method -> [K] coverage per group at the operating point
     rules: dict[str, PluginRule]  #: plug-in method -> the rule of its operating point
     reference: str  #: what set the Chow operating points: a method name or "target_coverage"
     reference_coverage: Optional[float]  #: the val coverage Chow methods were matched to (None: no Chow)
     split: str
     cost: float
+    coverages: tuple[float, ...]  #: the target coverages, descending
 
     def to_markdown(self, columns: Optional[Sequence[str]] = None, digits: int = 4) -> str:
         """The table (or the given columns, `method` always first) as a GitHub markdown table."""
@@ -314,84 +341,67 @@ def _quantile_threshold(confidence: torch.Tensor, w: torch.Tensor, target: float
 
 
 @dataclass(frozen=True)
-class _Points:
-    """(coverage, risk) points of a cost sweep, in the shape `aurc` reads."""
+class _Matched:
+    """A method's decisions on the evaluated split at each target coverage: pred and accept [T, N]."""
 
-    coverage: torch.Tensor
-    balanced: torch.Tensor
-    worst: torch.Tensor
-
-
-def _chow_cost_sweep(eta: torch.Tensor, y: torch.Tensor, w: torch.Tensor, c2g: torch.Tensor,
-                     costs: Sequence[float]) -> _Points:
-    """Chow's rule at each cost c (reject iff max posterior < 1 - c), evaluated on (eta, y, w)."""
-    pred, confidence = chow(eta)
-    points = []
-    for c in costs:  # a loop over costs
-        errors = selective_errors(pred, confidence >= 1.0 - c, y, c2g, w)
-        points.append((errors.coverage, errors.balanced_error, errors.worst_error))
-    table = torch.tensor(points, dtype=torch.float64)
-    return _Points(coverage=table[:, 0], balanced=table[:, 1], worst=table[:, 2])
+    pred: torch.Tensor
+    accept: torch.Tensor
+    rules: Optional[list[PluginRule]]
 
 
-def _bootstrap_aurc(
-    confidence: torch.Tensor, pred: torch.Tensor, y: torch.Tensor, w: torch.Tensor, class_to_group: torch.Tensor,
-    n_boot: int, seed: int, chunk: int = 50,
-) -> dict[str, tuple[float, float]]:
-    """95% percentile-bootstrap intervals of the full-range balanced and worst AURC of a threshold sweep.
-
-    Replicate b resamples the split's rows with the indices `bootstrap_ci` would draw for it (same
-    generator, same order) and computes the same curve as `risk_coverage` (ties accepted fractionally),
-    but all replicates at once: one batched sort and batched per-group cumulative sums, `chunk`
-    replicates at a time."""
-    n = confidence.shape[0]
-    index = torch.from_numpy(np.random.default_rng(seed).integers(0, n, size=(int(n_boot), n)))
-    wrong, group = (pred != y), class_to_group[y]
-    areas = [_batched_areas(confidence[rows], wrong[rows], group[rows], w[rows], int(class_to_group.max()) + 1)
-             for rows in index.split(chunk)]
-    balanced, worst = torch.cat([a[0] for a in areas]).numpy(), torch.cat([a[1] for a in areas]).numpy()
-    q = [(1.0 - CI_LEVEL) / 2.0, (1.0 + CI_LEVEL) / 2.0]
-    lo_b, hi_b = np.quantile(balanced, q)
-    lo_w, hi_w = np.quantile(worst, q)
-    return {"balanced": (float(lo_b), float(hi_b)), "worst": (float(lo_w), float(hi_w))}
+def _coverage_matched(m: Method, eta: dict[str, torch.Tensor], data: _Data, split: str,
+                      taus: tuple[float, ...], options: FitOptions) -> _Matched:
+    """The operating point at every target coverage, chosen on val (see the module docstring)."""
+    if m.kind == "chow":
+        pred, confidence = chow(eta[split])
+        _, confidence_val = chow(eta[SEL_SPLIT])
+        thresholds = torch.tensor([_quantile_threshold(confidence_val, data.w[SEL_SPLIT], tau) for tau in taus],
+                                  dtype=confidence.dtype)
+        return _Matched(pred=pred.expand(len(taus), -1), accept=confidence[None] >= thresholds[:, None], rules=None)
+    rules = fit_at_coverage(
+        eta[FIT_SPLIT], data.y[FIT_SPLIT], eta[SEL_SPLIT], data.y[SEL_SPLIT], data.class_to_group, taus,
+        objective=m.objective, weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT],
+        rounds=options.rounds, step=options.step, n_starts=options.n_starts, max_iter=options.max_iter,
+    )
+    decisions = [rule.predict(eta[split]) for rule in rules]  # a loop over target coverages
+    return _Matched(pred=torch.stack([d.pred for d in decisions]), accept=torch.stack([d.accept for d in decisions]),
+                    rules=rules)
 
 
-def _batched_areas(conf: torch.Tensor, wrong: torch.Tensor, group: torch.Tensor, w: torch.Tensor,
-                   n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-range balanced and worst AURC of B risk-coverage curves (rows of [B, N] inputs), computed
-    as `risk_coverage` followed by `aurc` would compute each."""
-    b, n = conf.shape
-    conf, order = conf.sort(dim=1, descending=True, stable=True)
-    wrong, group, w = wrong.gather(1, order), group.gather(1, order), w.gather(1, order)
-    mass = torch.nn.functional.one_hot(group, n_groups).to(torch.float64) * w[..., None]
-    zero = mass.new_zeros(b, 1, n_groups)
-    cum_mass = torch.cat([zero, mass.cumsum(dim=1)], dim=1)
-    cum_wrong = torch.cat([zero, (mass * wrong[..., None]).cumsum(dim=1)], dim=1)
-    # Runs of equal confidence: for each position, the count before its run and at its run's end.
-    pos = torch.arange(n).expand(b, n)
-    first = torch.ones(b, n, dtype=torch.bool)
-    first[:, 1:] = conf[:, 1:] != conf[:, :-1]
-    last = torch.ones(b, n, dtype=torch.bool)
-    last[:, :-1] = first[:, 1:]
-    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
-    end = torch.where(last, pos + 1, torch.full_like(pos, n)).flip(1).cummin(dim=1).values.flip(1)
-    count = pos + 1
-    frac = ((count - start) / (end - start)).to(torch.float64)[..., None]
-    exact = (count == end)[..., None]
+def _group_masses(matched: _Matched, y: torch.Tensor, w: torch.Tensor, c2g: torch.Tensor, n_groups: int,
+                  counts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accepted and accepted-and-wrong weight per target and group, [T, K]; with `counts` [B, N] (how
+    often each sample is drawn in each of B resamples), per resample as well: [B, T, K]."""
+    t, n = matched.accept.shape
+    by_group = torch.nn.functional.one_hot(c2g[y], n_groups).to(torch.float64) * w[:, None]  # [N, K]
+    accepted = matched.accept.to(torch.float64)[..., None] * by_group  # [T, N, K]
+    wrong = accepted * (matched.pred != y).to(torch.float64)[..., None]
+    if counts is None:
+        return accepted.sum(dim=1), wrong.sum(dim=1)
+    flat = lambda x: x.permute(1, 0, 2).reshape(n, -1)  # noqa: E731  [N, T*K]
+    shape = (counts.shape[0], t, n_groups)
+    return (counts @ flat(accepted)).view(shape), (counts @ flat(wrong)).view(shape)
 
-    def at_count(cum: torch.Tensor) -> torch.Tensor:
-        take = lambda idx: cum.gather(1, idx[..., None].expand(b, n, n_groups))  # noqa: E731
-        return torch.where(exact, take(count), take(start) + frac * (take(end) - take(start)))
 
-    accepted, errors = at_count(cum_mass), at_count(cum_wrong)
-    group_error = torch.where(accepted > 0, errors / accepted.clamp_min(1e-300), torch.ones_like(accepted))
-    coverage = (accepted.sum(dim=2) / w.sum(dim=1, keepdim=True)).clamp(0.0, 1.0)
+def _errors(accepted: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group errors (1.0 where nothing is accepted), balanced and worst error, from `_group_masses`."""
+    group_error = torch.where(accepted > 0, wrong / accepted.clamp_min(1e-300), torch.ones_like(accepted))
+    return group_error, group_error.mean(dim=-1), group_error.max(dim=-1).values
 
-    def area(risk: torch.Tensor) -> torch.Tensor:
-        inner = ((coverage[:, 1:] - coverage[:, :-1]) * (risk[:, 1:] + risk[:, :-1]) / 2).sum(dim=1)
-        return coverage[:, 0] * risk[:, 0] + inner + (1.0 - coverage[:, -1]) * risk[:, -1]
 
-    return area(group_error.mean(dim=2)), area(group_error.max(dim=2).values)
+def trapezoid(x: Sequence[float], risk: Any) -> Any:
+    """The trapezoid area of (x, risk) points along the last axis of `risk`, x in any order."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    order = x.argsort()
+    x, risk = x[order], torch.as_tensor(risk, dtype=torch.float64)[..., order]
+    return ((x[1:] - x[:-1]) * (risk[..., 1:] + risk[..., :-1]) / 2).sum(dim=-1)
+
+
+def _resample_counts(n: int, n_boot: int, seed: int) -> torch.Tensor:
+    """[B, N]: how often each of the N samples is drawn in each of B bootstrap resamples (with replacement)."""
+    index = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    flat = np.bincount((index + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
+    return torch.from_numpy(flat.reshape(n_boot, n).astype(np.float64))
 
 
 def _reference(
@@ -412,53 +422,13 @@ def _reference(
     return ref.name, _coverage(rules[ref.name].predict(eta[ref.name][SEL_SPLIT]).accept, w_val)
 
 
-def _downsample(n: int, max_points: int) -> np.ndarray:
-    """Indices of at most `max_points` evenly spread points of 0..n-1, both ends kept."""
-    if n <= max_points:
-        return np.arange(n)
-    return np.unique(np.round(np.linspace(0, n - 1, max_points)).astype(np.int64))
-
-
-def _evaluate(
-    m: Method, rule: Optional[PluginRule], eta: dict[str, torch.Tensor], data: _Data, split: str, *,
-    cost: float, costs: list[float], min_coverage: float, reference_coverage: Optional[float], n_boot: int,
-    seed: int, fit_options: FitOptions,
-) -> tuple[dict[str, Any], RiskCoverage, SelectiveErrors]:
-    """One method's table row (all columns but the per-group coverage), its threshold-sweep curve,
-    and its errors at the operating point, all on `split`."""
+def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch.Tensor], data: _Data, split: str,
+                     cost: float, reference_coverage: Optional[float]) -> tuple[dict[str, float], SelectiveErrors]:
+    """The threshold-sweep areas and the operating point's columns of one method on `split`."""
     y, w, c2g = data.y[split], data.w[split], data.class_to_group
     pred, confidence, accept = _decisions(m, rule, eta[split])
-    row: dict[str, Any] = {"method": m.name}
-
-    # Threshold sweep and its bootstrap intervals.
     rc = risk_coverage(confidence, pred, y, c2g, w)
-    intervals = _bootstrap_aurc(confidence, pred, y, w, c2g, n_boot, seed)
-    for risk in ("balanced", "worst"):
-        row[f"aurc_{risk}"] = aurc(rc, risk)
-        row[f"aurc_{risk}_lo"], row[f"aurc_{risk}_hi"] = intervals[risk]
-    row["aurc_standard"] = aurc(rc, "standard")
-    row[f"aurc_balanced_cov{min_coverage:g}"] = aurc(rc, "balanced", min_coverage)
-    row[f"aurc_worst_cov{min_coverage:g}"] = aurc(rc, "worst", min_coverage)
-
-    # The paper's cost sweep.
-    if m.kind == "plugin":
-        sweep = cost_sweep(
-            eta[FIT_SPLIT], data.y[FIT_SPLIT], eta[SEL_SPLIT], data.y[SEL_SPLIT], eta[split], y, c2g, costs,
-            m.objective, weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT], weights_test=w,
-            rounds=fit_options.rounds, step=fit_options.step, n_starts=fit_options.n_starts,
-            max_iter=fit_options.max_iter,
-        )
-    else:
-        sweep = _chow_cost_sweep(eta[split], y, w, c2g, costs)
-    row["aurc_balanced_costsweep"] = aurc(sweep, "balanced")
-    row["aurc_worst_costsweep"] = aurc(sweep, "worst")
-
-    # Full coverage.
-    full = selective_errors(pred, torch.ones_like(accept), y, c2g, w)
-    row["balanced_error_full"], row["worst_error_full"] = full.balanced_error, full.worst_error
-    row["error_full"] = full.overall_error
-
-    # Operating point: the plug-in rule as fitted; Chow at the reference coverage on val.
+    row = {"aurc_balanced_threshold": aurc(rc, "balanced"), "aurc_worst_threshold": aurc(rc, "worst")}
     if m.kind == "chow":
         _, confidence_val = chow(eta[SEL_SPLIT])
         threshold = _quantile_threshold(confidence_val, data.w[SEL_SPLIT], float(reference_coverage))
@@ -471,9 +441,7 @@ def _evaluate(
     row["balanced_l2r"] = op.balanced_error + cost * (1.0 - op.coverage)
     row["worst_l2r"] = op.worst_error + cost * (1.0 - op.coverage)
     row["ece"] = ece(eta[split], y, weights=w)
-    points = pd.DataFrame({"method": m.name, "cost": costs, "coverage": sweep.coverage.numpy(),
-                           "balanced": sweep.balanced.numpy(), "worst": sweep.worst.numpy()})
-    return row, rc, op, points
+    return row, op
 
 
 def compare(
@@ -484,11 +452,10 @@ def compare(
     *,
     split: str = "test",
     cost: float,
-    costs: Sequence[float],
+    coverages: Sequence[float] = COVERAGES,
     target_coverage: Optional[float] = None,
     n_boot: int = 200,
     seed: int = 0,
-    min_coverage: float = 0.2,
     group_names: Optional[Sequence[str]] = None,
     fit_options: FitOptions = FitOptions(),
     rank_by: Sequence[str] = RANK_BY,
@@ -497,17 +464,12 @@ def compare(
 
     `labels` and `weights` map each split to labels [N] and sample weights [N] (a missing or None
     weight means all ones; `weights=None` means all ones everywhere). `cost` is the operating cost,
-    `costs` the cost-sweep grid, `target_coverage` (optional) the val coverage the Chow methods are
-    matched to, `n_boot` the bootstrap replicates, `min_coverage` the lower end of the restricted AURC.
+    `coverages` the target coverages of the coverage-matched comparison, `target_coverage` (optional)
+    the val coverage the Chow operating points are matched to, `n_boot` the bootstrap resamples.
     """
     data, eta = _check_inputs(methods, labels, weights, class_to_group, split)
     cost = check.cost(cost)
-    grid = [check.cost(c, "costs") for c in check.as_tensor(costs, "costs").flatten().tolist()]
-    if not grid:
-        raise ValueError("costs must hold at least one cost >= 0.")
-    min_coverage = float(min_coverage)
-    if not 0.0 <= min_coverage < 1.0:
-        raise ValueError(f"min_coverage must lie in [0, 1); got {min_coverage}.")
+    taus = check_coverages(coverages)
     if target_coverage is not None and not 0.0 < float(target_coverage) <= 1.0:
         raise ValueError(f"target_coverage must lie in (0, 1]; got {target_coverage}.")
     if int(n_boot) != n_boot or n_boot < 1:
@@ -515,7 +477,7 @@ def compare(
     if group_names is not None and len(group_names) != data.n_groups:
         raise ValueError(f"group_names must name the K = {data.n_groups} groups; got {len(group_names)} names.")
     group_labels = [str(g) for g in (group_names if group_names is not None else range(data.n_groups))]
-    columns = table_columns(group_labels, min_coverage)
+    columns = table_columns(group_labels, taus)
     unknown = [c for c in rank_by if c not in columns or c == "method"]
     if not rank_by or unknown:
         raise ValueError(f"rank_by must name numeric columns of the table; unknown: {unknown or list(rank_by)}.")
@@ -534,43 +496,62 @@ def compare(
             rules[m.name] = m.rule
         else:
             rules[m.name] = _fit_rule(m, eta[m.name], data, cost, fit_options)
-
     reference, reference_coverage = _reference(methods, rules, eta, data.w[SEL_SPLIT], target_coverage)
 
-    rows, rc_frames, cost_frames = [], [], []
-    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    y, w, c2g = data.y[split], data.w[split], data.class_to_group
+    counts = _resample_counts(y.shape[0], int(n_boot), seed)  # the same resamples for every method
+    group_mass = (torch.nn.functional.one_hot(c2g[y], data.n_groups).to(torch.float64) * w[:, None]).sum(dim=0)
+    q = [(1.0 - CI_LEVEL) / 2.0, (1.0 + CI_LEVEL) / 2.0]
+    rows, point_frames, group_frames = [], [], []
+    coverage_rules: dict[str, list[PluginRule]] = {}
     group_coverage: dict[str, np.ndarray] = {}
-    for i, m in enumerate(methods):  # a loop over methods
-        row, rc, op, points = _evaluate(
-            m, rules.get(m.name), eta[m.name], data, split, cost=cost, costs=grid, min_coverage=min_coverage,
-            reference_coverage=reference_coverage, n_boot=int(n_boot), seed=seed + i, fit_options=fit_options,
-        )
+    for m in methods:  # a loop over methods
+        matched = _coverage_matched(m, eta[m.name], data, split, taus, fit_options)
+        if matched.rules is not None:
+            coverage_rules[m.name] = matched.rules
+        accepted, wrong = _group_masses(matched, y, w, c2g, data.n_groups)
+        group_error, balanced, worst = _errors(accepted, wrong)
+        coverage = accepted.sum(dim=1) / w.sum()
+        row: dict[str, Any] = {"method": m.name}
+        boot_group, boot_balanced, boot_worst = _errors(*_group_masses(matched, y, w, c2g, data.n_groups, counts))
+        for risk, point, boot in (("balanced", balanced, boot_balanced), ("worst", worst, boot_worst)):
+            row[f"aurc_{risk}"] = float(trapezoid(taus, point))
+            row[f"aurc_{risk}_lo"], row[f"aurc_{risk}_hi"] = np.quantile(trapezoid(taus, boot).numpy(), q).tolist()
+        for tau in READOUT_COVERAGES:
+            at = [i for i, c in enumerate(taus) if abs(c - tau) < 1e-9]
+            if at:
+                row[readout_column("balanced", tau)] = float(balanced[at[0]])
+                row[readout_column("worst", tau)] = float(worst[at[0]])
+        row["empty_group_points"] = int((accepted <= 0).any(dim=1).sum())
+        op_row, op = _operating_point(m, rules.get(m.name), eta[m.name], data, split, cost, reference_coverage)
+        row.update(op_row)
         row.update({f"coverage_{name}": value for name, value in zip(group_labels, op.group_coverage.tolist())})
         rows.append(row)
-        cost_frames.append(points)
-        curves[m.name] = (rc.coverage.numpy(), rc.balanced.numpy(), rc.worst.numpy())
         group_coverage[m.name] = op.group_coverage.numpy()
-        keep = _downsample(rc.coverage.shape[0], MAX_RC_POINTS)
-        rc_frames.append(pd.DataFrame({
+        point_frames.append(pd.DataFrame({"method": m.name, "target_coverage": list(taus),
+                                          "coverage": coverage.numpy(), "balanced_error": balanced.numpy(),
+                                          "worst_error": worst.numpy()}))
+        group_share = accepted / group_mass.clamp_min(1e-300)
+        group_frames.append(pd.DataFrame({
             "method": m.name,
-            "coverage": rc.coverage.numpy()[keep],
-            "balanced": rc.balanced.numpy()[keep],
-            "worst": rc.worst.numpy()[keep],
-            "standard": rc.standard.numpy()[keep],
+            "target_coverage": np.repeat(taus, data.n_groups),
+            "group": group_labels * len(taus),
+            "coverage": group_share.reshape(-1).numpy(),
+            "error": group_error.reshape(-1).numpy(),
         }))
 
     table = pd.DataFrame(rows, columns=columns)
     table = table.sort_values(list(rank_by), kind="mergesort").reset_index(drop=True)
     return Comparison(
         table=table,
-        rc_points=pd.concat(rc_frames, ignore_index=True),
-        cost_points=pd.concat(cost_frames, ignore_index=True),
-        curves=curves,
+        coverage_points=pd.concat(point_frames, ignore_index=True)[list(POINT_COLUMNS)],
+        group_points=pd.concat(group_frames, ignore_index=True),
+        coverage_rules=coverage_rules,
         group_coverage=group_coverage,
         rules=rules,
         reference=reference,
         reference_coverage=reference_coverage,
         split=split,
         cost=cost,
+        coverages=taus,
     )
-

@@ -15,22 +15,23 @@ import pytest
 import torch
 
 from argse.evaluation import (
-    MAX_RC_POINTS,
+    COVERAGES,
+    POINT_COLUMNS,
     Comparison,
     FitOptions,
     Method,
+    check_coverages,
     compare,
     metric_dict,
     metric_key,
     table_columns,
 )
-from argse.selective import fit_group_thresholds, fit_worst
+from argse.selective import fit_group_thresholds, fit_worst, selective_errors
 
 N_CLASSES = 10
 CLASS_TO_GROUP = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
 GROUP_NAMES = ("head", "tail")
 SIZES = {"tunev": 1000, "val": 1000, "test": 1500}
-COSTS = (0.1, 0.3, 0.5)
 COST = 0.3
 FIT = FitOptions(rounds=4, n_starts=4, max_iter=10)
 
@@ -76,7 +77,7 @@ def methods(data):
 @pytest.fixture(scope="module")
 def comparison(methods, data) -> Comparison:
     _, _, _, labels, weights = data
-    return compare(methods, labels, weights, CLASS_TO_GROUP, cost=COST, costs=COSTS, n_boot=40,
+    return compare(methods, labels, weights, CLASS_TO_GROUP, cost=COST, n_boot=40,
                    group_names=GROUP_NAMES, fit_options=FIT)
 
 
@@ -93,25 +94,28 @@ def test_true_posterior_method_ranks_first(comparison):
 
 def test_true_posteriors_beat_their_degraded_versions_on_every_aurc(comparison):
     row = comparison.table.set_index("method")
-    for column in ("aurc_balanced", "aurc_worst", "aurc_balanced_costsweep", "aurc_worst_costsweep"):
+    for column in ("aurc_balanced", "aurc_worst", "balanced_error_at0.8", "worst_error_at0.8"):
         for other in ("plugin-worst[noisy]", "plugin-worst[head-biased]"):
             assert row.loc["ar-gse[worst]", column] < row.loc[other, column], (column, other)
 
 
 def test_table_has_the_documented_columns_in_order(comparison):
-    assert list(comparison.table.columns) == table_columns(GROUP_NAMES, 0.2)
+    assert list(comparison.table.columns) == table_columns(GROUP_NAMES, COVERAGES)
     assert comparison.table.columns[0] == "method"
-    assert "aurc_balanced_cov0.2" in comparison.table.columns
+    for tau in ("1", "0.8", "0.6"):
+        assert {f"balanced_error_at{tau}", f"worst_error_at{tau}"} <= set(comparison.table.columns)
+    assert not any("costsweep" in c for c in comparison.table.columns)
     assert len(comparison.table) == 5
     assert not comparison.table.drop(columns="method").isna().any().any()
 
 
-def test_every_aurc_lies_in_the_unit_interval(comparison):
+def test_every_aurc_lies_in_its_range(comparison):
     values = comparison.table[_aurc_columns(comparison.table)].to_numpy()
-    assert values.shape[1] == 11
+    assert values.shape[1] == 8
     assert np.all((values >= 0.0) & (values <= 1.0))
-    # the restricted area covers [0.2, 1] only
-    assert np.all(comparison.table["aurc_worst_cov0.2"] <= 0.8 + 1e-12)
+    # the coverage-matched areas span the grid [0.2, 1] only
+    for column in ("aurc_balanced", "aurc_worst", "aurc_worst_hi"):
+        assert np.all(comparison.table[column] <= 0.8 + 1e-12)
 
 
 def test_each_bootstrap_interval_contains_its_point_estimate(comparison):
@@ -142,7 +146,7 @@ def test_metric_keys_are_valid_mlflow_names(comparison):
 
 def test_metric_key_maps_brackets_and_other_characters():
     assert metric_key("ar-gse[worst]", "aurc_worst") == "ar-gse.worst/aurc_worst"
-    assert metric_key("chow[uniform-ensemble]", "aurc_balanced_cov0.2") == "chow.uniform-ensemble/aurc_balanced_cov0.2"
+    assert metric_key("chow[uniform-ensemble]", "worst_error_at0.8") == "chow.uniform-ensemble/worst_error_at0.8"
     assert metric_key("plugin-worst[best single expert]", "ece") == "plugin-worst.best single expert/ece"
     assert metric_key("a/b:c", "x") == "a_b_c/x"
     with pytest.raises(ValueError, match="valid MLflow metric name"):
@@ -162,7 +166,7 @@ def test_chow_operating_point_matches_the_reference_coverage_on_val(comparison):
 def test_target_coverage_sets_the_chow_operating_point(data):
     _, head_biased, _, labels, weights = data
     result = compare([Method("chow[head-biased]", "chow", head_biased)], labels, weights, CLASS_TO_GROUP,
-                     cost=COST, costs=COSTS, target_coverage=0.7, n_boot=5)
+                     cost=COST, target_coverage=0.7, n_boot=5)
     assert result.reference == "target_coverage"
     assert result.table["coverage_val"].iloc[0] == pytest.approx(0.7, abs=2.0 / SIZES["val"])
     # groups named by index when no names are given
@@ -180,23 +184,139 @@ def test_operating_point_risks_follow_from_the_errors(comparison):
         assert np.allclose(per_group, [row["coverage_head"], row["coverage_tail"]])
 
 
-def test_curves_end_at_the_full_coverage_errors(comparison):
-    row = comparison.table.set_index("method")
-    for name, (coverage, balanced, worst) in comparison.curves.items():
-        assert coverage[-1] == pytest.approx(1.0)
-        assert np.all(np.diff(coverage) >= -1e-12)
-        assert balanced[-1] == pytest.approx(row.loc[name, "balanced_error_full"])
-        assert worst[-1] == pytest.approx(row.loc[name, "worst_error_full"])
-
-
-def test_rc_points_are_downsampled_keeping_the_endpoints(comparison):
-    points = comparison.rc_points
-    assert list(points.columns) == ["method", "coverage", "balanced", "worst", "standard"]
-    for name, (coverage, balanced, _) in comparison.curves.items():
+def test_coverage_points_have_the_documented_columns_and_one_row_per_method_and_target(comparison):
+    points = comparison.coverage_points
+    assert tuple(points.columns) == POINT_COLUMNS
+    assert len(points) == len(comparison.table) * len(COVERAGES)
+    for name in comparison.table["method"]:
         mine = points[points["method"] == name]
-        assert 2 <= len(mine) <= MAX_RC_POINTS
-        assert mine["coverage"].iloc[0] == coverage[0] and mine["coverage"].iloc[-1] == coverage[-1]
-        assert mine["balanced"].iloc[-1] == balanced[-1]
+        assert tuple(mine["target_coverage"]) == COVERAGES
+        assert np.all(mine["worst_error"] >= mine["balanced_error"] - 1e-12)
+
+
+def test_aurc_is_the_trapezoid_of_the_logged_points(comparison):
+    row = comparison.table.set_index("method")
+    for name, mine in comparison.coverage_points.groupby("method"):
+        mine = mine.sort_values("target_coverage")
+        x = mine["target_coverage"].to_numpy()
+        for risk in ("balanced", "worst"):
+            y = mine[f"{risk}_error"].to_numpy()
+            area = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+            assert row.loc[name, f"aurc_{risk}"] == pytest.approx(area, abs=1e-12)
+        for tau in (1.0, 0.8, 0.6):
+            at = mine[np.isclose(mine["target_coverage"], tau)].iloc[0]
+            assert row.loc[name, f"balanced_error_at{tau:g}"] == at["balanced_error"]
+            assert row.loc[name, f"worst_error_at{tau:g}"] == at["worst_error"]
+
+
+def _independent_chow_points(eta, labels, weights, taus):
+    """Chow's coverage-matched points by hand: the val quantile of sorted confidences, test errors."""
+    conf_val = np.sort(eta["val"].max(dim=1).values.numpy())[::-1]
+    n_val = len(conf_val)
+    conf, pred = eta["test"].max(dim=1).values.numpy(), eta["test"].argmax(dim=1).numpy()
+    y, w = labels["test"].numpy(), weights["test"].numpy()
+    group = CLASS_TO_GROUP.numpy()[y]
+    out = []
+    for tau in taus:
+        threshold = conf_val[int(np.ceil(tau * n_val - 1e-9)) - 1]  # unit val weights: the ceil(tau*n)-th largest
+        accept = conf >= threshold
+        errors = []
+        for k in (0, 1):
+            mass = w[accept & (group == k)].sum()
+            errors.append(w[accept & (group == k) & (pred != y)].sum() / mass if mass > 0 else 1.0)
+        out.append((w[accept].sum() / w.sum(), np.mean(errors), np.max(errors)))
+    return np.array(out)
+
+
+def test_chow_points_equal_an_independent_computation(data):
+    eta, _, _, labels, weights = data
+    taus = (1.0, 0.9, 0.7, 0.5, 0.3, 0.2)
+    result = compare([Method("chow[true]", "chow", eta)], labels, weights, CLASS_TO_GROUP, cost=COST,
+                     coverages=taus, target_coverage=0.5, n_boot=5)
+    got = result.coverage_points[["coverage", "balanced_error", "worst_error"]].to_numpy()
+    assert np.allclose(got, _independent_chow_points(eta, labels, weights, taus), atol=1e-12)
+
+
+def test_plugin_points_are_fitted_for_each_coverage_and_reach_it_on_val(comparison, data):
+    eta, _, _, labels, _ = data
+    rules = comparison.coverage_rules["ar-gse[worst]"]
+    assert len(rules) == len(COVERAGES)
+    for tau, rule in zip(COVERAGES, rules):
+        share = float(rule.predict(eta["val"]).accept.double().mean())
+        assert tau <= share <= tau + 2.0 / SIZES["val"]
+    assert "chow[noisy]" not in comparison.coverage_rules
+
+
+def test_bootstrap_interval_equals_a_per_resample_recomputation(data):
+    """Operating points fixed, samples resampled: the interval of a naive loop over resamples."""
+    eta, _, _, labels, weights = data
+    taus = (1.0, 0.6, 0.2)
+    result = compare([Method("chow[true]", "chow", eta)], labels, weights, CLASS_TO_GROUP, cost=COST,
+                     coverages=taus, target_coverage=0.5, n_boot=30, seed=7)
+    conf_val = eta["val"].max(dim=1).values
+    conf, pred = eta["test"].max(dim=1).values, eta["test"].argmax(dim=1)
+    thresholds = [float(conf_val.sort(descending=True).values[int(np.ceil(t * SIZES["val"] - 1e-9)) - 1]) for t in taus]
+    y, w = labels["test"], weights["test"]
+    index = np.random.default_rng(7).integers(0, len(y), size=(30, len(y)))
+    areas = {"balanced": [], "worst": []}
+    for rows in index:
+        rows = torch.from_numpy(rows)
+        points = [selective_errors(pred[rows], conf[rows] >= t, y[rows], CLASS_TO_GROUP, w[rows]) for t in thresholds]
+        for risk in areas:
+            e = np.array([getattr(p, f"{risk}_error") for p in points])[::-1]  # ascending coverage
+            areas[risk].append(float(np.sum(np.diff(taus[::-1]) * (e[1:] + e[:-1]) / 2)))
+    row = result.table.iloc[0]
+    for risk, values in areas.items():
+        lo, hi = np.quantile(values, [0.025, 0.975])
+        assert row[f"aurc_{risk}_lo"] == pytest.approx(lo, abs=1e-9)
+        assert row[f"aurc_{risk}_hi"] == pytest.approx(hi, abs=1e-9)
+
+
+def test_empty_groups_are_counted_per_method(comparison):
+    groups = comparison.group_points
+    assert set(groups.columns) == {"method", "target_coverage", "group", "coverage", "error"}
+    for name, mine in groups.groupby("method"):
+        empty = mine[mine["coverage"] <= 0]
+        assert np.all(empty["error"] == 1.0)
+        count = comparison.table.set_index("method").loc[name, "empty_group_points"]
+        assert count == empty["target_coverage"].nunique()
+    # no plug-in row empties a group at any target coverage
+    table = comparison.table.set_index("method")
+    for name in ("ar-gse[worst]", "plugin-worst[noisy]", "plugin-worst[head-biased]"):
+        assert table.loc[name, "empty_group_points"] == 0
+
+
+def test_a_chow_rule_that_never_trusts_the_tail_empties_it_below_the_head_share():
+    """Head samples (classes 0-2) are confident, tail samples are not: Chow accepts no tail sample
+    below the head's share of coverage, and those targets count as empty with error 1.0."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    y = torch.cat([torch.randint(0, 3, (n // 2,), generator=g), torch.randint(3, 10, (n // 2,), generator=g)])
+    eta = torch.full((n, N_CLASSES), 0.1 / 9, dtype=torch.float64)
+    eta[torch.arange(n), y] = torch.where(y < 3, 0.9, 0.5).double()
+    eta = eta / eta.sum(dim=1, keepdim=True)
+    splits = {s: eta for s in ("tunev", "val", "test")}
+    labels = {s: y for s in splits}
+    taus = (1.0, 0.8, 0.6, 0.4, 0.2)
+    result = compare([Method("chow[shy]", "chow", splits)], labels, None, CLASS_TO_GROUP, cost=COST, coverages=taus,
+                     target_coverage=0.5, n_boot=5, group_names=GROUP_NAMES)
+    assert result.table["empty_group_points"].iloc[0] == 2  # tau = 0.4 and 0.2
+    points = result.coverage_points.set_index("target_coverage")
+    assert points.loc[0.4, "worst_error"] == 1.0 and points.loc[0.6, "worst_error"] < 1.0
+
+
+@pytest.mark.parametrize("grid, message", [
+    ([], "at least two"), ([0.5], "at least two"), ([1.0, 1.2], "lie in"), ([0.5, 0.0], "lie in"),
+    (["a", 0.5], "numbers"),
+])
+def test_bad_coverage_grids_get_one_sentence(grid, message):
+    with pytest.raises(ValueError, match=message):
+        check_coverages(grid)
+
+
+def test_coverage_grid_is_sorted_and_deduplicated():
+    assert check_coverages([0.2, 1.0, 0.6, 0.6]) == (1.0, 0.6, 0.2)
+    assert COVERAGES[0] == 1.0 and COVERAGES[-1] == 0.2 and len(COVERAGES) == 17
 
 
 def test_to_markdown_has_a_header_and_one_line_per_method(comparison):
@@ -219,14 +339,14 @@ def test_a_fixed_rule_is_used_as_given(data):
     rule = fit_worst(eta["tunev"], labels["tunev"], eta["val"], labels["val"], CLASS_TO_GROUP, COST, rounds=3,
                      n_starts=4, max_iter=10)
     result = compare([Method("ar-gse[worst]", "plugin", eta, objective="worst", rule=rule)], labels, weights,
-                     CLASS_TO_GROUP, cost=COST, costs=(COST,), n_boot=5, fit_options=FIT)
+                     CLASS_TO_GROUP, cost=COST, n_boot=5, fit_options=FIT)
     assert result.rules["ar-gse[worst]"] is rule
     accept = rule.predict(eta["test"]).accept.double()
     w = weights["test"]
     assert result.table["coverage"].iloc[0] == pytest.approx(float((accept * w).sum() / w.sum()))
     with pytest.raises(ValueError, match="fitted at cost"):
         compare([Method("ar-gse[worst]", "plugin", eta, objective="worst", rule=rule)], labels, weights,
-                CLASS_TO_GROUP, cost=0.1, costs=COSTS, n_boot=5)
+                CLASS_TO_GROUP, cost=0.1, n_boot=5)
 
 
 def test_a_rule_with_group_thresholds_ranks_a_rejected_group_last(data):
@@ -235,17 +355,15 @@ def test_a_rule_with_group_thresholds_ranks_a_rejected_group_last(data):
                      n_starts=3, max_iter=5)
     rule = fit_group_thresholds(rule, eta["val"], [0.8, 0.0])  # the tail group gets t = +inf
     result = compare([Method("ar-gse[worst,groupwise]", "plugin", eta, objective="worst", rule=rule)], labels,
-                     weights, CLASS_TO_GROUP, cost=COST, costs=(COST,), n_boot=5, group_names=GROUP_NAMES,
+                     weights, CLASS_TO_GROUP, cost=COST, n_boot=5, group_names=GROUP_NAMES,
                      fit_options=FIT)
     row = result.table.iloc[0]
     predicted_tail = rule.predict(eta["test"]).group == 1
     assert 0.0 < row["coverage"] < 1.0
     assert row["coverage_val"] == pytest.approx(float((rule.predict(eta["val"]).accept).double().mean()))
-    # every sample predicted in the rejected group sits at the end of the threshold sweep
-    coverage, _, _ = result.curves["ar-gse[worst,groupwise]"]
+    # every sample predicted in the rejected group is rejected at the operating point
     w = weights["test"]
-    share_before_tail = float(w[~predicted_tail].sum() / w.sum())
-    assert np.any(np.isclose(coverage, share_before_tail))
+    assert row["coverage"] <= float(w[~predicted_tail].sum() / w.sum()) + 1e-12
     assert metric_key("ar-gse[worst,groupwise]", "aurc_worst") == "ar-gse.worst_groupwise/aurc_worst"
 
 
@@ -254,16 +372,20 @@ def test_split_val_and_tunev_are_evaluated_on_that_split(data):
     for split in ("val", "tunev"):
         result = compare([Method("chow[true]", "chow", {s: eta[s] for s in ("tunev", "val")})],
                          {s: labels[s] for s in ("tunev", "val")}, None, CLASS_TO_GROUP, split=split, cost=COST,
-                         costs=COSTS, target_coverage=0.5, n_boot=5)
+                         target_coverage=0.5, n_boot=5)
         assert result.split == split
-        full_error = float((eta[split].argmax(1) != labels[split]).double().mean())
-        assert result.table["error_full"].iloc[0] == pytest.approx(full_error)
+        y, (confidence, pred) = labels[split], eta[split].max(1)
+        # tau = 1 accepts what reaches val's lowest confidence: all of val, nearly all of tunev
+        at_one = selective_errors(pred, confidence >= eta["val"].max(1).values.min(), y, CLASS_TO_GROUP)
+        assert result.table["balanced_error_at1"].iloc[0] == pytest.approx(at_one.balanced_error)
+        assert result.coverage_points["coverage"].iloc[0] == pytest.approx(at_one.coverage)
+        assert at_one.coverage == 1.0 if split == "val" else at_one.coverage > 0.99
 
 
 def test_invalid_inputs_get_one_sentence(data):
     eta, _, _, labels, weights = data
     ok = Method("chow[true]", "chow", eta)
-    kwargs = dict(cost=COST, costs=COSTS, n_boot=5, target_coverage=0.5)
+    kwargs = dict(cost=COST, n_boot=5, target_coverage=0.5)
     with pytest.raises(ValueError, match="at least one Method"):
         compare([], labels, weights, CLASS_TO_GROUP, **kwargs)
     with pytest.raises(ValueError, match="split must be one of"):
@@ -280,24 +402,6 @@ def test_invalid_inputs_get_one_sentence(data):
     with pytest.raises(ValueError, match="rank_by"):
         compare([ok], labels, weights, CLASS_TO_GROUP, rank_by=("aurc_typo",), **kwargs)
     with pytest.raises(ValueError, match="reference coverage"):
-        compare([ok], labels, weights, CLASS_TO_GROUP, cost=COST, costs=COSTS, n_boot=5)
-
-
-
-def test_batched_bootstrap_equals_bootstrap_ci_of_the_per_replicate_curves():
-    """The evaluate stage's batched bootstrap gives the interval that `bootstrap_ci` over
-    `risk_coverage` + `aurc` gives, ties in the confidence included."""
-    from argse.evaluation import _bootstrap_aurc
-    from argse.selective import aurc, bootstrap_ci, risk_coverage
-
-    gen = torch.Generator().manual_seed(3)
-    n, c2g = 300, torch.tensor([0, 0, 0, 1, 1, 2])
-    confidence = (torch.rand(n, generator=gen, dtype=torch.float64) * 20).round() / 20  # many ties
-    y = torch.randint(0, 6, (n,), generator=gen)
-    pred = torch.where(torch.rand(n, generator=gen) < 0.7, y, torch.randint(0, 6, (n,), generator=gen))
-    w = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
-    got = _bootstrap_aurc(confidence, pred, y, w, c2g, n_boot=40, seed=11, chunk=7)
-    for risk in ("balanced", "worst"):
-        want = bootstrap_ci(lambda cf, p, t, ww: aurc(risk_coverage(cf, p, t, c2g, ww), risk),
-                            confidence, pred, y, w, n=40, level=0.95, seed=11)
-        assert got[risk] == pytest.approx(want, abs=1e-9)
+        compare([ok], labels, weights, CLASS_TO_GROUP, cost=COST, n_boot=5)
+    with pytest.raises(ValueError, match="coverages"):
+        compare([ok], labels, weights, CLASS_TO_GROUP, coverages=[0.5], **kwargs)
