@@ -46,7 +46,14 @@ class OptionalText(click.ParamType):
         return str(value)
 
 
-PRESET_INT, PRESET_FLOAT, OPTIONAL_TEXT = PresetOr(int), PresetOr(float), OptionalText()
+PRESET_INT, PRESET_FLOAT, PRESET_TEXT, OPTIONAL_TEXT = PresetOr(int), PresetOr(float), PresetOr(str), OptionalText()
+
+
+def preset_values(field: str) -> str:
+    """Each dataset preset's value of ``field``, for help texts: ``cifar100-lt 100, digits-lt 20, ...``."""
+    def show(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value
+    return ", ".join(f"{name} {show(getattr(p, field))}" for name, p in PRESETS.items())
 
 
 def flag(name: str, **kwargs):
@@ -79,7 +86,7 @@ def stage_options(f):
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(f)
     f = click.option("--seed", type=int, default=0, show_default=True)(f)
     f = click.option("--data-dir", default="data", show_default=True,
-                     help="Where datasets are read from (and CIFAR-100 downloaded to).")(f)
+                     help="Where datasets are read from (and CIFAR-100 / Fashion-MNIST downloaded to).")(f)
     f = click.option("--dataset", type=click.Choice(DATASETS), default="cifar100-lt", show_default=True)(f)
     return tracking_options(f)
 
@@ -141,11 +148,12 @@ def cli(tracking_uri, experiment, verbose):
 
 @cli.command()
 @stage_options
-@click.option("--imb-factor", type=PRESET_FLOAT, default=None, help="Imbalance factor (default: preset; CIFAR 100, digits 20).")
+@click.option("--imb-factor", type=PRESET_FLOAT, default=None, help=f"Imbalance factor (default: preset; {preset_values('imb_factor')}).")
 @click.option("--tunev-ratio", type=PRESET_FLOAT, default=None, help="Share of each class's held-out images for tunev.")
 @click.option("--val-ratio", type=PRESET_FLOAT, default=None, help="Share of each class's held-out images for val.")
-@click.option("--group-thresholds", default="20", show_default=True,
-              help="Train-count thresholds: 20 = head/tail, 100,20 = many/medium/few.")
+@click.option("--group-thresholds", type=PRESET_TEXT, default=None,
+              help="Train-count thresholds: 20 = head/tail, 100,20 = many/medium/few "
+                   f"(default: preset; {preset_values('group_thresholds')}).")
 def splits(**kwargs):
     """Create the long-tailed train set and the disjoint tunev / val / test splits."""
     from argse.config import SplitsConfig
@@ -159,16 +167,17 @@ def splits(**kwargs):
 @cli.command()
 @stage_options
 @click.option("--expert", type=click.Choice(list(EXPERTS) + ["all"]), default="all", show_default=True)
-@click.option("--epochs", type=PRESET_INT, default=None, help="Training epochs (default: preset; CIFAR 200).")
+@click.option("--epochs", type=PRESET_INT, default=None, help=f"Training epochs (default: preset; {preset_values('epochs')}).")
 @click.option("--lr", type=PRESET_FLOAT, default=None, help="Base learning rate at batch 128 (default: preset).")
-@click.option("--batch-size", type=PRESET_INT, default=None, help="Batch size (default: preset; CIFAR 128).")
+@click.option("--batch-size", type=PRESET_INT, default=None, help=f"Batch size (default: preset; {preset_values('batch_size')}).")
 @click.option("--la-tau", type=float, default=1.0, show_default=True, help="LogitAdjust temperature tau.")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--warmup-epochs", type=PRESET_INT, default=None, help="Linear warm-up epochs (default: preset).")
 @click.option("--checkpoint-every", type=int, default=10, show_default=True, help="Epochs between checkpoints.")
 @flag("--compile", help="torch.compile the model.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA and on CPUs with bf16 units (CIFAR preset), else fp32.")
+              help="auto: bf16 autocast on CUDA, and on CPUs with bf16 units for the presets "
+                   f"{', '.join(n for n, p in PRESETS.items() if p.cpu_fast_path)}; else fp32.")
 @click.option("--splits-run", default="latest", show_default=True, help="latest, a run id or runs:/<id>/splits.")
 @click.option("--resume", type=OPTIONAL_TEXT, default=None, metavar="RUN_ID",
               help="Continue this expert run from its last checkpoint.")
@@ -243,7 +252,9 @@ def fit(**kwargs):
               help="The split to report (the seed's `--dataset` of evaluate_argse.py).")
 @click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True,
               help="Label prior every metric is computed under.")
-@click.option("--cost-grid", type=int, default=21, show_default=True, help="Costs in [0, 1] of the cost sweep.")
+@click.option("--coverage-grid", default="default", show_default=True,
+              help="Target coverages of the coverage-matched comparison, comma-separated in (0, 1]; "
+                   "default: 1, 0.95, ..., 0.2.")
 @click.option("--n-boot", type=int, default=200, show_default=True, help="Bootstrap resamples for the AURC intervals.")
 @click.option("--check-images", type=int, default=64, show_default=True,
               help="Images on which the logged model must agree with its logits (0: skip).")
@@ -267,7 +278,7 @@ def evaluate(**kwargs):
               show_default=True)
 @flag("--force", help="Rerun every stage from --start-from even when an identical finished run exists.")
 @click.option("--imb-factor", type=PRESET_FLOAT, default=None, help="splits: imbalance factor (default: preset).")
-@click.option("--group-thresholds", default="20", show_default=True, help="splits: train-count thresholds.")
+@click.option("--group-thresholds", type=PRESET_TEXT, default=None, help="splits: train-count thresholds (default: preset).")
 @click.option("--epochs", type=PRESET_INT, default=None, help="experts: epochs (default: preset).")
 @click.option("--batch-size", type=PRESET_INT, default=None, help="experts: batch size (default: preset).")
 @click.option("--lr", type=PRESET_FLOAT, default=None, help="experts: learning rate (default: preset).")
@@ -284,7 +295,8 @@ def evaluate(**kwargs):
 @click.option("--register-name", type=OPTIONAL_TEXT, default=None, help="argse: registered model name.")
 @click.option("--split", type=click.Choice(["test", "val", "tunev"]), default="test", show_default=True,
               help="evaluate: the split to report.")
-@click.option("--cost-grid", type=int, default=21, show_default=True, help="evaluate: costs of the cost sweep.")
+@click.option("--coverage-grid", default="default", show_default=True,
+              help="evaluate: target coverages, comma-separated in (0, 1] (default: 1, 0.95, ..., 0.2).")
 @click.option("--n-boot", type=int, default=200, show_default=True, help="evaluate: bootstrap resamples.")
 def pipeline(**kwargs):
     """Run splits -> experts -> gating -> argse -> evaluate, reusing identical finished stages."""
@@ -301,15 +313,14 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    names = {"ConnectionError", "MaxRetryError", "NewConnectionError", "ConnectTimeout"}
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ in names or "Max retries exceeded" in str(exc) or "Failed to establish" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+def _server_problem(exc: BaseException) -> str | None:
+    """The one line for a failure that is the tracking server's (unreachable, frozen, its database
+    down, credentials refused), also when a stage wrapped it in its own message; else ``None``."""
+    if "argse.tracking" not in sys.modules:  # failed before any tracking happened
+        return None
+    from argse import tracking
+
+    return tracking.server_problem(exc)
 
 
 def _verbose_requested(args: list[str]) -> bool:
@@ -346,16 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     except ArgseError as exc:
         if _STATE["verbose"]:
             traceback.print_exc()
-        click.echo(f"error: {_one_line(exc)}", err=True)
+        click.echo(f"error: {_server_problem(exc) or _one_line(exc)}", err=True)
         code = exc.exit_code
     except Exception as exc:  # anything else: still one line, the traceback on request
         if _STATE["verbose"]:
             traceback.print_exc()
-        if _is_connection_error(exc):
-            import mlflow
-
-            click.echo(f"error: cannot reach the MLflow tracking server at {mlflow.get_tracking_uri()}: "
-                       "start it or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere", err=True)
+        problem = _server_problem(exc)
+        if problem:
+            click.echo(f"error: {problem}", err=True)
         else:
             hint = "" if _STATE["verbose"] else " (rerun with --verbose for the traceback)"
             click.echo(f"error: {type(exc).__name__}: {_one_line(exc)}{hint}", err=True)

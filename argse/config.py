@@ -94,6 +94,25 @@ def parse_group_thresholds(text: str | tuple[int, ...]) -> tuple[int, ...]:
     return values
 
 
+def resolve_coverage_grid(text: str) -> str:
+    """``--coverage-grid``: ``default`` (1, 0.95, ..., 0.2) or comma-separated coverages in (0, 1], at
+    least two distinct; returned in one canonical spelling (descending, no repeats), or a one-line error."""
+    from argse.evaluation import COVERAGES, check_coverages
+
+    text = str(text).strip()
+    if text == "default":
+        grid = COVERAGES
+    else:
+        try:
+            grid = check_coverages([v for v in text.split(",") if v.strip()])
+        except ValueError as exc:
+            raise ArgseUsageError(
+                f"--coverage-grid {text!r}: {str(exc).rstrip('.')}; give comma-separated coverages in (0, 1], "
+                "e.g. 1,0.9,0.8,0.7,0.6,0.5, or default"
+            ) from None
+    return ",".join(f"{v:g}" for v in grid)
+
+
 @dataclass
 class StageConfig:
     """Options every stage shares."""
@@ -271,7 +290,7 @@ class EvaluateConfig(StageConfig):
     model_uri: str = "latest"
     split: str = "test"
     test_prior: str = "lt"
-    cost_grid: int = 21
+    coverage_grid: str = "default"
     n_boot: int = 200
     check_images: int = 64
     save_results: bool = False
@@ -281,9 +300,13 @@ class EvaluateConfig(StageConfig):
     def resolve(self) -> "EvaluateConfig":
         preset(self.dataset)
         self._check_choices(split=("test", "val", "tunev"), test_prior=PRIORS)
-        if self.cost_grid < 2 or self.n_boot < 1 or self.check_images < 0:
-            raise ArgseUsageError("--cost-grid must be >= 2, --n-boot >= 1 and --check-images >= 0")
-        return self
+        if self.n_boot < 1 or self.check_images < 0:
+            raise ArgseUsageError("--n-boot must be >= 1 and --check-images >= 0")
+        return dataclasses.replace(self, coverage_grid=resolve_coverage_grid(self.coverage_grid))
+
+    def coverages(self) -> tuple[float, ...]:
+        """The target coverages of the coverage-matched comparison, descending."""
+        return tuple(float(v) for v in self.coverage_grid.split(","))
 
 
 PIPELINE_STEPS = ("data", "experts", "gating", "argse", "eval")
@@ -313,7 +336,7 @@ class PipelineConfig(StageConfig):
     eg_rounds: int = 20
     register_name: str | None = None
     split: str = "test"
-    cost_grid: int = 21
+    coverage_grid: str = "default"
     n_boot: int = 200
     _PRESENTATIONAL = ("verbose", "dry_run", "force")
 
@@ -323,7 +346,7 @@ class PipelineConfig(StageConfig):
                             test_prior=PRIORS, split=("test", "val", "tunev"))
         if PIPELINE_STEPS.index(self.start_from) > PIPELINE_STEPS.index(self.stop_at):
             raise ArgseUsageError(f"--start-from {self.start_from} comes after --stop-at {self.stop_at}")
-        return self
+        return dataclasses.replace(self, coverage_grid=resolve_coverage_grid(self.coverage_grid))
 
 
 __all__ = [

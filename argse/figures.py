@@ -33,34 +33,49 @@ def class_distribution(train_counts, eval_counts: dict, class_to_group, group_na
     return fig
 
 
+#: Line styles and markers cycled so that methods whose curves coincide stay visible.
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+
+
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes, where it cannot cover a curve."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
 def bars_by_group(values: dict[str, np.ndarray], group_names, ylabel: str, title: str):
     """Grouped bars: one bar per series (e.g. expert or method) for every group."""
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(group_names) * max(1, len(values)) / 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(group_names) * max(1, len(values)) / 2) + 3, 4))
     width = 0.8 / max(len(values), 1)
     x = np.arange(len(group_names))
+    colours = plt.get_cmap("tab20").colors
     for i, (label, vals) in enumerate(values.items()):
         ax.bar(x + (i - (len(values) - 1) / 2) * width, np.asarray(vals), width, label=label,
-               color=GROUP_COLOURS[i % len(GROUP_COLOURS)] if len(values) <= len(GROUP_COLOURS) else None)
+               color=colours[i % len(colours)])
     ax.set_xticks(x, list(group_names))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     return fig
 
 
 def risk_coverage_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ylabel: str, title: str):
-    """One line per method: risk against coverage."""
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for label, (coverage, risk) in curves.items():
-        ax.plot(np.asarray(coverage), np.asarray(risk), label=label, linewidth=1.4)
+    """One line per method: risk against coverage, markers on the measured points; each method has its
+    own colour, line style and marker, so coinciding curves stay distinguishable."""
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    colours = plt.get_cmap("tab10").colors
+    for i, (label, (coverage, risk)) in enumerate(curves.items()):
+        ax.plot(np.asarray(coverage), np.asarray(risk), label=label, linewidth=1.4, markersize=4,
+                color=colours[i % len(colours)], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+                marker=MARKERS[i % len(MARKERS)], alpha=0.9)
     ax.set_xlabel("coverage")
     ax.set_ylabel(ylabel)
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.02)
     ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     return fig
 

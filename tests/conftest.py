@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
 
 PIPELINE_ARGS = ("pipeline", "--dataset", "digits-lt", "--epochs", "4", "--gating-epochs", "10",
-                 "--selective-rounds", "1", "--eg-rounds", "5", "--n-boot", "20", "--cost-grid", "6")
+                 "--selective-rounds", "1", "--eg-rounds", "5", "--n-boot", "20", "--coverage-grid", "1,0.8,0.6,0.4,0.2")
 
 
 def _use_copy(db: Path, workdir: Path, mp: pytest.MonkeyPatch) -> str:

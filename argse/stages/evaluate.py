@@ -2,9 +2,10 @@
 
 Methods, all on the same split, weights and fitting data (tunev = S1, val = S2): Chow's rule on each
 expert and on their uniform average, the paper's plug-in on the best single expert (by val balanced
-accuracy) for both objectives, and the gated mixture for both objectives (the model's own rule for
-its objective; with per-group thresholds, both the thresholded model and the single-cost rule).
-The table is ranked by the worst-group AURC of the paper's cost sweep (see README, Evaluate).
+accuracy) and on the uniform average of the experts, for both objectives, and the gated mixture for
+both objectives (the model's own rule for its objective; with per-group thresholds, both the
+thresholded model and the single-cost rule). The table is ranked by the coverage-matched worst-group
+AURC, then the balanced one (`argse.evaluation`; README, Evaluate).
 
 Before any number is computed, the logged pyfunc model is run on a sample of the split's raw images
 and must agree with the decisions computed from the logits.
@@ -30,9 +31,9 @@ from argse.stages.common import ExpertSet, load_experts
 from argse.models.gating import balanced_accuracy
 from argse.stages.gating import load_gate, mixture
 
-RANK_BY = ("aurc_worst_costsweep", "aurc_balanced_costsweep")
-SUMMARY_COLUMNS = ("method", "aurc_balanced", "aurc_worst", "aurc_balanced_costsweep", "aurc_worst_costsweep",
-                   "worst_error_full", "coverage", "balanced_error", "worst_error")
+SUMMARY_COLUMNS = ("method", "aurc_balanced", "aurc_worst", "balanced_error_at1", "worst_error_at1",
+                   "balanced_error_at0.8", "worst_error_at0.8", "balanced_error_at0.6", "worst_error_at0.6",
+                   "empty_group_points")
 
 
 def resolve_model(cfg: EvaluateConfig, experiment: str | None) -> tuple[mlflow.entities.Run, str]:
@@ -51,9 +52,11 @@ def build_methods(experts: ExpertSet, gate, rule: PluginRule, objective: str) ->
     splits = ("tunev", "val", "test")
     methods = [Method(f"chow[{name}]", "chow", {s: probs[s][:, e] for s in splits})
                for e, name in enumerate(experts.names)]
-    methods.append(Method("chow[uniform-ensemble]", "chow", {s: probs[s].mean(dim=1) for s in splits}))
+    uniform = {s: probs[s].mean(dim=1) for s in splits}
+    methods.append(Method("chow[uniform-ensemble]", "chow", uniform))
     for obj in ("balanced", "worst"):
         methods.append(Method(f"plugin-{obj}[{best}]", "plugin", {s: probs[s][:, best_index] for s in splits}, obj))
+        methods.append(Method(f"plugin-{obj}[uniform-ensemble]", "plugin", uniform, obj))
     mixed = {s: mixture(gate, probs[s]) for s in splits}
     single_cost = rule if rule.thresholds is None else None
     for obj in ("balanced", "worst"):
@@ -117,9 +120,8 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
                                  n_starts=int(params.get("n_starts", 12)))
         comparison = compare(
             build_methods(experts, gate, rule, objective), experts.labels, weights, splits.class_to_group,
-            split=cfg.split, cost=rule.cost, costs=np.linspace(0.0, 1.0, cfg.cost_grid).tolist(),
-            n_boot=cfg.n_boot, seed=cfg.seed, group_names=splits.group_names, fit_options=fit_options,
-            rank_by=RANK_BY,
+            split=cfg.split, cost=rule.cost, coverages=cfg.coverages(), n_boot=cfg.n_boot, seed=cfg.seed,
+            group_names=splits.group_names, fit_options=fit_options,
         )
         log_comparison(comparison, cfg, splits.group_names)
         click.echo(f"evaluate run {active.info.run_id}: {cfg.split} split, {cfg.test_prior} prior, cost {rule.cost:.4g}")
@@ -132,7 +134,8 @@ def summary_markdown(table) -> str:
     columns = [c for c in SUMMARY_COLUMNS if c in table.columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|"]
     for _, row in table[columns].iterrows():  # a loop over methods
-        cells = [str(row[c]) if c == "method" else f"{float(row[c]):.4f}" for c in columns]
+        cells = [str(row[c]) if c == "method" else
+                 str(int(row[c])) if c == "empty_group_points" else f"{float(row[c]):.4f}" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -156,12 +159,15 @@ def log_comparison(comparison: Comparison, cfg: EvaluateConfig, group_names) -> 
             out = Path(cfg.output_dir)
             write_results(comparison, out)
             click.echo(f"results written to {out.resolve()}")
+    order = list(comparison.table["method"])  # best first
+    points = comparison.coverage_points
     for risk, label in (("balanced", "balanced error"), ("worst", "worst-group error")):
-        curves = {name: (c[0], c[1] if risk == "balanced" else c[2]) for name, c in comparison.curves.items()}
-        fig = figures.risk_coverage_curves(curves, label, f"{cfg.dataset} {cfg.split}: {label} vs coverage")
+        curves = {name: (points.loc[points["method"] == name, "coverage"].to_numpy(),
+                         points.loc[points["method"] == name, f"{risk}_error"].to_numpy()) for name in order}
+        fig = figures.risk_coverage_curves(curves, label, f"{cfg.dataset} {cfg.split}: {label} at matched coverage")
         mlflow.log_figure(fig, f"figures/rc_{risk}.png")
         figures.close(fig)
-    fig = figures.bars_by_group({name: cov for name, cov in comparison.group_coverage.items()}, group_names,
+    fig = figures.bars_by_group({name: comparison.group_coverage[name] for name in order}, group_names,
                                 "coverage", f"coverage per group at the operating point ({cfg.split})")
     mlflow.log_figure(fig, "figures/group_coverage.png")
     figures.close(fig)
@@ -171,5 +177,5 @@ def write_results(comparison: Comparison, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     comparison.table.to_csv(folder / "table.csv", index=False)
     (folder / "table.md").write_text(comparison.to_markdown() + "\n")
-    comparison.rc_points.to_csv(folder / "rc_points.csv", index=False)
-    comparison.cost_points.to_csv(folder / "costsweep_points.csv", index=False)
+    comparison.coverage_points.to_csv(folder / "coverage_points.csv", index=False)
+    comparison.group_points.to_csv(folder / "coverage_points_by_group.csv", index=False)

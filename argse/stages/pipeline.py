@@ -63,7 +63,7 @@ def _stage_configs(cfg: PipelineConfig) -> dict:
                                          rounds=cfg.selective_rounds, epochs_per_round=cfg.epochs_per_round).resolve(),
         "argse": ArgseConfig(**common, objective=cfg.objective, cost=cfg.cost, target_coverage=cfg.target_coverage,
                              test_prior=cfg.test_prior, rounds=cfg.eg_rounds, register_name=cfg.register_name).resolve(),
-        "evaluate": EvaluateConfig(**common, split=cfg.split, test_prior=cfg.test_prior, cost_grid=cfg.cost_grid,
+        "evaluate": EvaluateConfig(**common, split=cfg.split, test_prior=cfg.test_prior, coverage_grid=cfg.coverage_grid,
                                    n_boot=cfg.n_boot).resolve(),
     }
 
@@ -140,6 +140,8 @@ class Pipeline:
             if cached is not None:
                 step.run_id, step.action = cached.info.run_id, ("would reuse" if dry_run else "reused")
                 self._record(name, cached)
+                if name == "argse" and not dry_run:
+                    self._repair_champion(config.register_name)
                 continue
             if dry_run:
                 step.action = "would run"
@@ -160,15 +162,8 @@ class Pipeline:
         started = time.perf_counter()
         client = MlflowClient()
         if step.name == "experts":
-            unfinished = tracking.find_resumable_run("experts", step.hash, tracking.code_version(),
-                                                     dataset=self.cfg.dataset, experiment=self.experiment,
-                                                     lineage=step.lineage)
-            if unfinished is not None and not self.cfg.force:
-                click.echo(f"experts: resuming unfinished run {unfinished.info.run_id} from its checkpoints")
-                ids = experts.run(dataclasses.replace(step.config, resume=unfinished.info.run_id),
-                                  experiment=self.experiment)
-                step.action = "resumed"
-            else:
+            ids = self._resume_experts(step)
+            if ids is None:
                 ids = experts.run(step.config, experiment=self.experiment)
                 step.action = "ran"
             step.run_id = ids["all"]
@@ -179,6 +174,40 @@ class Pipeline:
             step.action = "ran"
         self._record(step.name, client.get_run(step.run_id))
         click.echo(f"{step.name}: {step.action} in {time.perf_counter() - started:.1f} s")
+        tracking.failpoint(f"pipeline:{step.name}")
+
+    def _repair_champion(self, name: str) -> None:
+        """A reused fit may be the one whose process died before moving ``champion``: settle the alias
+        on the best FINISHED version (it says so when it moved)."""
+        from argse.stages import argse as argse_stage
+
+        decision = argse_stage.crown(name)
+        if decision.startswith("moved"):
+            click.echo(f"argse: {decision}")
+
+    def _resume_experts(self, step: Step) -> dict[str, str] | None:
+        """Resume an unfinished experts run with this configuration that no live process works on;
+        ``None`` (a fresh run is due) when there is none or it cannot be resumed. Says which, in one line."""
+        from argse.stages import experts
+
+        if self.cfg.force:
+            return None
+        unfinished, passed_over = tracking.find_resumable_run(
+            "experts", step.hash, tracking.code_version(), dataset=self.cfg.dataset, experiment=self.experiment,
+            lineage=step.lineage)
+        if unfinished is None:
+            if passed_over:
+                click.echo(f"experts: not resuming {passed_over}; starting a new run")
+            return None
+        run_id = unfinished.info.run_id
+        click.echo(f"experts: resuming unfinished run {run_id} from its checkpoints")
+        try:
+            ids = experts.run(dataclasses.replace(step.config, resume=run_id), experiment=self.experiment)
+        except tracking.RunBroken as exc:
+            click.echo(f"experts: run {run_id} cannot be resumed ({exc}); starting a fresh run")
+            return None
+        step.action = "resumed"
+        return ids
 
 
 def run(cfg: PipelineConfig, *, experiment: str | None = None) -> str | None:
