@@ -20,7 +20,7 @@ from argse.config import ArgseConfig
 from argse.data.loaders import load_digits
 from argse.selective import PluginRule
 from argse.serving import predict_frame
-from argse.stages.argse import register
+from argse.stages.argse import crown, register
 from argse.stages.common import load_experts
 from argse.stages.gating import load_gate, mixture
 from argse.stages.splits import load_splits
@@ -125,11 +125,43 @@ def test_champion_moves_only_to_a_better_model(chain_store):
         with mlflow.start_run(experiment_id=client.get_run(ids["argse"]).info.experiment_id) as run:
             mlflow.log_metric("val_worst_l2r", risk)
             info = type("Info", (), {"model_uri": f"models:/{model_uri}"})
-            decision = register(cfg, info, run.info.run_id, risk)
+            version = register(cfg, info, run.info.run_id, risk)
+        decision = crown(cfg.register_name, version)  # once the run is FINISHED
         return decision, client.get_model_version_by_alias(cfg.register_name, "champion").version
 
     _, first = fit_with_risk(0.30)
     decision, after_worse = fit_with_risk(0.35)
     assert after_worse == first and "stays" in decision
+    decision, after_tie = fit_with_risk(0.30)
+    assert after_tie == first and "a tie keeps the earlier version" in decision
     decision, after_better = fit_with_risk(0.20)
     assert after_better != first and "as champion" in decision
+
+
+def test_champion_is_never_a_version_whose_run_did_not_finish_and_a_rerun_repairs_it(chain_store):
+    """The interleavings concurrent fits produce, played in one process: a better model registered
+    by a fit still running is not champion until its run FINISHES; a champion left on an unfinished
+    run (a kill, older code) moves to the best FINISHED version at the next crown."""
+    _, ids = chain_store
+    client = MlflowClient()
+    name = "ar-gse-crown-test"
+    cfg = ArgseConfig(dataset="digits-lt", register_name=name).resolve()
+    info = type("Info", (), {"model_uri": f"models:/{client.get_run(ids['argse']).outputs.model_outputs[0].model_id}"})
+    experiment_id = client.get_run(ids["argse"]).info.experiment_id
+
+    def register_in_open_run(risk):
+        run = mlflow.start_run(experiment_id=experiment_id)
+        mlflow.log_metric("val_worst_l2r", risk)
+        return register(cfg, info, run.info.run_id, risk)
+
+    worse = register_in_open_run(0.4)
+    mlflow.end_run()
+    better = register_in_open_run(0.1)  # still RUNNING
+    assert "as champion" in crown(name, worse)  # the better one has not finished: it does not count
+    assert client.get_model_version_by_alias(name, "champion").version == worse.version
+    mlflow.end_run("FAILED")  # the better fit died: never champion
+    assert crown(name).startswith(f"{name}@champion is v{worse.version}")
+    # A champion left on a run that did not finish (as a kill between alias and end once did):
+    client.set_registered_model_alias(name, "champion", better.version)
+    assert crown(name).startswith(f"moved {name}@champion to v{worse.version}")
+    assert client.get_model_version_by_alias(name, "champion").version == worse.version

@@ -4,13 +4,17 @@ Reads a gating run and its experts through MLflow, forms the mixture posteriors 
 fitting split S1) and ``val`` (the selection split S2), and fits the rule for the balanced or the
 worst-group L2R risk at ``--cost`` (or at the cost whose rule reaches ``--target-coverage`` on val).
 Logs alpha / mu / beta, the exponentiated-gradient history, the operating point on val, and the
-pyfunc ``model`` (experts + temperatures + gate + rule), registered as ``--register-name``; the alias
-``champion`` moves to the new version only when its val worst-group L2R risk beats the champion's.
+pyfunc ``model`` (experts + temperatures + gate + rule), registered as ``--register-name``. Once the
+run is FINISHED, the alias ``champion`` is pointed at the version with the lowest val worst-group L2R
+risk among those whose run FINISHED (a tie keeps the version registered first), by a compare-and-set
+loop that concurrent fits cannot defeat.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import time
 
 import click
 import mlflow
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHAMPION_METRIC = "val_worst_l2r"
+TAG_VERSION_RUN = "argse.run_id"  # on a model version: the argse run that logged it
+TAG_VERSION_RISK = "argse.val_worst_l2r"  # on a model version: its run's CHAMPION_METRIC
 
 
 def fit_rule(cfg: ArgseConfig, eta: dict, y: dict, w: dict, class_to_group, cost: float) -> PluginRule:
@@ -119,12 +125,16 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
         gate = load_gate(gating_run.info.run_id)
         rule, summary = fit_and_log(cfg, experts, gate)
         model_info = log_servable(cfg, experts, gate, rule)
-        decision = register(cfg, model_info, active.info.run_id, summary[CHAMPION_METRIC])
-        click.echo(
-            f"argse run {active.info.run_id}: {cfg.objective} rule at cost {fmt_number(rule.cost)}, val coverage "
-            f"{fmt_number(summary['val_coverage'])}, balanced error {fmt_number(summary['val_balanced_error'])}, "
-            f"worst {fmt_number(summary['val_worst_error'])}; {decision}")
-        return active.info.run_id
+        version = register(cfg, model_info, active.info.run_id, summary[CHAMPION_METRIC])
+        tracking.failpoint("argse:registered")
+    # The run is FINISHED, everything logged: only now may its version become champion.
+    tracking.failpoint("argse:finished")
+    decision = crown(cfg.register_name, version)
+    click.echo(
+        f"argse run {active.info.run_id}: {cfg.objective} rule at cost {fmt_number(rule.cost)}, val coverage "
+        f"{fmt_number(summary['val_coverage'])}, balanced error {fmt_number(summary['val_balanced_error'])}, "
+        f"worst {fmt_number(summary['val_worst_error'])}; {decision}")
+    return active.info.run_id
 
 
 def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule, dict[str, float]]:
@@ -197,32 +207,112 @@ def log_servable(cfg: ArgseConfig, experts: ExpertSet, gate, rule: PluginRule):
     return info
 
 
-def _champion_risk(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+def register(cfg: ArgseConfig, model_info, run_id: str, risk: float):
+    """Register the logged model as a new version of ``cfg.register_name``, tagged with its run and its
+    val worst-group L2R risk; return the version. Inside the run: ``champion`` moves later, in
+    :func:`crown`, once the run is FINISHED."""
+    version = mlflow.register_model(model_info.model_uri, cfg.register_name,
+                                    tags={TAG_VERSION_RUN: run_id, TAG_VERSION_RISK: repr(float(risk))})
+    mlflow.set_tag("argse.registered_model", f"{cfg.register_name}/{version.version}")
+    mlflow.log_metric("registered_version", float(version.version))
+    return version
+
+
+def _run_of(version) -> str | None:
+    """The fit run a version came from: the one that registered it, else the one that logged its model."""
+    return version.tags.get(TAG_VERSION_RUN) or version.run_id
+
+
+def _risk_of(client: MlflowClient, version) -> float | None:
+    """A version's val worst-group L2R risk: its tag, else its run's metric (versions registered by hand)."""
+    if TAG_VERSION_RISK in version.tags:
+        return float(version.tags[TAG_VERSION_RISK])
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_run(_run_of(version)).data.metrics.get(CHAMPION_METRIC) if _run_of(version) else None
     except MlflowException:
-        return None, None
-    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
-    return version.version, metrics.get(CHAMPION_METRIC)
+        return None
 
 
-def register(cfg: ArgseConfig, model_info, run_id: str, risk: float) -> str:
-    """Register the model; move ``champion`` to it when its val worst-group L2R risk is lower."""
+def best_version(client: MlflowClient, name: str):
+    """The version of ``name`` that should be champion: the lowest val worst-group L2R risk among the
+    READY versions whose run is FINISHED; on a tie, the one registered first. ``(version, risk)``, or
+    ``(None, None)`` when no version qualifies."""
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        versions.extend(v for v in page if v.status == "READY")
+        token = page.token
+        if not token:
+            break
+    ranked = sorted(((risk, int(v.version), v) for v in versions if (risk := _risk_of(client, v)) is not None),
+                    key=lambda r: r[:2])
+    for risk, _, version in ranked:
+        if not _run_of(version):
+            continue
+        try:
+            run = client.get_run(_run_of(version))
+        except MlflowException:
+            continue
+        if run.info.status == "FINISHED" and run.info.lifecycle_stage == "active":
+            return version, risk
+    return None, None
+
+
+def _champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def crown(name: str, version=None, *, attempts: int = 20) -> str:
+    """Point ``champion`` at :func:`best_version` and return the decision, one phrase (recorded on the
+    run of ``version`` when given). Safe under concurrent fits: a compare-and-set loop that sets the
+    alias, then reads it and the best version again, until both agree; the last fit to finish thus
+    leaves the alias on the best FINISHED version, whatever the interleaving. Without ``version`` it
+    repairs: a champion left on a run that did not finish (or any stale choice) moves to the best."""
     client = MlflowClient()
-    name = cfg.register_name
-    champion_version, champion_risk = _champion_risk(client, name)
-    version = mlflow.register_model(model_info.model_uri, name, tags={"argse.run_id": run_id})
-    better = champion_risk is None or risk < champion_risk
-    if better:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        decision = (f"registered {name} v{version.version} as {CHAMPION} (val worst L2R {risk:.4f}"
-                    + (f" < v{champion_version}'s {champion_risk:.4f})" if champion_risk is not None else ", first champion)"))
+    before = _champion(client, name)
+    best, best_risk = best_version(client, name)
+    for _ in range(attempts):
+        current = _champion(client, name)
+        if best is None or (current is not None and current.version == best.version):
+            break
+        try:
+            client.set_registered_model_alias(name, CHAMPION, best.version)
+        except MlflowException as exc:  # another fit set it at the same moment (unique key): look again
+            log.debug("setting %s@%s: %s", name, CHAMPION, exc)
+            time.sleep(random.uniform(0.05, 0.5))
+        best, best_risk = best_version(client, name)
     else:
-        decision = (f"registered {name} v{version.version}; {CHAMPION} stays v{champion_version} "
-                    f"(val worst L2R {risk:.4f} >= {champion_risk:.4f})")
-    mlflow.set_tags({"argse.registered_model": f"{name}/{version.version}", "argse.champion_decision": decision})
-    mlflow.log_metrics({"registered_version": float(version.version), "became_champion": float(better)})
+        raise ArgseError(f"{name}@{CHAMPION} kept moving for {attempts} tries; rerun `argse fit` to settle it")
+    decision = _decision(client, name, version, before, best, best_risk)
+    if version is not None:
+        client.set_tag(_run_of(version), "argse.champion_decision", decision)
+        client.log_metric(_run_of(version), "became_champion", float(best is not None and best.version == version.version))
     return decision
 
 
-__all__ = ["run", "fit_rule", "cost_for_coverage", "operating_point", "register"]
+def _decision(client: MlflowClient, name: str, version, before, best, best_risk) -> str:
+    if best is None:
+        return f"{name} has no FINISHED version; {CHAMPION} is unset"
+    risk = fmt_number(best_risk)
+    if version is None:
+        if before is not None and before.version == best.version:
+            return f"{name}@{CHAMPION} is v{best.version} (val worst L2R {risk})"
+        was = f"v{before.version}, whose run is not FINISHED or not the best" if before is not None else "unset"
+        return f"moved {name}@{CHAMPION} to v{best.version} (val worst L2R {risk}; it was {was})"
+    mine = _risk_of(client, version)
+    if best.version == version.version:
+        if before is None:
+            return f"registered {name} v{version.version} as {CHAMPION} (val worst L2R {risk}, first champion)"
+        previous = _risk_of(client, before)
+        was = f" < v{before.version}'s {fmt_number(previous)}" if previous is not None else f", replacing v{before.version}"
+        return f"registered {name} v{version.version} as {CHAMPION} (val worst L2R {risk}{was})"
+    tie = " (a tie keeps the earlier version)" if mine == best_risk else ""
+    verb = "stays" if before is not None and before.version == best.version else "is"
+    return (f"registered {name} v{version.version}; {CHAMPION} {verb} v{best.version} "
+            f"(val worst L2R {fmt_number(mine)} >= {risk}){tie}")
+
+
+__all__ = ["run", "fit_rule", "cost_for_coverage", "operating_point", "register", "crown", "best_version"]

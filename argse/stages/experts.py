@@ -135,7 +135,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, generat
 
 
 def load_checkpoint(run_id: str) -> dict | None:
-    """The run's ``checkpoints/last.pt``, ``None`` when it has none; a corrupt file is an error."""
+    """The run's ``checkpoints/last.pt``, ``None`` when it has none; a corrupt file is an error that no
+    resume can fix (:class:`tracking.RunBroken`: the run is then replaced, not resumed again)."""
     client = mlflow.MlflowClient()
     if not any(a.path == CHECKPOINT for a in client.list_artifacts(run_id, "checkpoints")):
         return None
@@ -147,7 +148,8 @@ def load_checkpoint(run_id: str) -> dict | None:
     except Exception as exc:
         problem = type(exc).__name__
     if problem:
-        raise ArgseError(f"the checkpoint of run {run_id} is corrupt ({problem}); start a fresh run instead of --resume")
+        raise tracking.RunBroken(f"the checkpoint of run {run_id} is corrupt ({problem}); a fresh run (without "
+                                 "--resume) starts over")
     return state
 
 
@@ -231,6 +233,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
             save_checkpoint(tmp / "last.pt", backbone, optimizer, scheduler, epoch, generator, cfg.params())
             mlflow.log_artifact(str(tmp / "last.pt"), "checkpoints")
+            tracking.failpoint("experts:checkpoint")
     bar.close()
     return ExpertModel(backbone, data.train.mean, data.train.std)
 
@@ -514,6 +517,10 @@ def _resume(cfg: ExpertsConfig, device: torch.device, experiment: str | None) ->
         raise ArgseError(f"--resume {cfg.resume} is not an experts run (stage {tags.get(tracking.TAG_STAGE)})")
     if tags.get(tracking.TAG_DATASET) != cfg.dataset:
         raise ArgseError(f"--resume {cfg.resume} is a {tags.get(tracking.TAG_DATASET)} run: pass --dataset {tags.get(tracking.TAG_DATASET)}")
+    if run.info.status != "FINISHED":
+        why = tracking.claim(run.info.run_id)  # never two processes on one run
+        if why is not None:
+            raise ArgseError(f"not resuming run {run.info.run_id}: {why}")
     if tags.get(tracking.TAG_EXPERT) == "all":
         return _resume_all(run, cfg, device, experiment)
     if run.info.status == "FINISHED":
