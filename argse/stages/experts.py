@@ -225,7 +225,8 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
         mlflow.log_metrics(metrics, step=epoch)
         progress = (f"epoch {epoch}/{cfg.epochs}: loss {fmt_number(metrics['train_loss'])}, val acc "
                     f"{fmt_number(metrics['val_acc'])}, balanced {fmt_number(metrics['val_balanced_acc'])}")
-        bar.set_postfix_str(progress, refresh=False)
+        bar.set_postfix_str(f"epoch {epoch}/{cfg.epochs}, val balanced acc {fmt_number(metrics['val_balanced_acc'])}",
+                            refresh=False)
         if not bars:
             click.echo(f"{name} {progress} ({seconds:.1f} s)")
         elif cfg.verbose:

@@ -1,0 +1,199 @@
+"""What a newcomer sees in the first hour: the quickstart's log in a file (one line per epoch, no
+progress bars, no pickling warning), bars on a terminal, run names that say what each run is (also
+under `mlflow run`), messages that say what happened, system information and a measured estimate
+with --verbose / --dry-run, and a champion that loads in a fresh venv without the package."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import sysconfig
+import termios
+import threading
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from argse import fmt_number
+from argse.config import EXPERTS
+from conftest import PIPELINE_ARGS, REPO, subprocess_env
+
+EPOCHS = 4
+PIPELINE_STEPS = {"splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate"}
+
+
+def _runs(client=None):
+    client = client or MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              order_by=["attributes.start_time ASC"])
+
+
+def _children(parent, runs):
+    return {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_no_pickling_warning(store, tmp_path):
+    log = tmp_path / "quickstart.log"
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", "dataset=digits-lt",
+           "-P", f"epochs={EPOCHS}", "-P", "gating_epochs=10", "-P", "n_boot=20"]
+    with open(log, "w") as out:
+        done = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(store), stdout=out, stderr=subprocess.STDOUT,
+                              timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text and "it/s" not in text, "progress bars written to a file"
+    for expert in EXPERTS:
+        epochs = [line for line in text.splitlines() if re.match(rf"{expert} epoch \d+/{EPOCHS}: loss ", line)]
+        assert len(epochs) == EPOCHS, (expert, epochs)
+    assert "pickl" not in text.lower(), [line for line in text.splitlines() if "pickl" in line.lower()]
+
+    runs = _runs()
+    (pipeline,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert pipeline.info.run_name == "pipeline digits-lt: ran splits..evaluate"
+    assert _children(pipeline, runs) == PIPELINE_STEPS
+    (experts,) = [r for r in runs if r.info.run_name == "experts"]
+    assert _children(experts, runs) == {f"expert-{name}" for name in EXPERTS}
+
+    # One formatting of the cost: the fit's line and evaluate's line print the logged cost alike.
+    argse_run = next(r for r in runs if r.info.run_name == "argse")
+    printed = re.findall(r"(?:argse|evaluate) run \w+: .*?cost ([0-9.e+-]+)", text)
+    assert printed and set(printed) == {fmt_number(argse_run.data.metrics["cost"])}, printed
+
+
+def test_mlflow_run_of_experts_names_its_runs(store, cli, tmp_path):
+    assert cli("splits", "--dataset", "digits-lt").code == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "experts", "--env-manager", "local",
+         "-P", "dataset=digits-lt", "-P", "epochs=1"],
+        cwd=tmp_path, env=subprocess_env(store), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = _runs()
+    top = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(top) == {"splits digits-lt", "experts digits-lt"}
+    assert _children(top["experts digits-lt"], runs) == {f"expert-{name}" for name in EXPERTS}
+
+
+def test_a_rerun_that_reuses_the_fit_says_nothing_was_registered(pipeline_store, cli):
+    result = cli(*PIPELINE_ARGS)
+    assert result.code == 0, result.err
+    assert re.search(r"argse run \w+ \(reused\): nothing registered; ar-gse-digits-lt@champion is v1, this run's model",
+                     result.out), result.out
+    assert "as champion" not in result.out
+    names = [r.info.run_name for r in _runs() if r.data.tags.get("argse.stage") == "pipeline"]
+    assert names == ["pipeline digits-lt: ran splits..evaluate", "pipeline digits-lt: reused splits..evaluate"]
+
+
+def test_a_dry_run_under_mlflow_run_names_the_run_it_leaves_empty(store, cli, monkeypatch):
+    handed_over = MlflowClient().create_run("0")
+    monkeypatch.setenv("MLFLOW_RUN_ID", handed_over.info.run_id)
+    assert cli("splits", "--dataset", "digits-lt", "--dry-run").code == 0
+    assert MlflowClient().get_run(handed_over.info.run_id).info.run_name == "splits digits-lt: dry run"
+
+
+def test_dry_run_shows_the_resolved_device_versions_and_a_measured_estimate(experts_store, cli):
+    result = cli("experts", "--dataset", "digits-lt", "--dry-run", "--epochs", "2")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert re.fullmatch(r"system: torch \S+, torchvision \S+, mlflow \S+, Python \S+", lines[0]), lines[0]
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert re.fullmatch(rf"device: {expected} from --device auto \(.+\); precision (fp32|bf16 autocast) from "
+                        r"--precision auto", lines[1]), lines[1]
+    (estimate,) = [line for line in lines if line.startswith("  estimate on ")]
+    assert re.search(r"\d+\.\d ms per training step of 64 images \(measured.*5 steps x 2 epochs x 3 expert\(s\).* "
+                     r"= about \d+ (s|min|h); memory about \d+", estimate), estimate
+
+
+def test_verbose_shows_the_system_for_a_stage_on_the_cpu(store, cli):
+    result = cli("splits", "--dataset", "digits-lt", "--verbose")
+    assert result.code == 0, result.err
+    assert result.out.startswith("system: torch ")
+    assert re.search(r"^device: cpu \(.+ torch threads?\); precision fp32; this stage computes on the CPU$",
+                     result.out, re.M), result.out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_one_line_before_any_run(store, cli):
+    result = cli("experts", "--dataset", "digits-lt", "--device", "cuda", "--dry-run")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1 and "no CUDA device" in result.err
+    assert _runs() == []
+
+
+def test_splits_tables_put_each_header_over_its_column(store, cli):
+    result = cli("splits", "--dataset", "digits-lt", "--dry-run", "--verbose", "--group-thresholds", "60,20")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    for title in ("group", "class"):
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"{title} "))
+        block = lines[start:]
+        block = block[:block.index("")] if "" in block else block
+        columns = len(block[0].split()) - 1  # the first column's cells may hold a space ("0 0")
+        ends = [[m.end() for m in re.finditer(r"\S+", line)][-columns:] for line in block]
+        assert len(block) > 2 and all(e == ends[0] for e in ends), "\n".join(block)
+
+
+def test_bars_on_a_terminal_and_no_epoch_lines(store, cli, tmp_path):
+    assert cli("splits", "--dataset", "digits-lt").code == 0
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty has 0 columns
+    chunks: list[bytes] = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out = tmp_path / "stdout.txt"
+    with open(out, "w") as stdout:
+        done = subprocess.run([sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce",
+                               "--epochs", "2"], cwd=tmp_path, env=subprocess_env(store), stdout=stdout, stderr=slave,
+                              timeout=300)
+    os.close(slave)
+    reader.join(timeout=10)
+    os.close(master)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert done.returncode == 0, terminal[-3000:]
+    assert "\r" in terminal and "ce: " in terminal and "/10 [" in terminal, terminal[-2000:]
+    printed = out.read_text()
+    assert "ce: run " in printed and " epoch " not in printed, printed
+
+
+def test_the_champion_loads_and_predicts_in_a_fresh_venv_without_the_package(chain_store, tmp_path):
+    """A new virtualenv that sees the test environment's dependencies (torch, mlflow, ...) through a
+    .pth line, but not the argse package: the model brings its code."""
+    uri, _ = chain_store
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "dependencies.pth"), "w") as fh:
+        fh.write(sysconfig.get_paths()["purelib"] + "\n")
+    script = (
+        "import importlib.util, json, sys\n"
+        "assert importlib.util.find_spec('argse') is None, 'argse is importable in the fresh venv'\n"
+        "import mlflow, numpy as np\n"
+        "model = mlflow.pyfunc.load_model('models:/ar-gse-digits-lt@champion')\n"
+        "answer = model.predict(np.full((3, 8, 8), 128, np.uint8))\n"
+        "print(json.dumps({'rows': len(answer), 'columns': list(answer.columns), 'argse': sys.modules['argse'].__file__}))\n"
+    )
+    env = {k: v for k, v in subprocess_env(uri).items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(python), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["rows"] == 3 and answer["columns"] == ["prediction", "accept", "margin", "group", "confidence"]
+    assert "/code/argse/" in answer["argse"], answer  # the copy logged with the model
