@@ -20,7 +20,7 @@ import click
 import mlflow
 import numpy as np
 
-from argse import ArgseError, figures, tracking
+from argse import ArgseError, figures, fmt_number, tracking
 from argse.config import EvaluateConfig
 from argse.data.loaders import load_source
 from argse.evaluation import Comparison, FitOptions, Method, compare, metric_dict
@@ -124,7 +124,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
             group_names=splits.group_names, fit_options=fit_options,
         )
         log_comparison(comparison, cfg, splits.group_names)
-        click.echo(f"evaluate run {active.info.run_id}: {cfg.split} split, {cfg.test_prior} prior, cost {rule.cost:.4g}")
+        click.echo(f"evaluate run {active.info.run_id}: {cfg.split} split, {cfg.test_prior} prior, cost {fmt_number(rule.cost)}")
         click.echo(summary_markdown(comparison.table))
         return active.info.run_id
 
