@@ -780,4 +780,13 @@ def log_split_inputs(splits, contexts: tuple[str, ...]) -> None:
             name=f"{splits.dataset}/{context}",
             digest=f"{splits.fingerprint[:12]}-{context}",
         )
-        mlflow.log_input(dataset, context=context)
+        for attempt in range(3):
+            try:
+                mlflow.log_input(dataset, context=context)
+                break
+            except MlflowException as exc:
+                # The store creates a dataset on first use; two runs logging the same one at once
+                # race on its unique key (PostgreSQL: UniqueViolation). The loser finds it next time.
+                if attempt == 2 or not re.search(r"UniqueViolation|duplicate key|UNIQUE constraint", str(exc)):
+                    raise
+                time.sleep(0.2 * (attempt + 1))

@@ -36,6 +36,7 @@ CHAMPION = "champion"
 CHAMPION_METRIC = "val_worst_l2r"
 TAG_VERSION_RUN = "argse.run_id"  # on a model version: the argse run that logged it
 TAG_VERSION_RISK = "argse.val_worst_l2r"  # on a model version: its run's CHAMPION_METRIC
+TIE_DECIMALS = 9  # risks equal to this many decimals tie: the version registered first wins
 
 
 def fit_rule(cfg: ArgseConfig, eta: dict, y: dict, w: dict, class_to_group, cost: float) -> PluginRule:
@@ -235,8 +236,9 @@ def _risk_of(client: MlflowClient, version) -> float | None:
 
 def best_version(client: MlflowClient, name: str):
     """The version of ``name`` that should be champion: the lowest val worst-group L2R risk among the
-    READY versions whose run is FINISHED; on a tie, the one registered first. ``(version, risk)``, or
-    ``(None, None)`` when no version qualifies."""
+    READY versions whose run is FINISHED; on a tie (equal to :data:`TIE_DECIMALS` decimals, so that
+    two fits of the same model that differ in the last bit tie), the one registered first.
+    ``(version, risk)``, or ``(None, None)`` when no version qualifies."""
     versions, token = [], None
     while True:
         page = client.search_model_versions(f"name = '{name}'", page_token=token)
@@ -245,7 +247,7 @@ def best_version(client: MlflowClient, name: str):
         if not token:
             break
     ranked = sorted(((risk, int(v.version), v) for v in versions if (risk := _risk_of(client, v)) is not None),
-                    key=lambda r: r[:2])
+                    key=lambda r: (round(r[0], TIE_DECIMALS), r[1]))
     for risk, _, version in ranked:
         if not _run_of(version):
             continue
@@ -256,6 +258,13 @@ def best_version(client: MlflowClient, name: str):
         if run.info.status == "FINISHED" and run.info.lifecycle_stage == "active":
             return version, risk
     return None, None
+
+
+def _finished(client: MlflowClient, version) -> bool:
+    try:
+        return _run_of(version) is not None and client.get_run(_run_of(version)).info.status == "FINISHED"
+    except MlflowException:
+        return False
 
 
 def _champion(client: MlflowClient, name: str):
@@ -276,7 +285,11 @@ def crown(name: str, version=None, *, attempts: int = 20) -> str:
     best, best_risk = best_version(client, name)
     for _ in range(attempts):
         current = _champion(client, name)
-        if best is None or (current is not None and current.version == best.version):
+        if best is None:
+            if current is not None and not _finished(client, current):  # no FINISHED version at all
+                client.delete_registered_model_alias(name, CHAMPION)
+            break
+        if current is not None and current.version == best.version:
             break
         try:
             client.set_registered_model_alias(name, CHAMPION, best.version)
@@ -307,10 +320,15 @@ def _decision(client: MlflowClient, name: str, version, before, best, best_risk)
         if before is None:
             return f"registered {name} v{version.version} as {CHAMPION} (val worst L2R {risk}, first champion)"
         previous = _risk_of(client, before)
-        was = f" < v{before.version}'s {fmt_number(previous)}" if previous is not None else f", replacing v{before.version}"
+        if previous is not None and round(best_risk, TIE_DECIMALS) < round(previous, TIE_DECIMALS):
+            was = f" < v{before.version}'s {fmt_number(previous)}"
+        else:
+            was = f", replacing v{before.version}, whose run did not finish"
         return f"registered {name} v{version.version} as {CHAMPION} (val worst L2R {risk}{was})"
-    tie = " (a tie keeps the earlier version)" if mine == best_risk else ""
     verb = "stays" if before is not None and before.version == best.version else "is"
+    if mine is None:
+        return f"registered {name} v{version.version}, which has no {CHAMPION_METRIC}; {CHAMPION} {verb} v{best.version}"
+    tie = " (a tie keeps the earlier version)" if round(mine, TIE_DECIMALS) == round(best_risk, TIE_DECIMALS) else ""
     return (f"registered {name} v{version.version}; {CHAMPION} {verb} v{best.version} "
             f"(val worst L2R {fmt_number(mine)} >= {risk}){tie}")
 
