@@ -9,25 +9,7 @@ import pytest
 import torch
 
 from argse.selective import fit_at_coverage, fit_balanced, selective_errors
-from tests.test_selective_fit import population, sample
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def easy():
-    return population(tail_sigma=1.0)
-
-
-@pytest.fixture(scope="module")
-def hard_tail():
-    return population(tail_sigma=2.5)
+from tests.test_selective_fit import easy, hard_tail, one_thread, sample  # noqa: F401 (fixtures)
 
 
 def exhaustive_at_coverage(cells, c2g, tau, kind, n_rho=60, n_delta=60):

@@ -216,11 +216,16 @@ def _fit_cost_sensitive(
     return _line_search(problem.sel, beta, cost, best_alpha, best_mu)
 
 
-def _check_options(n_starts: int, max_iter: int) -> None:
+def _check_options(n_starts: int, max_iter: int, rounds: int = 1, step: float = 0.0) -> None:
+    """The fitting options (`rounds` and `step` of the exponentiated gradient where it runs)."""
     if int(n_starts) != n_starts or n_starts < 1:
         raise ValueError(f"n_starts must be an integer >= 1; got {n_starts!r}.")
     if int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1; got {max_iter!r}.")
+    if int(rounds) != rounds or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1; got {rounds!r}.")
+    if not math.isfinite(float(step)) or float(step) < 0:
+        raise ValueError(f"step must be a finite number >= 0; got {step}.")
 
 
 def _check_beta(beta: Any, n_groups: int, device: torch.device) -> torch.Tensor:
@@ -327,15 +332,10 @@ def fit_worst(
     beta, alpha, mu, group errors, coverage and worst risk per round on the selection split, and
     `best_round`); `rule.history.rows()` gives plain dicts for logging.
     """
-    _check_options(n_starts, max_iter)
-    if int(rounds) != rounds or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1; got {rounds!r}.")
-    step = float(step)
-    if not math.isfinite(step) or step < 0:
-        raise ValueError(f"step must be a finite number >= 0; got {step}.")
+    _check_options(n_starts, max_iter, rounds, step)
     cost = check.cost(cost)
     problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
-    return _worst(problem, cost, int(rounds), step, int(n_starts), int(max_iter))
+    return _worst(problem, cost, int(rounds), float(step), int(n_starts), int(max_iter))
 
 
 def fit_group_thresholds(
@@ -488,14 +488,9 @@ def fit_at_coverage(
 
     `coverages` is one tau or a sequence, each in (0, 1]; the result is a list in the same order.
     """
-    _check_options(n_starts, max_iter)
+    _check_options(n_starts, max_iter, rounds, step)
     if objective not in ("balanced", "worst"):
         raise ValueError(f"objective must be 'balanced' or 'worst'; got {objective!r}.")
-    if int(rounds) != rounds or rounds < 1:
-        raise ValueError(f"rounds must be an integer >= 1; got {rounds!r}.")
-    step = float(step)
-    if not math.isfinite(step) or step < 0:
-        raise ValueError(f"step must be a finite number >= 0; got {step}.")
     taus = [coverages] if isinstance(coverages, (int, float)) else list(coverages)
     if not taus or any(not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0 for v in taus):
         raise ValueError(f"coverages must be one or more numbers in (0, 1]; got {coverages!r}.")
@@ -510,7 +505,7 @@ def fit_at_coverage(
         result = _fit_at_levels(problem, beta, level, int(n_starts), int(max_iter), init)
         fits.append((beta, result))
         init = (result.alpha, result.mu)
-        beta = beta * torch.exp(step * result.group_error)
+        beta = beta * torch.exp(float(step) * result.group_error)
         beta = beta / beta.sum(dim=1, keepdim=True)
 
     rules = []
