@@ -1,5 +1,6 @@
-"""Shared fixtures: a private MLflow store per test, the CLI run in-process, a CIFAR-format folder,
-and session-wide stores that already hold trained runs (built once, copied per test)."""
+"""Shared fixtures: a private MLflow store per test, the CLI run in-process, CIFAR- and
+Fashion-MNIST-format folders, and session-wide stores that already hold trained runs (built once,
+copied per test)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,23 @@ def cifar_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     write_cifar100_folder(root, per_class_train=30, per_class_test=10, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory):
+    """A tiny Fashion-MNIST folder: the four gzipped IDX files, random pixels. 600 train images per
+    class give the reverse IF=100 profile 6, 10, 16, ..., 600 (7 classes above 20 images, 3 below)."""
+    from argse.data.loaders import write_fashion_mnist_folder
+
+    return write_fashion_mnist_folder(tmp_path_factory.mktemp("fashion"), per_class_train=600, per_class_test=30, seed=2)
+
+
+@pytest.fixture(autouse=True)
+def _no_system_fashion_mnist(tmp_path_factory, monkeypatch):
+    """Tests never read the Debian package's Fashion-MNIST: the system folder points at an empty one."""
+    from argse.data import loaders
+
+    monkeypatch.setattr(loaders, "FASHION_SYSTEM_DIR", tmp_path_factory.getbasetemp() / "no-system-fashion-mnist")
 
 
 @pytest.fixture

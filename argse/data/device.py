@@ -10,6 +10,8 @@ Augmentations:
   the same distribution as torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``).
 * ``"digits"``: random shift of up to 1 pixel in each direction (1-pixel zero padding and crop),
   no flip.
+* ``"fashion"``: random crop with 2-pixel zero padding and random horizontal flip, for 28x28
+  Fashion-MNIST (a mirrored garment or shoe still belongs to its class).
 * ``"none"``: no augmentation.
 
 All the random numbers of an epoch (the permutation, the crop offsets and the flips) are drawn at
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-AUGMENTATIONS = ("cifar", "digits", "none")
+AUGMENTATIONS = ("cifar", "digits", "fashion", "none")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class _AugmentSpec:
 _SPECS = {
     "cifar": _AugmentSpec(padding=4, flip=True),
     "digits": _AugmentSpec(padding=1, flip=False),
+    "fashion": _AugmentSpec(padding=2, flip=True),
     "none": _AugmentSpec(padding=0, flip=False),
 }
 

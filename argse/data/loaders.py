@@ -1,14 +1,20 @@
-"""Source datasets: CIFAR-100 through torchvision, and scikit-learn's bundled digits.
+"""Source datasets: CIFAR-100 and Fashion-MNIST through torchvision, and scikit-learn's bundled digits.
 
-Both loaders return a :class:`SourceData`: uint8 images ``[N, H, W, C]`` for the train pool and the
-held-out pool (CIFAR's test set), integer labels, class names and a fingerprint of the bytes.
+Every loader returns a :class:`SourceData`: uint8 images ``[N, H, W, C]`` for the train pool and the
+held-out pool (the official test set), integer labels, class names and a fingerprint of the pixels
+and labels. :data:`LOADERS` maps each dataset preset to its loader.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
+import io
 import logging
 import pickle
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +29,21 @@ CIFAR_ARCHIVE = "cifar-100-python.tar.gz"
 CIFAR_FILES = ("train", "test", "meta")
 DIGITS_HELDOUT_FRACTION = 0.5
 DIGITS_SOURCE_SEED = 20240501  # fixes digits' train/held-out partition, like CIFAR's official one
+# Fashion-MNIST's four IDX files (the release ships them gzipped; torchvision also keeps them unpacked).
+FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot")
+FASHION_SIZES = (60_000, 10_000)  # train, test images in the official release
+# Where Debian's `dataset-fashion-mnist` installs the files; read when --data-dir has none (tests
+# point it elsewhere, so they never depend on the package).
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_PACKAGE = "dataset-fashion-mnist"
+_FASHION_FIX = f"replace it with the release's file (Debian: `apt-get install --reinstall -y {FASHION_PACKAGE}`)"
 
 
 @dataclass(frozen=True)
@@ -163,13 +184,111 @@ def _read_cifar_batch(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def load_fashion_mnist(data_dir: str | Path) -> SourceData:
+    """Fashion-MNIST (60,000 train + 10,000 test 28x28 grey images, 10 classes) as ``[N, 28, 28, 1]``.
+
+    Reads the four IDX files (``.gz`` or unpacked) from the first of ``data_dir``,
+    ``data_dir/FashionMNIST/raw`` (torchvision's layout) and :data:`FASHION_SYSTEM_DIR` that holds
+    them; when none does, downloads them with ``torchvision.datasets.FashionMNIST(download=True)``.
+    Offline with nothing found: one line naming both folders and the ``apt-get`` command. A damaged or
+    wrong file is refused with one line naming it; a valid file set of another size (a reduced copy)
+    loads with a warning.
+    """
+    root = Path(data_dir)
+    for folder in (root, root / "FashionMNIST" / "raw", FASHION_SYSTEM_DIR):
+        paths = _fashion_files(folder)
+        if paths is not None:
+            return _read_fashion_folder(paths)
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        # torchvision prints each mirror it tries on stdout; a failure is reported once, below.
+        with contextlib.redirect_stdout(io.StringIO()):
+            train = FashionMNIST(str(root), train=True, download=True)
+            test = FashionMNIST(str(root), train=False, download=True)
+    except Exception as exc:  # urllib / socket / OSError: offline, or an unwritable folder
+        raise ArgseError(
+            f"Fashion-MNIST is neither in {root} nor in {FASHION_SYSTEM_DIR} and could not be downloaded "
+            f"({type(exc).__name__}): run `apt-get install -y {FASHION_PACKAGE}`, or place "
+            f"{', '.join(name + '.gz' for name in FASHION_FILES.values())} in {root}"
+        ) from exc
+    return _make("fashion-mnist-lt", train.data.numpy()[..., None], train.targets.numpy(),
+                 test.data.numpy()[..., None], test.targets.numpy(), FASHION_CLASSES)
+
+
+def _fashion_files(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files in ``folder`` (the ``.gz`` preferred), ``None`` when it holds none of them;
+    an incomplete set is an error, so a half-copied folder is not silently passed over."""
+    found = {}
+    for key, name in FASHION_FILES.items():
+        for candidate in (folder / f"{name}.gz", folder / name):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+    if not found:
+        return None
+    if len(found) < len(FASHION_FILES):
+        missing = [f"{name}.gz" for key, name in FASHION_FILES.items() if key not in found]
+        raise ArgseError(f"{folder} holds only part of Fashion-MNIST: {', '.join(missing)} is missing; "
+                         "place all four IDX files there")
+    return found
+
+
+def _read_fashion_folder(paths: dict[str, Path]) -> SourceData:
+    train_x = _read_idx(paths["train_images"], ndim=3)
+    train_y = _read_idx(paths["train_labels"], ndim=1)
+    test_x = _read_idx(paths["test_images"], ndim=3)
+    test_y = _read_idx(paths["test_labels"], ndim=1)
+    for images, labels, split in ((train_x, train_y, "train"), (test_x, test_y, "test")):
+        where = f"{paths[split + '_images'].name} and {paths[split + '_labels'].name}"
+        if images.shape[1:] != (28, 28):
+            raise ArgseError(f"{paths[split + '_images']}: Fashion-MNIST images are 28x28, "
+                             f"this file holds {images.shape[1]}x{images.shape[2]}")
+        if len(images) != len(labels):
+            raise ArgseError(f"{where} do not match: {len(images)} images, {len(labels)} labels")
+        if labels.size and labels.max() >= len(FASHION_CLASSES):
+            raise ArgseError(f"{paths[split + '_labels']}: labels must lie in 0..9, found {labels.max()}")
+    folder = paths["train_images"].parent
+    if (len(train_x), len(test_x)) != FASHION_SIZES:
+        log.warning("%s holds %d train and %d test images, not the 60,000 and 10,000 of Fashion-MNIST "
+                    "(a reduced copy); its layout is valid, loading it anyway", folder, len(train_x), len(test_x))
+    log.info("Fashion-MNIST read from %s", folder)
+    return _make("fashion-mnist-lt", train_x[..., None], train_y, test_x[..., None], test_y, FASHION_CLASSES)
+
+
+def _read_idx(path: Path, *, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (``.gz`` or not) with ``ndim`` dimensions, as a uint8 array."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise ArgseError(f"{path} cannot be read ({type(exc).__name__}: {exc}); {_FASHION_FIX}") from exc
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+        raise ArgseError(f"{path} is not an IDX file of unsigned bytes with {ndim} dimension(s) "
+                         f"(header {raw[:4].hex() or 'empty'}, expected 000008{ndim:02x}); {_FASHION_FIX}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=header)
+    if data.size != int(np.prod(dims)):
+        raise ArgseError(f"{path} is truncated or padded: its header announces {'x'.join(map(str, dims))} "
+                         f"= {int(np.prod(dims))} bytes, it holds {data.size}; {_FASHION_FIX}")
+    return data.astype(np.int64) if ndim == 1 else data.reshape(dims).copy()  # copy: writable
+
+
+LOADERS: dict[str, Callable[[str | Path], SourceData]] = {
+    "cifar100-lt": load_cifar100,
+    "digits-lt": lambda data_dir: load_digits(),
+    "fashion-mnist-lt": load_fashion_mnist,
+}
+
+
 def load_source(dataset: str, data_dir: str | Path) -> SourceData:
     """The source pools of a benchmark preset."""
-    if dataset == "digits-lt":
-        return load_digits()
-    if dataset == "cifar100-lt":
-        return load_cifar100(data_dir)
-    raise ArgseError(f"unknown dataset {dataset!r}: choose cifar100-lt or digits-lt")
+    try:
+        loader = LOADERS[dataset]
+    except KeyError:
+        raise ArgseError(f"unknown dataset {dataset!r}: choose one of {', '.join(LOADERS)}") from None
+    return loader(data_dir)
 
 
 def write_cifar100_folder(root: str | Path, per_class_train: int, per_class_test: int, seed: int = 0) -> Path:
@@ -192,4 +311,23 @@ def write_cifar100_folder(root: str | Path, per_class_train: int, per_class_test
             "coarse_label_names": [f"super_{c:02d}" for c in range(20)]}
     with open(folder / "meta", "wb") as fh:
         pickle.dump(meta, fh)
+    return folder
+
+
+def write_fashion_mnist_folder(root: str | Path, per_class_train: int, per_class_test: int, seed: int = 0) -> Path:
+    """Write the four gzipped Fashion-MNIST IDX files into ``root`` with random 28x28 images.
+
+    For tests and offline trials of the real loader (it warns that the sizes are not the release's).
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        labels = np.repeat(np.arange(len(FASHION_CLASSES), dtype=np.uint8), per_class)
+        rng.shuffle(labels)
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        for key, array in ((f"{split}_images", images), (f"{split}_labels", labels)):
+            header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            with gzip.open(folder / f"{FASHION_FILES[key]}.gz", "wb") as fh:
+                fh.write(header + array.tobytes())
     return folder

@@ -20,13 +20,20 @@ from argse.data.loaders import SourceData
 EVAL_SPLITS = ("tunev", "val", "test")
 SPLITS = ("train",) + EVAL_SPLITS
 PRIORS = ("lt", "balanced")
+# Which end of the label order is the head: ``index`` gives class 0 the most images, ``reverse``
+# gives them to class C-1 (the long tail then falls on the first labels).
+LONGTAIL_ORDERS = ("index", "reverse")
 
 
-def longtail_counts(n_max: int, num_classes: int, imb_factor: float) -> np.ndarray:
-    """``n_c = floor(n_max * IF ** (-c / (C - 1)))`` for classes c = 0..C-1 (at least 1 each)."""
+def longtail_counts(n_max: int, num_classes: int, imb_factor: float, order: str = "index") -> np.ndarray:
+    """``n_c = floor(n_max * IF ** (-r / (C - 1)))`` (at least 1 each), where the rank r of class c is
+    c in ``index`` order and C-1-c in ``reverse`` order."""
+    if order not in LONGTAIL_ORDERS:
+        raise ArgseError(f"unknown long-tail order {order!r}: choose one of {', '.join(LONGTAIL_ORDERS)}")
     c = np.arange(num_classes)
     counts = np.floor(n_max * imb_factor ** (-c / max(num_classes - 1, 1)) + 1e-9).astype(np.int64)
-    return np.maximum(counts, 1)
+    counts = np.maximum(counts, 1)
+    return counts[::-1].copy() if order == "reverse" else counts
 
 
 def group_names(num_groups: int) -> tuple[str, ...]:
@@ -196,21 +203,23 @@ def make_splits(
     val_ratio: float,
     group_thresholds: tuple[int, ...],
     seed: int,
+    longtail_order: str = "index",
     n_max: int | None = None,
     config: dict | None = None,
 ) -> Splits:
     """Draw the long-tailed train set and the disjoint per-class tunev / val / test splits.
 
     ``n_max`` (the head class's count) defaults to the smallest class in the train pool, so every
-    class can supply what the profile asks (CIFAR-100: 500). A class with fewer images than asked
-    for takes what it has; ``Splits.requested_counts`` keeps what was asked.
+    class can supply what the profile asks (CIFAR-100: 500). ``longtail_order`` says which end of
+    the labels is the head (see :func:`longtail_counts`). A class with fewer images than asked for
+    takes what it has; ``Splits.requested_counts`` keeps what was asked.
     """
     num_classes = source.num_classes
     rng = np.random.default_rng(seed)
     pool_counts = np.bincount(source.train_labels, minlength=num_classes)
     if n_max is None:
         n_max = int(pool_counts[pool_counts > 0].min()) if np.any(pool_counts > 0) else 1
-    requested = longtail_counts(n_max, num_classes, imb_factor)
+    requested = longtail_counts(n_max, num_classes, imb_factor, longtail_order)
     train_parts = []
     for c in range(num_classes):
         idx = np.flatnonzero(source.train_labels == c)

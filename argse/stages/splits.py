@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 
 from argse import figures, tracking
-from argse.config import SplitsConfig
+from argse.config import SplitsConfig, preset
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, SPLITS, Splits, make_splits
 
@@ -27,7 +27,8 @@ def build(cfg: SplitsConfig) -> Splits:
     source = load_source(cfg.dataset, cfg.data_dir)
     return make_splits(
         source, imb_factor=cfg.imb_factor, tunev_ratio=cfg.tunev_ratio, val_ratio=cfg.val_ratio,
-        group_thresholds=cfg.group_thresholds, seed=cfg.seed, config=cfg.params(),
+        group_thresholds=cfg.group_thresholds, seed=cfg.seed,
+        longtail_order=preset(cfg.dataset).longtail_order, config=cfg.params(),
     )
 
 
