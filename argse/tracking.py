@@ -245,20 +245,20 @@ def stage_run(
         mlflow.end_run("KILLED")
         raise
     except BaseException as exc:
-        problem = server_problem(exc)
+        problem = server_problem(exc) or _record_failure(exc)
         if problem is not None:
             _end_quickly("FAILED")
             raise TrackingServerError(problem) from exc
-        failure = {TAG_FAILURE: _first_line(exc)[:1000] or type(exc).__name__}
-        if isinstance(exc, RunBroken):
-            failure[TAG_RESUMABLE] = "false"
-        try:
-            mlflow.set_tags(failure)
-        finally:
-            mlflow.end_run("FAILED")
+        mlflow.end_run("FAILED")
         raise
     else:
-        mlflow.end_run("FINISHED")
+        try:
+            mlflow.end_run("FINISHED")
+        except Exception as exc:  # the run stays RUNNING; its heartbeat stops, it is marked when found
+            problem = server_problem(exc)
+            if problem is None:
+                raise
+            raise TrackingServerError(problem) from exc
     finally:
         HEARTBEAT.remove(run.info.run_id)
         if previous_handler is not None:
@@ -346,21 +346,49 @@ def server_problem(exc: BaseException, uri: str | None = None) -> str | None:
     return None
 
 
+def _record_failure(exc: BaseException) -> str | None:
+    """Tag the active run with why it failed (and, for :class:`RunBroken`, that no resume can fix it).
+    Returns the server's problem when that is why the tags could not be written."""
+    tags = {TAG_FAILURE: _first_line(exc)[:1000] or type(exc).__name__}
+    if isinstance(exc, RunBroken):
+        tags[TAG_RESUMABLE] = "false"
+    try:
+        mlflow.set_tags(tags)
+    except Exception as err:
+        log.debug("could not tag the failed run: %s", _first_line(err))
+        return server_problem(err)
+    return None
+
+
+_QUICK = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+def _quick_requests() -> dict[str, str | None]:
+    """Make every MLflow request of this process try once, for 1 s (the server is in trouble and the
+    stage on its way out: ending its runs, MLflow's exit hook); returns the settings to restore."""
+    saved = {key: os.environ.get(key) for key in _QUICK}
+    os.environ.update(_QUICK)
+    return saved
+
+
+def _restore(saved: Mapping[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def _end_quickly(status: str) -> None:
-    """End the active run with one short try (1 s, no retry): the server is in trouble, and a run
-    left RUNNING here is marked when next found, because its heartbeat stops."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_TIMEOUT="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    """End the active run with one short try: the server is in trouble, and a run left RUNNING here
+    is marked when next found, because its heartbeat stops."""
+    saved = _quick_requests()
     try:
         mlflow.end_run(status)  # pops the run first, so it is no longer active even when this fails
     except Exception as exc:
         log.debug("could not end the run: %s", _first_line(exc))
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore(saved)
 
 
 def failpoint(name: str) -> None:
@@ -534,11 +562,16 @@ class _Heartbeat:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
+        self._saved_env: dict[str, str | None] | None = None
 
     def reset(self) -> None:
+        """Forget a lost server (a new stage starts with no run open)."""
         with self._lock:
             if not self._runs:
                 self.lost = None
+                if self._saved_env is not None:
+                    _restore(self._saved_env)
+                    self._saved_env = None
 
     def add(self, run_id: str) -> None:
         with self._lock:
@@ -568,6 +601,7 @@ class _Heartbeat:
                         and time.monotonic() - last_ok >= SERVER_LOST_AFTER_S):
                     line = server_problem(exc, uri) or f"the MLflow tracking server at {redact(uri)} stopped answering"
                     self.lost = f"{line} (no heartbeat got through for {time.monotonic() - last_ok:.0f} s)"
+                    self._saved_env = _quick_requests()
                     _interrupt_main()
                 delay = 1.0
             else:

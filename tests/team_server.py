@@ -119,7 +119,7 @@ class TrackingServer:
             [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
              "--backend-store-uri", self.cluster.uri("mlflow"),
              "--artifacts-destination", str(self.workdir / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "2"],
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             cwd=self.workdir, env=self.env(), stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "server.log", "wb"), start_new_session=True)
         deadline = time.time() + timeout
