@@ -287,7 +287,11 @@ def crown(name: str, version=None, *, attempts: int = 20) -> str:
         current = _champion(client, name)
         if best is None:
             if current is not None and not _finished(client, current):  # no FINISHED version at all
-                client.delete_registered_model_alias(name, CHAMPION)
+                try:
+                    client.delete_registered_model_alias(name, CHAMPION)
+                except MlflowException as exc:  # deleting takes MANAGE; the next fit moves it anyway
+                    log.warning("%s@%s is on v%s, whose run did not finish, and stays there: %s", name,
+                                CHAMPION, current.version, str(exc).strip().splitlines()[0])
             break
         if current is not None and current.version == best.version:
             break
