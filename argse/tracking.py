@@ -305,7 +305,7 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
 def server_problem(exc: BaseException, uri: str | None = None) -> str | None:
     """One line for an error that is the tracking server's rather than the stage's, ``None`` for any
     other error: the server is unreachable or stopped answering; it answers but its database does not
-    (HTTP 503, or 500 after retries); it refused the credentials (401) or the user (403)."""
+    (HTTP 503), or it fails with other 5xx errors; it refused the credentials (401) or the user (403)."""
     if HEARTBEAT.lost:
         return HEARTBEAT.lost
     errors = list(_chain(exc))
@@ -329,16 +329,18 @@ def server_problem(exc: BaseException, uri: str | None = None) -> str | None:
     status = re.search(r"too many (50[0234]) error responses|error code (50[0234]) != 200", text)
     if status:
         code = status.group(1) or status.group(2)
-        return (f"the MLflow tracking server at {uri} answers, but its database does not (HTTP {code}): "
-                "check the server's backend store (is PostgreSQL up?) and its log")
+        if code == "503":
+            return (f"the MLflow tracking server at {uri} answers, but its database does not (HTTP 503): "
+                    "check the server's backend store (is PostgreSQL up?) and its log")
+        return (f"the MLflow tracking server at {uri} answers with errors (HTTP {code}): check its log and its "
+                "backend store (is PostgreSQL up?)")
     if not uri.startswith(("http://", "https://")):
         if "OperationalError" in names and re.search(r"connect|connection", text, re.IGNORECASE):
             return f"cannot reach the tracking database at {uri}: start it or point --tracking-uri elsewhere"
         return None
     if names & {"ReadTimeout", "ReadTimeoutError", "Timeout"} or "timed out" in text:
-        return (f"the MLflow tracking server at {uri} stopped answering (no reply within "
-                f"{os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', HTTP_TIMEOUT_S)} s): check that it is not "
-                "frozen or overloaded")
+        return (f"the MLflow tracking server at {uri} stopped answering (its requests time out): check that "
+                "it is not frozen or overloaded")
     if (names & {"ConnectionError", "MaxRetryError", "NewConnectionError", "ConnectTimeout", "ConnectTimeoutError"}
             or "Max retries exceeded" in text or "Failed to establish" in text):
         return (f"cannot reach the MLflow tracking server at {uri}: start it or point --tracking-uri / "
