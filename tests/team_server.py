@@ -183,3 +183,4 @@ if __name__ == "__main__":
     finally:
         server.stop()
         cluster.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
