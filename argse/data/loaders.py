@@ -229,7 +229,7 @@ def _fashion_files(folder: Path) -> dict[str, Path] | None:
         return None
     if len(found) < len(FASHION_FILES):
         missing = [f"{name}.gz" for key, name in FASHION_FILES.items() if key not in found]
-        raise ArgseError(f"{folder} holds only part of Fashion-MNIST: {', '.join(missing)} is missing; "
+        raise ArgseError(f"{folder} holds only part of Fashion-MNIST (missing {', '.join(missing)}); "
                          "place all four IDX files there")
     return found
 
