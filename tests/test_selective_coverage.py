@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from argse.selective import fit_at_coverage, fit_balanced, selective_errors
-from tests.test_selective_fit import easy, hard_tail, one_thread, sample  # noqa: F401 (fixtures)
+from test_selective_fit import easy, hard_tail, one_thread, sample  # noqa: F401 (fixtures)
 
 
 def exhaustive_at_coverage(cells, c2g, tau, kind, n_rho=60, n_delta=60):
