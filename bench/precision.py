@@ -1,19 +1,21 @@
 """Training-step throughput of a preset's expert in fp32, fp32 + channels_last and bf16 autocast +
 channels_last on the CPU: the measurement behind a preset's ``cpu_fast_path`` (argse/config.py).
 
-    python bench/precision.py --dataset fashion-mnist-lt [--threads 1] [--rounds 3] [--steps 20]
+    python bench/precision.py --dataset fashion-mnist-lt [--threads 1] [--busy] [--rounds 3] [--steps 20]
 
 Every row trains the preset's backbone (``build_backbone``, fresh seeded init) with SGD (momentum 0.9,
 nesterov) and cross-entropy on the same random uint8 images of the preset's shape, batched and
 augmented by ``DeviceImages`` with the preset's augmentation, at the preset's batch size. The rows
 are measured in interleaved rounds and each keeps its best round. Two columns: images per second of
 wall time, and per second of this process's CPU time, which other jobs on a shared machine disturb
-far less (read it with ``--threads 1``).
+far less (read it with ``--threads 1``). ``--busy`` keeps one core busy with a second process
+meanwhile, as another job on a shared machine would (compare ``--threads 1`` and ``--threads 2``).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
 
 import numpy as np
@@ -24,6 +26,7 @@ from argse.config import PRESETS
 from argse.data.device import DeviceImages
 from argse.models.backbones import build_backbone
 from argse.train_utils import autocast_context, cpu_has_native_bf16
+from digits_threads import _spin  # the same busy-core spinner (bench/ is the script's folder)
 
 ROWS = {"fp32": (False, False), "fp32 channels_last": (False, True), "bf16 channels_last": (True, True)}
 
@@ -64,18 +67,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each row")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best counts")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0: default")
+    parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    stop = multiprocessing.Event()
+    spinner = multiprocessing.Process(target=_spin, args=(stop,)) if args.busy else None
+    if spinner:
+        spinner.start()
     best = {row: (0.0, 0.0) for row in ROWS}
-    for _ in range(args.rounds):
-        for row, (bf16, channels_last) in ROWS.items():
-            wall, cpu = measure(args.dataset, bf16, channels_last, args.steps, args.warmup)
-            best[row] = (max(best[row][0], wall), max(best[row][1], cpu))
+    try:
+        for _ in range(args.rounds):
+            for row, (bf16, channels_last) in ROWS.items():
+                wall, cpu = measure(args.dataset, bf16, channels_last, args.steps, args.warmup)
+                best[row] = (max(best[row][0], wall), max(best[row][1], cpu))
+    finally:
+        stop.set()
+        if spinner:
+            spinner.join()
     p = PRESETS[args.dataset]
     print(f"{args.dataset}: {type(build_backbone(args.dataset, p.num_classes)).__name__}, batch {p.batch_size}, "
           f"best of {args.rounds} rounds of {args.steps} steps; {torch.get_num_threads()} torch thread(s), "
-          f"bf16 units: {'yes' if cpu_has_native_bf16() else 'no'}")
+          f"bf16 units: {'yes' if cpu_has_native_bf16() else 'no'}{'; one core kept busy' if args.busy else ''}")
     print(f"{'row':<20}{'img/s wall':>12}{'img/s CPU':>12}{'vs fp32 (CPU)':>15}")
     for row, (wall, cpu) in best.items():
         print(f"{row:<20}{wall:>12.0f}{cpu:>12.0f}{cpu / best['fp32'][1]:>14.2f}x")
