@@ -11,24 +11,31 @@ import numpy as np  # noqa: E402
 GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
-def class_distribution(train_counts, eval_counts: dict, class_to_group, group_names, title: str):
-    """Log-scale train images per class, coloured by group, with the evaluation splits' counts."""
+def class_distribution(train_counts, eval_counts: dict, class_to_group, group_names, title: str,
+                       class_names=None):
+    """Log-scale train images per class, sorted by train count (largest first) and coloured by group,
+    with the evaluation splits' counts; class names on the axis when there are few classes."""
     train_counts = np.asarray(train_counts)
     class_to_group = np.asarray(class_to_group)
-    classes = np.arange(len(train_counts))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    order = np.argsort(-train_counts, kind="stable")
+    position = np.arange(len(train_counts))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     for k, name in enumerate(group_names):
-        mask = class_to_group == k
-        ax.bar(classes[mask], train_counts[mask], width=0.9, color=GROUP_COLOURS[k % len(GROUP_COLOURS)],
-               label=f"train: {name} ({int(mask.sum())} classes, {int(train_counts[mask].sum())} images)")
+        mask = class_to_group[order] == k
+        ax.bar(position[mask], train_counts[order][mask], width=0.9, color=GROUP_COLOURS[k % len(GROUP_COLOURS)],
+               label=f"train: {name} ({int(mask.sum())} classes, {int(train_counts[class_to_group == k].sum())} images)")
     for (split, counts), marker in zip(eval_counts.items(), ("_", "x", ".")):
-        ax.plot(classes, counts, linestyle="none", marker=marker, color="black", markersize=6,
+        ax.plot(position, np.asarray(counts)[order], linestyle="none", marker=marker, color="black", markersize=6,
                 label=f"{split} ({int(np.sum(counts))} images)")
     ax.set_yscale("log")
-    ax.set_xlabel("class (sorted by train count)")
+    if class_names is not None and len(class_names) <= 20:
+        ax.set_xticks(position, [str(class_names[c]) for c in order], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("class (sorted by train count)")
+    else:
+        ax.set_xlabel("classes, sorted by train count")
     ax.set_ylabel("images per class")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right")
+    _legend_outside(ax)
     fig.tight_layout()
     return fig
 

@@ -99,7 +99,7 @@ def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
         eval_counts = {s: np.bincount(splits.labels[s], minlength=splits.num_classes) for s in EVAL_SPLITS}
         fig = figures.class_distribution(
             splits.train_counts, eval_counts, splits.class_to_group, splits.group_names,
-            f"{cfg.dataset}: imbalance factor {cfg.imb_factor:g}, seed {cfg.seed}",
+            f"{cfg.dataset}: imbalance factor {cfg.imb_factor:g}, seed {cfg.seed}", class_names=splits.class_names,
         )
         mlflow.log_figure(fig, "class_distribution.png")
         figures.close(fig)
