@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from team_server import free_port  # noqa: F401 (one helper for every test that starts a server)
+
 REPO = Path(__file__).resolve().parents[1]
 
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
@@ -222,3 +224,18 @@ def pipeline_store(digits_pipeline, tmp_path, monkeypatch):
     """This test's own copy of the ``digits_pipeline`` database."""
     yield _use_copy(digits_pipeline / "mlflow.db", tmp_path, monkeypatch)
     _end_runs()
+
+
+
+def post_json(url: str, payload, timeout: float = 60) -> tuple[int, dict]:
+    """POST `payload` as JSON; the HTTP status and the decoded answer (also for 4xx / 5xx answers)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")

@@ -4,11 +4,9 @@ takes the cost at predict time, rejects bad images, and the champion alias moves
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
 import mlflow
@@ -24,7 +22,7 @@ from argse.stages.argse import crown, register
 from argse.stages.common import load_experts
 from argse.stages.gating import load_gate, mixture
 from argse.stages.splits import load_splits
-from conftest import subprocess_env
+from conftest import free_port, post_json, subprocess_env
 
 MODEL = "models:/ar-gse-digits-lt@champion"
 
@@ -70,24 +68,9 @@ def test_wrong_image_shape_or_dtype_names_the_expected_shape(chain_store):
         model.predict(np.zeros((2, 8, 8), dtype=np.float64))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, payload):
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 def test_mlflow_models_serve_answers_json(chain_store, tmp_path):
     uri, ids = chain_store
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL, "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
@@ -104,11 +87,11 @@ def test_mlflow_models_serve_answers_json(chain_store, tmp_path):
                     pytest.fail(server.stderr.read().decode()[-2000:])
                 time.sleep(0.5)
         images = _test_images(ids)[:5]
-        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()})
+        status, body = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()}, timeout=30)
         assert status == 200, body
         rows = body["predictions"]
         assert len(rows) == 5 and set(rows[0]) == {"prediction", "accept", "margin", "group", "confidence"}
-        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": np.zeros((2, 4, 4), int).tolist()})
+        status, body = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": np.zeros((2, 4, 4), int).tolist()}, timeout=30)
         assert 400 <= status < 500 and "shape" in json.dumps(body)
     finally:
         server.terminate()

@@ -4,7 +4,6 @@ resuming a killed expert training, and a real tracking server."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PIPELINE_ARGS, REPO, subprocess_env
+from conftest import PIPELINE_ARGS, REPO, free_port, subprocess_env
 
 STEPS = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
 
@@ -119,14 +118,8 @@ def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_pa
     assert len(ce) == 1 and ce[0].info.status == "FINISHED"  # finished before the kill: kept, not retrained
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_against_a_real_tracking_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

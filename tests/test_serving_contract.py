@@ -6,12 +6,9 @@ HTTP 400 from a real `mlflow models serve`; an empty batch gets an empty answer.
 
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
 import mlflow
@@ -20,7 +17,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from sklearn.datasets import load_digits
 
-from conftest import subprocess_env
+from conftest import free_port, post_json, subprocess_env
 
 MODEL = "models:/ar-gse-digits-lt@champion"
 COLUMNS = ["prediction", "accept", "margin", "group", "confidence"]
@@ -78,24 +75,9 @@ def test_an_empty_batch_gets_an_empty_answer(model):
         assert len(answer) == 0 and list(answer.columns) == COLUMNS
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, payload):
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 def test_mlflow_models_serve_answers_the_contract_with_http_400_and_one_line(chain_store, tmp_path):
     uri, _ = chain_store
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL, "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
@@ -112,20 +94,20 @@ def test_mlflow_models_serve_answers_the_contract_with_http_400_and_one_line(cha
                     pytest.fail("mlflow models serve did not start: " + server.stderr.read().decode()[-2000:])
                 time.sleep(0.5)
         floats, pixels = _digits()
-        status, body = _post(url, {"inputs": pixels.tolist(), "params": {"cost": 0.1}})
+        status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": 0.1}})
         assert status == 200 and len(body["predictions"]) == len(pixels), body
         for bad, got in ((floats, "got floats in [0, 16]"), (floats / 16, "got floats in [0, 1]")):
-            status, body = _post(url, {"inputs": bad.tolist()})
+            status, body = post_json(url, {"inputs": bad.tolist()})
             assert status == 400 and "stack_trace" not in body, body
             assert body["message"].startswith(CONTRACT) and got in body["message"] and "\n" not in body["message"]
-        status, body = _post(url, {"inputs": pixels.tolist(), "params": {"cost": -1}})
+        status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": -1}})
         assert status == 400 and "stack_trace" not in body, body
         assert body["message"].startswith("params.cost must be a number >= 0") and "\n" not in body["message"]
         # A cost that is not a number never reaches the model: MLflow's own parameter check refuses it
         # (400, no stack trace, naming the parameter; its message echoes the request first).
-        status, body = _post(url, {"inputs": pixels.tolist(), "params": {"cost": "high"}})
+        status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": "high"}})
         assert status == 400 and "stack_trace" not in body and "cost" in body["message"], body
-        status, body = _post(url, {"inputs": []})
+        status, body = post_json(url, {"inputs": []})
         assert status == 200 and body == {"predictions": []}, body
     finally:
         server.terminate()
