@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+# Names every layer shares; kept here, free of heavy imports, so the config, the training code and the
+# selective core read one declaration.
+EXPERTS = ("ce", "logitadjust", "balsoftmax")  # the experts' training losses (argse.training.losses)
+OBJECTIVES = ("balanced", "worst")  # what a plug-in rule is fitted for (argse.selective)
+
 
 def fmt_number(value: float) -> str:
     """How every cost, coverage, error and risk is echoed to the user: four significant digits

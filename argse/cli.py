@@ -125,7 +125,7 @@ def _system_lines(command: str, kwargs: dict) -> list[str]:
     import torch
 
     from argse.config import ExpertsConfig
-    from argse.train_utils import describe_system, resolve_device, training_mode
+    from argse.training.utils import describe_system, resolve_device, training_mode
 
     if command not in ("experts", "pipeline"):
         return describe_system(torch.device("cpu"), False, scope="this stage computes on the CPU")

@@ -11,11 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from argse import ArgseUsageError
+from argse import EXPERTS, OBJECTIVES, ArgseUsageError
 from argse.data.splits import PRIORS
-
-EXPERTS = ("ce", "logitadjust", "balsoftmax")
-OBJECTIVES = ("balanced", "worst")
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,7 @@ def parse_group_thresholds(text: str | tuple[int, ...]) -> tuple[int, ...]:
 def resolve_coverage_grid(text: str) -> str:
     """``--coverage-grid``: ``default`` (1, 0.95, ..., 0.2) or comma-separated coverages in (0, 1], at
     least two distinct; returned in one canonical spelling (descending, no repeats), or a one-line error."""
-    from argse.evaluation import COVERAGES, check_coverages
+    from argse.selective.compare import COVERAGES, check_coverages
 
     text = str(text).strip()
     if text == "default":

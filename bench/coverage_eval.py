@@ -1,4 +1,4 @@
-"""Benchmark of the coverage-matched comparison (`argse.evaluation.compare`) against a naive loop.
+"""Benchmark of the coverage-matched comparison (`argse.selective.compare.compare`) against a naive loop.
 
     python bench/coverage_eval.py [--threads 1] [--n-boot 200]
 
@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from argse.evaluation import COVERAGES, FIT_SPLIT, SEL_SPLIT, FitOptions, Method, compare, trapezoid  # noqa: E402
 from argse.selective import chow, fit_at_coverage, selective_errors  # noqa: E402
+from argse.selective.compare import COVERAGES, FIT_SPLIT, SEL_SPLIT, FitOptions, Method, compare, trapezoid  # noqa: E402
 
 SIZES = {"tunev": 3000, "val": 2000, "test": 5000}
 N_CLASSES = 10

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from argse.config import PRESETS
 from argse.data.device import DeviceImages
 from argse.models.backbones import build_backbone
-from argse.train_utils import autocast_context, cpu_has_native_bf16
+from argse.training.utils import autocast_context, cpu_has_native_bf16
 from digits_threads import _spin  # the same busy-core spinner (bench/ is the script's folder)
 
 ROWS = {"fp32": (False, False), "fp32 channels_last": (False, True), "bf16 channels_last": (True, True)}

@@ -39,7 +39,7 @@ from torchvision import transforms
 
 from argse.data.device import DeviceImages, normalize_stats
 from argse.models.backbones import resnet32
-from argse.train_utils import autocast_context, cpu_has_native_bf16, resolve_device
+from argse.training.utils import autocast_context, cpu_has_native_bf16, resolve_device
 
 CIFAR100_LT_TRAIN_IMAGES = 10_847
 NUM_CLASSES = 100

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from argse.calibration import T_MAX, T_MIN, fit_temperature, nll
+from argse.training.calibration import T_MAX, T_MIN, fit_temperature, nll
 
 
 def _tempered(

@@ -1,4 +1,4 @@
-"""`argse.evaluation`: the comparison table of the evaluate stage, on posteriors with a known truth.
+"""`argse.selective.compare`: the comparison table of the evaluate stage, on posteriors with a known truth.
 
 Fixture: 10 long-tailed classes in two groups (head 0-2, tail 3-9). Each sample has true posteriors
 eta; its label is drawn from eta, so eta is the Bayes posterior. Methods built on eta are compared with
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from argse.evaluation import (
+from argse.selective import fit_group_thresholds, fit_worst, selective_errors
+from argse.selective.compare import (
     COVERAGES,
     POINT_COLUMNS,
     Comparison,
@@ -26,7 +27,6 @@ from argse.evaluation import (
     metric_key,
     table_columns,
 )
-from argse.selective import fit_group_thresholds, fit_worst, selective_errors
 
 N_CLASSES = 10
 CLASS_TO_GROUP = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])

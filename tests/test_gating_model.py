@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from argse.gating_train import PretrainResult, SelectiveResult, selective_surrogate, train_pretrain, train_selective
 from argse.models.gating import (
     GatingNet,
     balanced_accuracy,
@@ -20,6 +19,7 @@ from argse.models.gating import (
     uniform_mixture,
 )
 from argse.selective import PluginRule, selective_errors
+from argse.training.gating import PretrainResult, SelectiveResult, selective_surrogate, train_pretrain, train_selective
 
 HEAD = 5
 C = 10

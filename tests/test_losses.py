@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from argse.losses import EXPERTS, make_loss
+from argse.training.losses import EXPERTS, make_loss
 
 COUNTS = [6, 3, 1]
 

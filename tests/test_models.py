@@ -16,7 +16,7 @@ from argse.models.backbones import (
     estimate_training_flops,
     resnet32,
 )
-from argse.train_utils import (
+from argse.training.utils import (
     autocast_context,
     capture_rng_state,
     make_optimizer_and_scheduler,

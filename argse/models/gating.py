@@ -6,7 +6,7 @@ the others) plus a few global ones (`gating_features`), so the same network work
 The features are standardised with statistics stored in the model's buffers, then an MLP (128, 64 by
 default) and a softmax over experts give the weights; the mixture is sum_e w_e(x) * p_e(x).
 
-Pure torch: no MLflow, no file paths. Training lives in `argse.gating_train`.
+Pure torch: no MLflow, no file paths. Training lives in `argse.training.gating`.
 """
 
 from __future__ import annotations

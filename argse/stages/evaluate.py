@@ -5,7 +5,7 @@ expert and on their uniform average, the paper's plug-in on the best single expe
 accuracy) and on the uniform average of the experts, for both objectives, and the gated mixture for
 both objectives (the model's own rule for its objective; with per-group thresholds, both the
 thresholded model and the single-cost rule). The table is ranked by the coverage-matched worst-group
-AURC, then the balanced one (`argse.evaluation`; README, Evaluate).
+AURC, then the balanced one (`argse.selective.compare`; README, Evaluate).
 
 Before any number is computed, the logged pyfunc model is run on a sample of the split's raw images
 and must agree with the decisions computed from the logits.
@@ -23,12 +23,12 @@ import numpy as np
 from argse import ArgseError, figures, fmt_number, tracking
 from argse.config import EvaluateConfig
 from argse.data.loaders import load_source
-from argse.evaluation import Comparison, FitOptions, Method, compare, metric_dict
+from argse.models.gating import balanced_accuracy
 from argse.selective import PluginRule
+from argse.selective.compare import Comparison, FitOptions, Method, compare, metric_dict
 from argse.serving import predict_frame
 from argse.stages.argse import resolve_inputs
 from argse.stages.common import ExpertSet, load_experts
-from argse.models.gating import balanced_accuracy
 from argse.stages.gating import load_gate, mixture
 
 SUMMARY_COLUMNS = ("method", "aurc_balanced", "aurc_worst", "balanced_error_at1", "worst_error_at1",

@@ -27,18 +27,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from argse import ArgseError, ArgseUsageError, fmt_number, tracking, train_utils
-from argse.calibration import fit_temperature, nll
+from argse import ArgseError, ArgseUsageError, fmt_number, tracking
 from argse.config import EXPERTS, ExpertsConfig, preset
 from argse.data.device import DeviceImages, normalize_stats
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, Splits
-from argse.losses import make_loss
 from argse.models.backbones import build_backbone, count_parameters, estimate_training_flops
 from argse.models.experts import ExpertModel
 from argse.selective import ece
 from argse.stages.splits import load_splits
-from argse.train_utils import (
+from argse.training import utils as training_utils
+from argse.training.calibration import fit_temperature, nll
+from argse.training.losses import make_loss
+from argse.training.utils import (
     autocast_context,
     capture_rng_state,
     make_optimizer_and_scheduler,
@@ -154,8 +155,8 @@ def load_checkpoint(run_id: str) -> dict | None:
 
 
 def training_mode(cfg: ExpertsConfig, device: torch.device) -> tuple[bool, bool]:
-    """(bf16 autocast, channels_last) for this run (see :func:`argse.train_utils.training_mode`)."""
-    return train_utils.training_mode(cfg.precision, device, preset(cfg.dataset).cpu_fast_path)
+    """(bf16 autocast, channels_last) for this run (see :func:`argse.training.utils.training_mode`)."""
+    return training_utils.training_mode(cfg.precision, device, preset(cfg.dataset).cpu_fast_path)
 
 
 def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,

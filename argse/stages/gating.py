@@ -22,9 +22,9 @@ import torch
 
 from argse import ArgseError, figures, fmt_number, tracking
 from argse.config import GatingConfig
-from argse.gating_train import train_pretrain, train_selective
 from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gate_weights, mix
 from argse.stages.common import ExpertSet, load_experts, resolve_experts
+from argse.training.gating import train_pretrain, train_selective
 
 TAG_MODE = "argse.gating_mode"
 

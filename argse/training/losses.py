@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from argse.config import EXPERTS
+from argse import EXPERTS
 
 
 class AdjustedCrossEntropy(nn.Module):
