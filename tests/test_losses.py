@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from argse.training.losses import EXPERTS, make_loss
+from argse.training.losses import EXPERTS, make_loss, posterior_shift
 
 COUNTS = [6, 3, 1]
 
@@ -75,3 +75,30 @@ def test_empty_class_and_wrong_class_count_are_rejected() -> None:
         make_loss("balsoftmax", [5, 0, 2])
     with pytest.raises(ValueError, match=r"\[N, 3\]"):
         make_loss("ce", COUNTS)(torch.randn(2, 4), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("name, tau", [("ce", 1.0), ("logitadjust", 1.0), ("logitadjust", 2.0), ("logitadjust", 0.5),
+                                       ("balsoftmax", 1.0)])
+def test_posterior_shift_recovers_the_posterior_under_each_target_prior(name: str, tau: float) -> None:
+    # The logits a perfect expert of each loss would learn: softmax(f + a) is the train posterior, so
+    # f = log P_train(y|x) - a. Shifted, they must give the train posterior back (target = train
+    # prior) and, for the uniform prior, P_train(y|x) / pi(y) renormalised (Bayes' rule by hand).
+    counts = torch.tensor([60.0, 25.0, 10.0, 5.0])
+    prior = counts / counts.sum()
+    train_posterior = torch.tensor([[0.70, 0.15, 0.10, 0.05], [0.10, 0.20, 0.30, 0.40], [0.25, 0.25, 0.25, 0.25]],
+                                   dtype=torch.float64)
+    adjustment = {"ce": torch.zeros(4), "logitadjust": tau * prior.log(), "balsoftmax": counts.log()}[name]
+    logits = train_posterior.log() - adjustment.double()
+    lt = torch.softmax(logits + posterior_shift(name, counts, prior, la_tau=tau), dim=1)
+    assert torch.allclose(lt, train_posterior, atol=1e-6)
+    uniform = torch.full((4,), 0.25)
+    balanced = torch.softmax(logits + posterior_shift(name, counts, uniform, la_tau=tau), dim=1)
+    by_hand = train_posterior / prior.double()
+    assert torch.allclose(balanced, by_hand / by_hand.sum(dim=1, keepdim=True), atol=1e-6)
+
+
+def test_posterior_shift_rejects_a_prior_of_the_wrong_size_or_with_zeros() -> None:
+    with pytest.raises(ValueError, match="target_prior must be 3 positive class probabilities"):
+        posterior_shift("ce", COUNTS, [0.5, 0.5])
+    with pytest.raises(ValueError, match="target_prior must be 3 positive"):
+        posterior_shift("ce", COUNTS, [1.0, 0.0, 0.0])

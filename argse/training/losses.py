@@ -101,3 +101,27 @@ def make_loss(
     if name == "logitadjust":
         return LogitAdjustLoss(counts, tau=la_tau)
     return BalancedSoftmaxLoss(counts)
+
+
+def posterior_shift(
+    name: str,
+    class_counts: Sequence[int] | np.ndarray | torch.Tensor,
+    target_prior: Sequence[float] | np.ndarray | torch.Tensor,
+    la_tau: float = 1.0,
+) -> torch.Tensor:
+    """The per-class shift [C] (float64) that turns the logits f(x) of an expert trained with loss
+    ``name`` into its posterior under ``target_prior``: ``softmax(f(x) + shift)``.
+
+    The loss fits softmax(f + a) to the train posterior, with a its adjustment (0 for ce,
+    tau * log(pi) for logitadjust, log(n) for balsoftmax). Bayes' rule moves a posterior from the
+    train prior pi to a target prior pi_t, so shift = a + log(pi_t) - log(pi), up to a constant. Without
+    it, a logitadjust or balsoftmax expert gives the posterior under the prior pi ** (1 - tau) (uniform
+    at tau = 1), while ce gives it under pi: mixing them, or handing them to the plug-in rule, which
+    needs the posterior under the prior its errors are weighted by, mixes different quantities.
+    """
+    loss = make_loss(name, class_counts, la_tau)
+    counts = torch.as_tensor(np.asarray(class_counts, dtype=np.float64)).flatten()
+    target = torch.as_tensor(np.asarray(target_prior, dtype=np.float64)).flatten()
+    if target.shape != counts.shape or not bool((target > 0).all()):
+        raise ValueError(f"target_prior must be {counts.numel()} positive class probabilities; got shape {tuple(target.shape)}.")
+    return loss.adjustment.double() + target.log() - (counts / counts.sum()).log()
