@@ -23,6 +23,7 @@ from argse.selective.compare import (
     Method,
     check_coverages,
     compare,
+    matched_aurc,
     metric_dict,
     metric_key,
     table_columns,
@@ -405,3 +406,28 @@ def test_invalid_inputs_get_one_sentence(data):
         compare([ok], labels, weights, CLASS_TO_GROUP, cost=COST, n_boot=5)
     with pytest.raises(ValueError, match="coverages"):
         compare([ok], labels, weights, CLASS_TO_GROUP, coverages=[0.5], **kwargs)
+
+
+@pytest.mark.parametrize("name", ["ar-gse[worst]", "plugin-worst[head-biased]"])
+def test_matched_aurc_is_the_number_the_table_reports(comparison, methods, data, name):
+    # matched_aurc is what the gating stage selects by on val: it must be the table's number,
+    # computed without the table, for the worst objective here and the balanced one below.
+    _, _, _, labels, weights = data
+    method = next(m for m in methods if m.name == name)
+    value = matched_aurc(method.eta, labels, weights, CLASS_TO_GROUP, "worst", split="test", fit_options=FIT)
+    assert value == pytest.approx(comparison.table.set_index("method").loc[name, "aurc_worst"], abs=1e-12)
+
+
+def test_matched_aurc_of_the_balanced_objective_is_the_table_number(data):
+    eta, _, _, labels, weights = data
+    table = compare([Method("plugin-balanced[true]", "plugin", eta, objective="balanced")], labels, weights,
+                    CLASS_TO_GROUP, split="val", cost=COST, n_boot=2, fit_options=FIT).table
+    value = matched_aurc(eta, labels, weights, CLASS_TO_GROUP, "balanced", split="val", fit_options=FIT)
+    assert value == pytest.approx(float(table["aurc_balanced"][0]), abs=1e-12)
+
+
+def test_matched_aurc_prefers_the_true_posterior(data):
+    eta, head_biased, _, labels, weights = data
+    true = matched_aurc(eta, labels, weights, CLASS_TO_GROUP, "worst", split="val", fit_options=FIT)
+    biased = matched_aurc(head_biased, labels, weights, CLASS_TO_GROUP, "worst", split="val", fit_options=FIT)
+    assert true < biased

@@ -19,6 +19,7 @@ from argse.models.gating import (
     uniform_mixture,
 )
 from argse.selective import PluginRule, selective_errors
+from argse.selective.compare import FitOptions, matched_aurc
 from argse.training.gating import PretrainResult, SelectiveResult, selective_surrogate, train_pretrain, train_selective
 
 HEAD = 5
@@ -295,3 +296,51 @@ def test_training_rejects_inputs_that_do_not_fit_the_gate(splits):
     with pytest.raises(ValueError, match="y_val"):
         train_selective(GatingNet(3), probs_fit, y_fit, probs_val, np.zeros(3), CLASS_TO_GROUP, cost=0.3,
                         objective="worst", rounds=1, epochs_per_round=1, batch_size=8, lr=1e-3)
+
+
+def _gate_on_expert_m(splits):
+    """A gate that gives nearly all weight to the half-right expert M, whatever the sample."""
+    gate = GatingNet(3)
+    gate.set_standardisation(gating_features(splits[0]))
+    with torch.no_grad():
+        gate.mlp[-1].bias.copy_(torch.tensor([-8.0, -8.0, 8.0]))
+    return gate
+
+
+def test_uniform_start_replaces_a_gate_that_is_worse_than_plain_averaging(splits):
+    gate = _gate_on_expert_m(splits)
+    result = _selective(gate, splits, rounds=0, select_by="aurc", uniform_start=True)
+    row = result.history[0]
+    assert row["start_uniform"] == 1.0
+    assert row["val_worst_aurc"] < row["val_worst_aurc_given"]
+    weights = gate_weights(gate, splits[2])
+    assert torch.allclose(weights, torch.full_like(weights, 1 / 3))
+
+
+def test_uniform_start_keeps_a_gate_that_beats_plain_averaging(splits):
+    # Here a per-sample gate pays (each expert is confident on one group): selective rounds from the
+    # uniform start find one well below it, and a second call must keep that gate.
+    gate = _gate_on_expert_m(splits)
+    trained = _selective(gate, splits, rounds=2, select_by="aurc", uniform_start=True)
+    assert trained.best_round >= 1
+    assert trained.history[trained.best_round]["val_worst_aurc"] < trained.history[0]["val_worst_aurc"] - 0.02
+    before = gate_weights(gate, splits[2])
+    result = _selective(gate, splits, rounds=0, select_by="aurc", uniform_start=True)
+    assert result.history[0]["start_uniform"] == 0.0
+    assert result.history[0]["val_worst_aurc"] == result.history[0]["val_worst_aurc_given"]
+    assert torch.equal(gate_weights(gate, splits[2]), before)
+
+
+def test_select_by_aurc_keeps_the_round_with_the_lowest_val_aurc_and_that_is_the_gate_returned(splits):
+    gate = _gate_on_expert_m(splits)
+    result = _selective(gate, splits, rounds=2, select_by="aurc")
+    values = [row["val_worst_aurc"] for row in result.history]
+    assert values[result.best_round] == min(values)
+    # recomputed independently of the loop, from the gate it returned
+    probs_fit, y_fit, probs_val, y_val = splits
+    with torch.no_grad():
+        gate.eval()
+        eta = {"tunev": gate.mixture(probs_fit).double(), "val": gate.mixture(probs_val).double()}
+    again = matched_aurc(eta, {"tunev": y_fit, "val": y_val}, None, CLASS_TO_GROUP, "worst", split="val",
+                         fit_options=FitOptions(rounds=4, n_starts=6))
+    assert again == pytest.approx(values[result.best_round], rel=1e-6)

@@ -444,6 +444,29 @@ def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch
     return row, op
 
 
+def matched_aurc(
+    eta: Mapping[str, Any],
+    labels: Mapping[str, Any],
+    weights: Optional[Mapping[str, Any]],
+    class_to_group: Any,
+    objective: str,
+    *,
+    split: str = SEL_SPLIT,
+    coverages: Sequence[float] = COVERAGES,
+    fit_options: FitOptions = FitOptions(),
+) -> float:
+    """The coverage-matched AURC of the `objective`'s error (balanced or worst-group) of the plug-in
+    rule on posteriors `eta` (split -> [N, C]), measured on `split`: the number `compare` reports for
+    such a method, without the table or the intervals. For choosing between posteriors on val."""
+    method = Method("plugin", "plugin", eta, objective)
+    data, checked = _check_inputs([method], labels, weights, class_to_group, split)
+    taus = check_coverages(coverages)
+    matched = _coverage_matched(method, checked[method.name], data, split, taus, fit_options)
+    _, balanced, worst = _errors(*_group_masses(matched, data.y[split], data.w[split], data.class_to_group,
+                                                data.n_groups))
+    return float(trapezoid(taus, worst if objective == "worst" else balanced))
+
+
 def compare(
     methods: Sequence[Method],
     labels: Mapping[str, Any],

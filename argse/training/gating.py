@@ -12,17 +12,18 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gating_features, mix
 from argse.selective import PluginRule, fit_balanced, fit_worst, selective_errors
+from argse.selective.compare import COVERAGES, FitOptions, matched_aurc
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 OBJECTIVES = ("balanced", "worst")
-SELECT_BY = ("risk", "error")
+SELECT_BY = ("risk", "error", "aurc")
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,8 @@ def train_selective(
     seed: int = 0,
     fit_kwargs: Optional[dict[str, Any]] = None,
     select_by: str = "risk",
+    coverages: Optional[Sequence[float]] = None,
+    uniform_start: bool = False,
     on_round: Optional[Callable[[int, dict[str, Any]], None]] = None,
 ) -> SelectiveResult:
     """Train `gate` (pretrained: its standardisation is kept) in selective mode for the L2R objective.
@@ -344,7 +347,12 @@ def train_selective(
     (which refits the rule on the new mixture). The round with the lowest val L2R risk (worst-group
     max_k e_k + cost * P(reject) for "worst", balanced mean_k e_k + cost * P(reject) for "balanced";
     earliest on ties) is restored into the gate and its rule returned, so the result is never worse on
-    val than round 0. `select_by="error"` selects on the val selective error instead (max_k e_k for
+    val than round 0. `select_by="aurc"` selects on the val coverage-matched AURC of the objective's
+    error over `coverages` (default: the comparison's grid; `argse.selective.compare.matched_aurc`),
+    the number the evaluate stage ranks by. With `uniform_start`, round 0 also evaluates the uniform
+    mixture (the gate with its last layer at zero, a member of the gate family) and starts from it
+    when it is better on the criterion (row 0 then has start_uniform 1 and the starting gate's value
+    in val_<criterion>_given). `select_by="error"` selects on the val selective error instead (max_k e_k for
     "worst", mean_k e_k for "balanced"), which then is the quantity guaranteed not to worsen.
 
     Each history row, also handed to `on_round(round, row)`: round, val_balanced_error,
@@ -356,8 +364,8 @@ def train_selective(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be 'balanced' or 'worst'; got {objective!r}.")
     if select_by not in SELECT_BY:
-        raise ValueError(f"select_by must be 'risk' or 'error'; got {select_by!r}.")
-    criterion = f"val_{objective}_{select_by}"  # val_worst_risk, val_balanced_error, ...
+        raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}; got {select_by!r}.")
+    criterion = f"val_{objective}_{select_by}"  # val_worst_risk, val_balanced_error, val_worst_aurc, ...
     device = _device(gate)
     rounds = _positive_int(rounds, "rounds", minimum=0)
     epochs_per_round = _positive_int(epochs_per_round, "epochs_per_round")
@@ -380,11 +388,12 @@ def train_selective(
     w_val = _sample_weights(weights_val, "weights_val", p_val.shape[0], device)
     fitter = fit_worst if objective == "worst" else fit_balanced
     kwargs = dict(fit_kwargs or {})
+    aurc_options = FitOptions(**{k: v for k, v in kwargs.items() if k in ("rounds", "step", "n_starts", "max_iter")})
 
     f_fit, f_val = gating_features(p_fit), gating_features(p_val)
     history: list[dict[str, Any]] = []
 
-    def evaluate(r: int, extra: dict[str, Any]) -> tuple[dict[str, Any], PluginRule, torch.Tensor]:
+    def evaluate(r: int, extra: dict[str, Any], record: bool = True) -> tuple[dict[str, Any], PluginRule, torch.Tensor]:
         weights_val_gate = _eval_weights(gate, f_val)
         mix_fit = mix(p_fit, _eval_weights(gate, f_fit)).to(torch.float64)
         mix_val = mix(p_val, weights_val_gate).to(torch.float64)
@@ -408,15 +417,35 @@ def train_selective(
             **extra,
         }
         row["val_l2r_risk"] = row["val_worst_risk" if objective == "worst" else "val_balanced_risk"]
-        history.append(row)
-        if on_round is not None:
-            on_round(r, row)
+        if select_by == "aurc":
+            row[criterion] = matched_aurc(
+                {"tunev": mix_fit, "val": mix_val}, {"tunev": y_fit_t.cpu(), "val": y_val_t.cpu()},
+                {"tunev": w_fit.double().cpu(), "val": w_val.double().cpu()}, c2g, objective, split="val",
+                coverages=COVERAGES if coverages is None else coverages, fit_options=aurc_options)
+        if record:
+            history.append(row)
+            if on_round is not None:
+                on_round(r, row)
         return row, rule, mix_fit
 
     with _rng(device):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        row, rule, mix_fit = evaluate(0, {})
+        if uniform_start:
+            given = _state(gate)
+            given_row = evaluate(0, {}, record=False)[0]
+            last = gate.mlp[-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.zero_()
+            uniform_row = evaluate(0, {}, record=False)[0]
+            if not uniform_row[criterion] < given_row[criterion]:
+                gate.load_state_dict(given)
+            extra = {"start_uniform": float(uniform_row[criterion] < given_row[criterion]),
+                     f"{criterion}_given": given_row[criterion]}
+        else:
+            extra = {}
+        row, rule, mix_fit = evaluate(0, extra)
         best_round, best_value, best_rule, best_state = 0, row[criterion], rule, _state(gate)
         for r in range(1, rounds + 1):
             scale = _surrogate_scale(mix_fit, rule, temperature)
