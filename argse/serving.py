@@ -122,11 +122,16 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
         self.gate.eval()
         self.rule = PluginRule.from_dict(json.loads((folder / "rule.json").read_text()))
 
+        # Models logged before the experts' posteriors were moved to the target prior have no shifts.
+        self.shifts = torch.tensor(meta.get("posterior_shifts", [[0.0] * meta["num_classes"]] * len(self.experts)),
+                                   dtype=torch.float64)
     @torch.no_grad()
     def posteriors(self, images) -> torch.Tensor:
-        """Calibrated expert posteriors [N, E, C] (float64) of raw images (see :func:`as_images`)."""
+        """Calibrated expert posteriors [N, E, C] (float64) of raw images (see :func:`as_images`), each
+        moved to the target prior the rule was fitted under (``posterior_shifts`` in meta.json)."""
         x = torch.from_numpy(np.ascontiguousarray(as_images(images, self.meta["image_shape"])))
-        return torch.stack([expert(x).double().softmax(dim=1) for expert in self.experts], dim=1)
+        logits = torch.stack([expert(x).double() for expert in self.experts], dim=1)
+        return (logits + self.shifts[None]).softmax(dim=2)
 
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
         # The ndarray hint tells MLflow to validate with the logged signature, not with hints.
@@ -155,7 +160,8 @@ def _frame(columns: dict) -> pd.DataFrame:
 
 
 def save_components(folder: Path, *, dataset: str, num_classes: int, image_shape, class_names, group_names,
-                    experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule) -> Path:
+                    experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule,
+                    shifts: torch.Tensor | None = None) -> Path:
     """Write what :class:`ARGSEModel` loads into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, model in experts.items():
@@ -164,13 +170,15 @@ def save_components(folder: Path, *, dataset: str, num_classes: int, image_shape
     torch.save({"state_dict": gate.state_dict(), "config": gate.config()}, folder / "gate.pt")
     (folder / "rule.json").write_text(json.dumps(rule.to_dict()))
     meta = {"dataset": dataset, "num_classes": num_classes, "image_shape": list(image_shape),
-            "class_names": list(class_names), "group_names": list(group_names), "experts": list(experts)}
+            "class_names": list(class_names), "group_names": list(group_names), "experts": list(experts),
+            "posterior_shifts": (torch.zeros(len(experts), num_classes) if shifts is None else shifts).tolist()}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     return folder
 
 
 def log_model(*, dataset: str, num_classes: int, image_shape, class_names, group_names,
-              experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule, example: np.ndarray):
+              experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule, example: np.ndarray,
+              shifts: torch.Tensor | None = None):
     """Log the pyfunc, from code, as the active run's ``model``; returns MLflow's ModelInfo.
 
     The signature declares the outputs and the ``cost`` parameter but no input schema: with one,
@@ -189,7 +197,7 @@ def log_model(*, dataset: str, num_classes: int, image_shape, class_names, group
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_components(Path(tmp) / "components", dataset=dataset, num_classes=num_classes,
                                  image_shape=image_shape, class_names=class_names, group_names=group_names,
-                                 experts=experts, gate=gate, rule=rule)
+                                 experts=experts, gate=gate, rule=rule, shifts=shifts)
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(MODEL_CODE), artifacts={"components": str(folder)},
             signature=signature, input_example=(images, {"cost": float(rule.cost)}),

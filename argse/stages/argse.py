@@ -118,7 +118,7 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
 
     with tracking.stage_run("argse", cfg.dataset, cfg.params(), experiment=experiment, run_name="argse") as active:
         gating_run, ids = resolve_inputs(cfg, experiment)
-        experts = load_experts(ids)
+        experts = load_experts(ids, cfg.test_prior)
         tracking.set_upstream("argse", cfg.params(), {"gating_run": gating_run.info.run_id,
                                                       "experts_run": experts.ids_tag,
                                                       "splits_run": experts.splits_run_id})
@@ -195,7 +195,8 @@ def log_servable(cfg: ArgseConfig, experts: ExpertSet, gate, rule: PluginRule):
     h, w, c = source.train_images.shape[1:]
     info = serving.log_model(
         dataset=cfg.dataset, num_classes=splits.num_classes, image_shape=(h, w, c), class_names=splits.class_names,
-        group_names=splits.group_names, experts=expert_models, gate=gate, rule=rule, example=val_images[:3])
+        group_names=splits.group_names, experts=expert_models, gate=gate, rule=rule, example=val_images[:3],
+        shifts=experts.shifts)
     model = mlflow.pyfunc.load_model(info.model_uri)
     served = model.predict(val_images)
     expected = serving.predict_frame(rule, mixture(gate, experts.probs["val"]))

@@ -18,6 +18,7 @@ from argse.config import EXPERTS
 from argse.data.splits import EVAL_SPLITS, Splits
 from argse.stages.splits import load_splits
 
+from argse.training.losses import posterior_shift
 
 @dataclass
 class ExpertSet:
@@ -26,9 +27,12 @@ class ExpertSet:
     run_ids: dict[str, str]  # expert name -> run id, in EXPERTS order
     splits_run_id: str
     splits: Splits
-    probs: dict[str, torch.Tensor]  # split -> [N, E, C] calibrated posteriors
+    probs: dict[str, torch.Tensor]  # split -> [N, E, C] calibrated posteriors under `prior`
     labels: dict[str, torch.Tensor]  # split -> [N]
 
+    prior: str  # the target label prior the posteriors are for (lt, balanced)
+    shifts: torch.Tensor  # [E, C] added to each expert's calibrated logits before the softmax
+    own_probs: dict[str, torch.Tensor]  # split -> [N, E, C] softmax of the calibrated logits, unshifted
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.run_ids)
@@ -41,6 +45,13 @@ class ExpertSet:
     def weights(self, split: str, prior: str) -> torch.Tensor:
         return torch.as_tensor(self.splits.weights(split, prior), dtype=torch.float64)
 
+
+    def under(self, prior: str) -> dict[str, torch.Tensor]:
+        """The posteriors [N, E, C] per split under another target prior (`probs` when it is this one)."""
+        if prior == self.prior:
+            return self.probs
+        shifts = expert_shifts(self.run_ids, self.splits, prior)
+        return {split: torch.softmax(p.clamp_min(1e-300).log() + shifts[None], dim=2) for split, p in self.own_probs.items()}
 
 def _experts_of_parent(run: Run) -> dict[str, str]:
     ids = {name: run.data.tags.get(f"argse.expert_run.{name}") for name in EXPERTS}
@@ -100,21 +111,35 @@ def resolve_experts(ref: str, *, dataset: str, experiment: str | None = None) ->
     return ids
 
 
-def load_experts(run_ids: dict[str, str]) -> ExpertSet:
-    """Read the experts' calibrated logits on tunev / val / test and their splits run."""
+def expert_shifts(run_ids: dict[str, str], splits: Splits, prior: str) -> torch.Tensor:
+    """[E, C]: each expert's `posterior_shift` to the target ``prior``, from its loss and its run's la_tau."""
+    client = MlflowClient()
+    rows = []
+    for name, run_id in run_ids.items():
+        la_tau = float(client.get_run(run_id).data.params.get("la_tau", 1.0))
+        rows.append(posterior_shift(name, splits.train_counts, splits.prior(prior), la_tau))
+    return torch.stack(rows)
+
+
+def load_experts(run_ids: dict[str, str], prior: str = "lt") -> ExpertSet:
+    """Read the experts' calibrated logits on tunev / val / test and their splits run; the posteriors
+    are each expert's under the target ``prior`` (`posterior_shift`), so that they estimate one quantity."""
     from argse.stages.experts import load_expert_logits
 
     client = MlflowClient()
     splits_run_id = client.get_run(next(iter(run_ids.values()))).data.tags[tracking.TAG_UPSTREAM + "splits"]
     splits = load_splits(splits_run_id)
-    probs, labels = {}, {}
+    shifts = expert_shifts(run_ids, splits, prior)
+    probs, own, labels = {}, {}, {}
     for split in EVAL_SPLITS:
         per_expert = []
         for name, run_id in run_ids.items():
             data = load_expert_logits(run_id, split)
             if not np.array_equal(data["indices"], splits.indices[split]):
                 raise ArgseError(f"the {name} expert's {split} logits do not match splits run {splits_run_id}; retrain it")
-            per_expert.append(torch.softmax(torch.from_numpy(data["logits"]).double(), dim=1))
-        probs[split] = torch.stack(per_expert, dim=1)
+            per_expert.append(torch.from_numpy(data["logits"]).double())
+        logits = torch.stack(per_expert, dim=1)
+        probs[split] = torch.softmax(logits + shifts[None], dim=2)
+        own[split] = torch.softmax(logits, dim=2)
         labels[split] = torch.as_tensor(splits.labels[split], dtype=torch.long)
-    return ExpertSet(dict(run_ids), splits_run_id, splits, probs, labels)
+    return ExpertSet(dict(run_ids), splits_run_id, splits, probs, labels, prior, shifts, own)

@@ -44,20 +44,25 @@ def resolve_model(cfg: EvaluateConfig, experiment: str | None) -> tuple[mlflow.e
     return run, uri
 
 
-def build_methods(experts: ExpertSet, gate, rule: PluginRule, objective: str) -> list[Method]:
-    probs = experts.probs
+def build_methods(experts: ExpertSet, gate, rule: PluginRule, objective: str, model_prior: str) -> list[Method]:
+    """Chow's rule takes each expert's posterior as it was trained (and their plain average): that is
+    how it is used, and it scored better so than on the posteriors under the target prior. The plug-in
+    rows take the posteriors under the target prior, which the rule's derivation assumes; AR-GSE's
+    mixture takes them under the prior its gate and rule were fitted for (``model_prior``)."""
+    probs, own = experts.probs, experts.own_probs
     val_bal = {name: balanced_accuracy(probs["val"][:, e], experts.labels["val"]) for e, name in enumerate(experts.names)}
     best = max(val_bal, key=val_bal.get)
     best_index = experts.names.index(best)
     splits = ("tunev", "val", "test")
-    methods = [Method(f"chow[{name}]", "chow", {s: probs[s][:, e] for s in splits})
+    methods = [Method(f"chow[{name}]", "chow", {s: own[s][:, e] for s in splits})
                for e, name in enumerate(experts.names)]
     uniform = {s: probs[s].mean(dim=1) for s in splits}
-    methods.append(Method("chow[uniform-ensemble]", "chow", uniform))
+    methods.append(Method("chow[uniform-ensemble]", "chow", {s: own[s].mean(dim=1) for s in splits}))
     for obj in ("balanced", "worst"):
         methods.append(Method(f"plugin-{obj}[{best}]", "plugin", {s: probs[s][:, best_index] for s in splits}, obj))
         methods.append(Method(f"plugin-{obj}[uniform-ensemble]", "plugin", uniform, obj))
-    mixed = {s: mixture(gate, probs[s]) for s in splits}
+    model_probs = experts.under(model_prior)
+    mixed = {s: mixture(gate, model_probs[s]) for s in splits}
     single_cost = rule if rule.thresholds is None else None
     for obj in ("balanced", "worst"):
         methods.append(Method(f"ar-gse[{obj}]", "plugin", mixed, obj, single_cost if obj == objective else None))
@@ -89,7 +94,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
     with tracking.stage_run("evaluate", cfg.dataset, cfg.params(), experiment=experiment, run_name="evaluate") as active:
         argse_run, uri = resolve_model(cfg, experiment)
         gating_run, ids = resolve_gating_for(argse_run, cfg, experiment)
-        experts = load_experts(ids)
+        experts = load_experts(ids, cfg.test_prior)
         tracking.set_upstream("evaluate", cfg.params(), {"argse_run": argse_run.info.run_id,
                                                          "gating_run": gating_run.info.run_id,
                                                          "experts_run": experts.ids_tag,
@@ -99,6 +104,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
         gate = load_gate(gating_run.info.run_id)
         rule = PluginRule.from_dict(mlflow.artifacts.load_dict(f"runs:/{argse_run.info.run_id}/rule/rule.json"))
         objective = argse_run.data.params.get("objective.resolved", argse_run.data.params.get("objective", "worst"))
+        model_prior = argse_run.data.params.get("test_prior", "lt")
 
         if cfg.check_images:
             source = load_source(cfg.dataset, cfg.data_dir)
@@ -106,7 +112,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
             images = experts.splits.images(source, cfg.split)[: cfg.check_images]
             if images.shape[-1] == 1:
                 images = images[..., 0]
-            expected = predict_frame(rule, mixture(gate, experts.probs[cfg.split][: len(images)]))
+            expected = predict_frame(rule, mixture(gate, experts.under(model_prior)[cfg.split][: len(images)]))
             agreement = check_model(uri, images, expected)
             mlflow.log_metric("model_check_agreement", agreement)
             if agreement < 0.99:
@@ -119,7 +125,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
         fit_options = FitOptions(rounds=int(params.get("rounds", 20)), step=float(params.get("step", 2.0)),
                                  n_starts=int(params.get("n_starts", 12)))
         comparison = compare(
-            build_methods(experts, gate, rule, objective), experts.labels, weights, splits.class_to_group,
+            build_methods(experts, gate, rule, objective, model_prior), experts.labels, weights, splits.class_to_group,
             split=cfg.split, cost=rule.cost, coverages=cfg.coverages(), n_boot=cfg.n_boot, seed=cfg.seed,
             group_names=splits.group_names, fit_options=fit_options,
         )
