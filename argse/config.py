@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from argse import EXPERTS, OBJECTIVES, ArgseUsageError
+from argse import EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
 from argse.data.splits import PRIORS
 
 
@@ -324,7 +324,7 @@ class EvaluateConfig(StageConfig):
         return tuple(float(v) for v in self.coverage_grid.split(","))
 
 
-PIPELINE_STEPS = ("data", "experts", "gating", "argse", "eval")
+PIPELINE_STEPS = stage_registry.PIPELINE_STEPS  # --start-from / --stop-at names, in order
 
 
 @dataclass

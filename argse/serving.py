@@ -32,6 +32,7 @@ from argse.models.backbones import build_backbone
 from argse.models.experts import ExpertModel
 from argse.models.gating import GatingNet, mix
 from argse.selective import PluginRule
+from argse.stage_registry import MODEL
 
 
 # The answer's columns, their dtypes and their MLflow signature types.
@@ -121,10 +122,10 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
         self.gate.load_state_dict(saved["state_dict"])
         self.gate.eval()
         self.rule = PluginRule.from_dict(json.loads((folder / "rule.json").read_text()))
-
         # Models logged before the experts' posteriors were moved to the target prior have no shifts.
         self.shifts = torch.tensor(meta.get("posterior_shifts", [[0.0] * meta["num_classes"]] * len(self.experts)),
                                    dtype=torch.float64)
+
     @torch.no_grad()
     def posteriors(self, images) -> torch.Tensor:
         """Calibrated expert posteriors [N, E, C] (float64) of raw images (see :func:`as_images`), each
@@ -199,7 +200,7 @@ def log_model(*, dataset: str, num_classes: int, image_shape, class_names, group
                                  image_shape=image_shape, class_names=class_names, group_names=group_names,
                                  experts=experts, gate=gate, rule=rule, shifts=shifts)
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), artifacts={"components": str(folder)},
+            name=MODEL, python_model=str(MODEL_CODE), artifacts={"components": str(folder)},
             signature=signature, input_example=(images, {"cost": float(rule.cost)}),
             pip_requirements=pip_requirements(), code_paths=[package_dir()],
             metadata={"input_contract": input_contract(image_shape)},

@@ -46,7 +46,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, __version__
+from argse import ArgseError, __version__, stage_registry
+from argse.stage_registry import TAG_EXPERT, TAG_UPSTREAM  # noqa: F401  (the tracking layer's names for them)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ TAG_STAGE = "argse.stage"
 TAG_DATASET = "argse.dataset"
 TAG_CODE = "argse.code_version"
 TAG_HASH = "argse.config_hash"
-TAG_EXPERT = "argse.expert"
-TAG_UPSTREAM = "argse.upstream."  # + upstream name, e.g. argse.upstream.splits
 TAG_OWNER = "argse.owner"  # host/pid/start time of the process working on the run
 TAG_HEARTBEAT = "argse.heartbeat"  # unix time of that process's last sign of life
 TAG_FAILURE = "argse.failure"  # why the run ended FAILED, one line
@@ -68,17 +67,6 @@ HTTP_TIMEOUT_S = 10  # MLflow's per-request timeout (one retry), unless MLFLOW_H
 FAILPOINT_ENV = "ARGSE_FAILPOINT"
 DEFAULT_EXPERIMENT_ID = "0"
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-
-# How to produce a missing upstream run, for the one-line error.
-PRODUCER = {
-    "splits": "argse splits",
-    "experts": "argse experts",
-    "gating": "argse gating --mode pretrain",
-    "gating-selective": "argse gating --mode selective",
-    "argse": "argse fit",
-    "evaluate": "argse evaluate",
-    "pipeline": "argse pipeline",
-}
 
 
 def configure(tracking_uri: str | None = None) -> None:
@@ -215,6 +203,7 @@ def stage_run(
     ``--expert all``), named ``run_name``; the run ``mlflow run`` handed over in ``MLFLOW_RUN_ID``;
     else a new run in the home experiment. Top-level runs are named by :func:`top_level_name`.
     """
+    stage_registry.stage(stage)  # a name no stage has fails here, before any run starts
     upstream = dict(upstream or {})
     active = mlflow.active_run()
     if active is None:
@@ -703,7 +692,7 @@ def resolve_upstream(
     """The FINISHED run of ``stage`` that ``ref`` names (``latest`` | run id | ``runs:/`` |
     ``models:/``), checked against ``dataset`` and the ``lineage`` tags. Nothing found: an
     :class:`ArgseError` naming what is missing and the command that produces it."""
-    producer = PRODUCER.get(stage, f"argse {stage}")
+    producer = stage_registry.stage(stage).producer(lineage)
     if ref in (None, "", "latest"):
         runs = search_finished(stage, dataset, lineage, experiment=experiment)
         if not runs:

@@ -23,19 +23,29 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, figures, fmt_number, serving, tracking
-from argse.config import EXPERTS, ArgseConfig
+from argse.config import ArgseConfig
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS
 from argse.selective import PluginRule, fit_balanced, fit_group_thresholds, fit_worst, selective_errors
 from argse.stages.common import ExpertSet, load_experts
-from argse.stages.gating import TAG_MODE, load_gate, mixture
+from argse.stage_registry import (
+    ARGSE_STAGE,
+    EG_HISTORY,
+    MODEL,
+    RULE,
+    TAG_CHAMPION_DECISION,
+    TAG_GATING_MODE,
+    TAG_REGISTERED_MODEL,
+    TAG_VERSION_RISK,
+    TAG_VERSION_RUN,
+    split_expert_runs,
+)
+from argse.stages.gating import load_gate, mixture
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHAMPION_METRIC = "val_worst_l2r"
-TAG_VERSION_RUN = "argse.run_id"  # on a model version: the argse run that logged it
-TAG_VERSION_RISK = "argse.val_worst_l2r"  # on a model version: its run's CHAMPION_METRIC
 TIE_DECIMALS = 9  # risks equal to this many decimals tie: the version registered first wins
 
 
@@ -97,11 +107,10 @@ def operating_point(rule: PluginRule, eta: torch.Tensor, y: torch.Tensor, w: tor
 def resolve_inputs(cfg: ArgseConfig, experiment: str | None):
     """The gating run ``cfg.gating_run`` names and its experts, ``{expert: run_id}``."""
     gating_run = tracking.resolve_upstream("gating", cfg.gating_run, dataset=cfg.dataset, experiment=experiment)
-    tag = gating_run.data.tags.get(tracking.TAG_UPSTREAM + "experts", "")
-    ids = tag.split(",")
-    if len(ids) != len(EXPERTS):
+    ids = split_expert_runs(gating_run.data.tags.get(tracking.TAG_UPSTREAM + "experts", ""))
+    if ids is None:
         raise ArgseError(f"gating run {gating_run.info.run_id} records no expert runs; rerun the gating stage")
-    return gating_run, dict(zip(EXPERTS, ids))
+    return gating_run, ids
 
 
 def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
@@ -109,7 +118,7 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
     if cfg.dry_run:
         gating_run, ids = resolve_inputs(cfg, experiment)
         click.echo(cfg.dry_run_header("argse"))
-        click.echo(f"  gating run: {gating_run.info.run_id} ({gating_run.data.tags.get(TAG_MODE)})")
+        click.echo(f"  gating run: {gating_run.info.run_id} ({gating_run.data.tags.get(TAG_GATING_MODE)})")
         click.echo("  experts: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
         click.echo(f"  plan: mixture on tunev/val, fit the {cfg.objective} rule "
                    + (f"at cost {cfg.cost}" if cfg.cost is not None else f"for val coverage {cfg.target_coverage}")
@@ -119,9 +128,8 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
     with tracking.stage_run("argse", cfg.dataset, cfg.params(), experiment=experiment, run_name="argse") as active:
         gating_run, ids = resolve_inputs(cfg, experiment)
         experts = load_experts(ids, cfg.test_prior)
-        tracking.set_upstream("argse", cfg.params(), {"gating_run": gating_run.info.run_id,
-                                                      "experts_run": experts.ids_tag,
-                                                      "splits_run": experts.splits_run_id})
+        tracking.set_upstream("argse", cfg.params(), ARGSE_STAGE.upstream(
+            gating=gating_run.info.run_id, experts=experts.ids_tag, splits=experts.splits_run_id))
         tracking.log_split_inputs(experts.splits, ("tunev", "val"))
         gate = load_gate(gating_run.info.run_id)
         rule, summary = fit_and_log(cfg, experts, gate)
@@ -160,10 +168,10 @@ def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule,
             flat.update({f"eg_beta_{names[k]}": float(v) for k, v in enumerate(row["beta"])})
             flat.update({f"eg_error_{names[k]}": float(v) for k, v in enumerate(row["group_error"])})
             mlflow.log_metrics(flat, step=step)
-        mlflow.log_dict(rule.history.to_dict(), "rule/eg_history.json")
+        mlflow.log_dict(rule.history.to_dict(), EG_HISTORY)
     if cfg.group_thresholds_mode == "per-group":
         rule = fit_group_thresholds(rule, eta["tunev"], cfg.target_coverage, weights=w["tunev"])
-    mlflow.log_dict(rule.to_dict(), "rule/rule.json")
+    mlflow.log_dict(rule.to_dict(), RULE)
     params = {"cost": rule.cost}
     for k, name in enumerate(names):
         params.update({f"alpha_{name}": float(rule.alpha[k]), f"mu_{name}": float(rule.mu[k]),
@@ -185,7 +193,7 @@ def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule,
 def log_servable(cfg: ArgseConfig, experts: ExpertSet, gate, rule: PluginRule):
     """Log the pyfunc and check that it reproduces, from raw val images, what the logits give."""
     splits = experts.splits
-    expert_models = {name: mlflow.pytorch.load_model(f"runs:/{run_id}/model").eval()
+    expert_models = {name: mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL}").eval()
                      for name, run_id in experts.run_ids.items()}
     source = load_source(cfg.dataset, cfg.data_dir)
     splits.check_source(source)
@@ -215,7 +223,7 @@ def register(cfg: ArgseConfig, model_info, run_id: str, risk: float):
     :func:`crown`, once the run is FINISHED."""
     version = mlflow.register_model(model_info.model_uri, cfg.register_name,
                                     tags={TAG_VERSION_RUN: run_id, TAG_VERSION_RISK: repr(float(risk))})
-    mlflow.set_tag("argse.registered_model", f"{cfg.register_name}/{version.version}")
+    mlflow.set_tag(TAG_REGISTERED_MODEL, f"{cfg.register_name}/{version.version}")
     mlflow.log_metric("registered_version", float(version.version))
     return version
 
@@ -306,7 +314,7 @@ def crown(name: str, version=None, *, attempts: int = 20) -> str:
         raise ArgseError(f"{name}@{CHAMPION} kept moving for {attempts} tries; rerun `argse fit` to settle it")
     decision = _decision(client, name, version, before, best, best_risk)
     if version is not None:
-        client.set_tag(_run_of(version), "argse.champion_decision", decision)
+        client.set_tag(_run_of(version), TAG_CHAMPION_DECISION, decision)
         client.log_metric(_run_of(version), "became_champion", float(best is not None and best.version == version.version))
     return decision
 

@@ -16,9 +16,10 @@ from mlflow.tracking import MlflowClient
 from argse import ArgseError, tracking
 from argse.config import EXPERTS
 from argse.data.splits import EVAL_SPLITS, Splits
+from argse.stage_registry import expert_runs_of_parent, join_expert_runs
 from argse.stages.splits import load_splits
-
 from argse.training.losses import posterior_shift
+
 
 @dataclass
 class ExpertSet:
@@ -29,10 +30,10 @@ class ExpertSet:
     splits: Splits
     probs: dict[str, torch.Tensor]  # split -> [N, E, C] calibrated posteriors under `prior`
     labels: dict[str, torch.Tensor]  # split -> [N]
-
     prior: str  # the target label prior the posteriors are for (lt, balanced)
     shifts: torch.Tensor  # [E, C] added to each expert's calibrated logits before the softmax
     own_probs: dict[str, torch.Tensor]  # split -> [N, E, C] softmax of the calibrated logits, unshifted
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.run_ids)
@@ -40,11 +41,10 @@ class ExpertSet:
     @property
     def ids_tag(self) -> str:
         """The value of ``argse.upstream.experts``: run ids in EXPERTS order, comma-separated."""
-        return ",".join(self.run_ids.values())
+        return join_expert_runs(self.run_ids)
 
     def weights(self, split: str, prior: str) -> torch.Tensor:
         return torch.as_tensor(self.splits.weights(split, prior), dtype=torch.float64)
-
 
     def under(self, prior: str) -> dict[str, torch.Tensor]:
         """The posteriors [N, E, C] per split under another target prior (`probs` when it is this one)."""
@@ -53,8 +53,9 @@ class ExpertSet:
         shifts = expert_shifts(self.run_ids, self.splits, prior)
         return {split: torch.softmax(p.clamp_min(1e-300).log() + shifts[None], dim=2) for split, p in self.own_probs.items()}
 
+
 def _experts_of_parent(run: Run) -> dict[str, str]:
-    ids = {name: run.data.tags.get(f"argse.expert_run.{name}") for name in EXPERTS}
+    ids = expert_runs_of_parent(run.data.tags)
     missing = [name for name, run_id in ids.items() if not run_id]
     if missing:
         raise ArgseError(f"experts run {run.info.run_id} has no {', '.join(missing)} expert: pass the expert runs' ids")

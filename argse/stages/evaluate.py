@@ -27,6 +27,7 @@ from argse.models.gating import balanced_accuracy
 from argse.selective import PluginRule
 from argse.selective.compare import Comparison, FitOptions, Method, compare, metric_dict
 from argse.serving import predict_frame
+from argse.stage_registry import EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI
 from argse.stages.argse import resolve_inputs
 from argse.stages.common import ExpertSet, load_experts
 from argse.stages.gating import load_gate, mixture
@@ -40,7 +41,7 @@ def resolve_model(cfg: EvaluateConfig, experiment: str | None) -> tuple[mlflow.e
     """The argse run behind ``--model-uri`` and the URI to load its pyfunc from."""
     ref = cfg.model_uri
     run = tracking.resolve_upstream("argse", ref, dataset=cfg.dataset, experiment=experiment)
-    uri = ref if ref.startswith(("runs:/", "models:/")) else f"runs:/{run.info.run_id}/model"
+    uri = ref if ref.startswith(("runs:/", "models:/")) else f"runs:/{run.info.run_id}/{MODEL}"
     return run, uri
 
 
@@ -56,8 +57,8 @@ def build_methods(experts: ExpertSet, gate, rule: PluginRule, objective: str, mo
     splits = ("tunev", "val", "test")
     methods = [Method(f"chow[{name}]", "chow", {s: own[s][:, e] for s in splits})
                for e, name in enumerate(experts.names)]
-    uniform = {s: probs[s].mean(dim=1) for s in splits}
     methods.append(Method("chow[uniform-ensemble]", "chow", {s: own[s].mean(dim=1) for s in splits}))
+    uniform = {s: probs[s].mean(dim=1) for s in splits}
     for obj in ("balanced", "worst"):
         methods.append(Method(f"plugin-{obj}[{best}]", "plugin", {s: probs[s][:, best_index] for s in splits}, obj))
         methods.append(Method(f"plugin-{obj}[uniform-ensemble]", "plugin", uniform, obj))
@@ -95,14 +96,13 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
         argse_run, uri = resolve_model(cfg, experiment)
         gating_run, ids = resolve_gating_for(argse_run, cfg, experiment)
         experts = load_experts(ids, cfg.test_prior)
-        tracking.set_upstream("evaluate", cfg.params(), {"argse_run": argse_run.info.run_id,
-                                                         "gating_run": gating_run.info.run_id,
-                                                         "experts_run": experts.ids_tag,
-                                                         "splits_run": experts.splits_run_id})
-        mlflow.set_tag("argse.model_uri", uri)
+        tracking.set_upstream("evaluate", cfg.params(), EVALUATE_STAGE.upstream(
+            argse=argse_run.info.run_id, gating=gating_run.info.run_id, experts=experts.ids_tag,
+            splits=experts.splits_run_id))
+        mlflow.set_tag(TAG_MODEL_URI, uri)
         tracking.log_split_inputs(experts.splits, ("tunev", "val", cfg.split))
         gate = load_gate(gating_run.info.run_id)
-        rule = PluginRule.from_dict(mlflow.artifacts.load_dict(f"runs:/{argse_run.info.run_id}/rule/rule.json"))
+        rule = PluginRule.from_dict(mlflow.artifacts.load_dict(f"runs:/{argse_run.info.run_id}/{RULE}"))
         objective = argse_run.data.params.get("objective.resolved", argse_run.data.params.get("objective", "worst"))
         model_prior = argse_run.data.params.get("test_prior", "lt")
 
@@ -158,9 +158,9 @@ def resolve_gating_for(argse_run, cfg: EvaluateConfig, experiment: str | None):
 def log_comparison(comparison: Comparison, cfg: EvaluateConfig, group_names) -> None:
     mlflow.log_metrics(metric_dict(comparison))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "results"
+        folder = Path(tmp) / RESULTS_DIR
         write_results(comparison, folder)
-        mlflow.log_artifacts(str(folder), "results")
+        mlflow.log_artifacts(str(folder), RESULTS_DIR)
         if cfg.save_results:
             out = Path(cfg.output_dir)
             write_results(comparison, out)
@@ -181,7 +181,7 @@ def log_comparison(comparison: Comparison, cfg: EvaluateConfig, group_names) -> 
 
 def write_results(comparison: Comparison, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    comparison.table.to_csv(folder / "table.csv", index=False)
+    comparison.table.to_csv(folder / RESULTS_TABLE, index=False)
     (folder / "table.md").write_text(comparison.to_markdown() + "\n")
     comparison.coverage_points.to_csv(folder / "coverage_points.csv", index=False)
     comparison.group_points.to_csv(folder / "coverage_points_by_group.csv", index=False)

@@ -35,6 +35,15 @@ from argse.data.splits import EVAL_SPLITS, Splits
 from argse.models.backbones import build_backbone, count_parameters, estimate_training_flops
 from argse.models.experts import ExpertModel
 from argse.selective import ece
+from argse.stage_registry import (
+    CHECKPOINT,
+    EXPERTS_STAGE,
+    MODEL,
+    TAG_CHANNELS_LAST,
+    TAG_PRECISION,
+    expert_run_tag,
+    logits_path,
+)
 from argse.stages.splits import load_splits
 from argse.training import utils as training_utils
 from argse.training.calibration import fit_temperature, nll
@@ -51,7 +60,6 @@ from argse.training.utils import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoints/last.pt"
 EVAL_BATCH = 1024
 
 
@@ -139,7 +147,7 @@ def load_checkpoint(run_id: str) -> dict | None:
     """The run's ``checkpoints/last.pt``, ``None`` when it has none; a corrupt file is an error that no
     resume can fix (:class:`tracking.RunBroken`: the run is then replaced, not resumed again)."""
     client = mlflow.MlflowClient()
-    if not any(a.path == CHECKPOINT for a in client.list_artifacts(run_id, "checkpoints")):
+    if not any(a.path == CHECKPOINT for a in client.list_artifacts(run_id, CHECKPOINT.rpartition("/")[0])):
         return None
     path = tracking.download(run_id, CHECKPOINT)
     try:
@@ -169,7 +177,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     if ddp.main:
-        mlflow.set_tags({"argse.precision": "bf16" if bf16 else "fp32", "argse.channels_last": str(channels_last)})
+        mlflow.set_tags({TAG_PRECISION: "bf16" if bf16 else "fp32", TAG_CHANNELS_LAST: str(channels_last)})
     model: torch.nn.Module = backbone
     if ddp.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -233,8 +241,10 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
         elif cfg.verbose:
             tqdm.write(f"{name} {progress} ({seconds:.1f} s)")
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-            save_checkpoint(tmp / "last.pt", backbone, optimizer, scheduler, epoch, generator, cfg.params())
-            mlflow.log_artifact(str(tmp / "last.pt"), "checkpoints")
+            local = tmp / CHECKPOINT
+            local.parent.mkdir(exist_ok=True)
+            save_checkpoint(local, backbone, optimizer, scheduler, epoch, generator, cfg.params())
+            mlflow.log_artifact(str(local), local.parent.name)
             tracking.failpoint("experts:checkpoint")
     bar.close()
     return ExpertModel(backbone, data.train.mean, data.train.std)
@@ -259,12 +269,12 @@ def calibrate_and_log(name: str, expert: ExpertModel, data: Data, device: torch.
         metrics.update({f"final_{split}_{k}": v for k, v in acc.items()})
     mlflow.log_metrics(metrics)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "logits"
-        folder.mkdir()
         for split in EVAL_SPLITS:
-            np.savez(folder / f"{split}.npz", logits=(raw[split] / temperature).numpy().astype(np.float32),
+            path = Path(tmp) / logits_path(split)
+            path.parent.mkdir(exist_ok=True)
+            np.savez(path, logits=(raw[split] / temperature).numpy().astype(np.float32),
                      labels=splits.labels[split], indices=splits.indices[split])
-        mlflow.log_artifacts(str(folder), "logits")
+        mlflow.log_artifacts(tmp)
     log_expert_model(expert.cpu().eval(), data)
     return metrics
 
@@ -281,7 +291,7 @@ def log_expert_model(expert: ExpertModel, data: Data) -> None:
     # MLflow's generic warning about pickle would only repeat that on every expert.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     mlflow.pytorch.log_model(
-        expert, name="model", signature=infer_signature(example, output), input_example=example,
+        expert, name=MODEL, signature=infer_signature(example, output), input_example=example,
         pip_requirements=pip_requirements(), code_paths=[package_dir()],
         serialization_format="pickle",  # a plain nn.Module on load (the default pt2 has no .eval())
     )
@@ -461,7 +471,7 @@ def _run(cfg: ExpertsConfig, device: torch.device, ddp: Dist, experiment: str | 
                             run_name=f"expert-{label}" if single else "experts",
                             tags={tracking.TAG_EXPERT: label}) as outer:
         splits_run_id = _resolve_splits(cfg, experiment)
-        upstream = {"splits_run": splits_run_id}
+        upstream = EXPERTS_STAGE.upstream(splits=splits_run_id)
         tracking.set_upstream("experts", cfg.params(), upstream)
         splits, _ = _shared_splits(ddp, splits_run_id)
         data = load_data(splits, splits_run_id, cfg, device)
@@ -477,7 +487,7 @@ def _run(cfg: ExpertsConfig, device: torch.device, ddp: Dist, experiment: str | 
                 tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
                 _train_and_log(name, cfg, data, device, ddp, None, child.info.run_id)
                 ids[name] = child.info.run_id
-        mlflow.set_tags({f"argse.expert_run.{n}": i for n, i in ids.items()})
+        mlflow.set_tags({expert_run_tag(n): i for n, i in ids.items()})
         _log_summary(ids, splits)
         click.echo(f"experts run {outer.info.run_id}: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
         return {**ids, "all": outer.info.run_id}
@@ -530,7 +540,7 @@ def _resume(cfg: ExpertsConfig, device: torch.device, experiment: str | None) ->
         return {tags[tracking.TAG_EXPERT]: run.info.run_id}
     cfg = _config_from_run(run, cfg)
     name = cfg.expert
-    with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream={"splits_run": cfg.splits_run},
+    with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream=EXPERTS_STAGE.upstream(splits=cfg.splits_run),
                             resume_run_id=run.info.run_id, tags={tracking.TAG_EXPERT: name}):
         state = load_checkpoint(run.info.run_id)
         splits = load_splits(cfg.splits_run)
@@ -547,7 +557,7 @@ def _resume_all(parent, cfg: ExpertsConfig, device: torch.device, experiment: st
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         order_by=["attributes.start_time DESC"])
-    upstream = {"splits_run": cfg.splits_run}
+    upstream = EXPERTS_STAGE.upstream(splits=cfg.splits_run)
     ids = {}
     with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream=upstream,
                             resume_run_id=parent.info.run_id, tags={tracking.TAG_EXPERT: "all"}):
@@ -568,14 +578,14 @@ def _resume_all(parent, cfg: ExpertsConfig, device: torch.device, experiment: st
                     tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
                 _train_and_log(name, cfg, data, device, Dist(), state, active.info.run_id)
                 ids[name] = active.info.run_id
-        mlflow.set_tags({f"argse.expert_run.{n}": i for n, i in ids.items()})
+        mlflow.set_tags({expert_run_tag(n): i for n, i in ids.items()})
         _log_summary(ids, splits)
     return {**ids, "all": parent.info.run_id}
 
 
 def load_expert_logits(run_id: str, split: str) -> dict[str, np.ndarray]:
-    """``logits``, ``labels`` and ``indices`` of an expert run's ``logits/<split>.npz``."""
-    with np.load(tracking.download(run_id, f"logits/{split}.npz")) as npz:
+    """``logits``, ``labels`` and ``indices`` of an expert run's ``logits/<split>.npz`` (:data:`LOGITS`)."""
+    with np.load(tracking.download(run_id, logits_path(split))) as npz:
         return {key: npz[key] for key in ("logits", "labels", "indices")}
 
 

@@ -23,10 +23,9 @@ import torch
 from argse import ArgseError, figures, fmt_number, tracking
 from argse.config import GatingConfig
 from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gate_weights, mix
+from argse.stage_registry import GATE, GATE_META, GATE_RULE, GATING_STAGE, TAG_GATING_MODE
 from argse.stages.common import ExpertSet, load_experts, resolve_experts
 from argse.training.gating import train_pretrain, train_selective
-
-TAG_MODE = "argse.gating_mode"
 
 
 def weight_metrics(gate: GatingNet, experts: ExpertSet, split: str = "val") -> dict[str, float]:
@@ -44,12 +43,11 @@ def weight_metrics(gate: GatingNet, experts: ExpertSet, split: str = "val") -> d
 
 def log_gate(gate: GatingNet, experts: ExpertSet, extra: dict | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "gating"
-        folder.mkdir()
-        torch.save({"state_dict": gate.state_dict(), "config": gate.config()}, folder / "gate.pt")
+        (Path(tmp) / GATE).parent.mkdir(parents=True)
+        torch.save({"state_dict": gate.state_dict(), "config": gate.config()}, Path(tmp) / GATE)
         meta = {"gate": gate.config(), "experts": experts.run_ids, "splits_run": experts.splits_run_id, **(extra or {})}
-        (folder / "config.json").write_text(json.dumps(meta, indent=1))
-        mlflow.log_artifacts(str(folder), "gating")
+        (Path(tmp) / GATE_META).write_text(json.dumps(meta, indent=1))
+        mlflow.log_artifacts(tmp)
     metrics = weight_metrics(gate, experts)
     group_names = experts.splits.group_names
     values = {name: [metrics[f"weight_{name}_{g}"] for g in group_names] for name in experts.names}
@@ -61,7 +59,7 @@ def log_gate(gate: GatingNet, experts: ExpertSet, extra: dict | None = None) -> 
 def load_gate(run_id: str) -> GatingNet:
     """The gate logged by a gating run."""
     try:
-        saved = torch.load(tracking.download(run_id, "gating/gate.pt"), map_location="cpu", weights_only=True)
+        saved = torch.load(tracking.download(run_id, GATE), map_location="cpu", weights_only=True)
         gate = GatingNet.from_config(saved["config"])
         gate.load_state_dict(saved["state_dict"])
     except ArgseError:
@@ -88,15 +86,15 @@ def run(cfg: GatingConfig, *, experiment: str | None = None) -> str | None:
         return None
 
     with tracking.stage_run("gating", cfg.dataset, cfg.params(), experiment=experiment,
-                            run_name=f"gating-{cfg.mode}", tags={TAG_MODE: cfg.mode}) as active:
+                            run_name=f"gating-{cfg.mode}", tags={TAG_GATING_MODE: cfg.mode}) as active:
         ids = resolve_experts(cfg.experts_run, dataset=cfg.dataset, experiment=experiment)
         experts = load_experts(ids, cfg.test_prior)
-        upstream = {"experts_run": experts.ids_tag, "splits_run": experts.splits_run_id}
+        inputs = {"experts": experts.ids_tag, "splits": experts.splits_run_id}
         pretrain = None
         if cfg.mode == "selective":
             pretrain = _resolve_pretrain(cfg, experts.ids_tag, experiment)
-            upstream["pretrain_run"] = pretrain.info.run_id
-        tracking.set_upstream("gating", cfg.params(), upstream)
+            inputs["pretrain"] = pretrain.info.run_id
+        tracking.set_upstream("gating", cfg.params(), GATING_STAGE.upstream(cfg.mode, **inputs))
         tracking.log_split_inputs(experts.splits, ("tunev", "val"))
         if cfg.mode == "pretrain":
             summary = _pretrain(cfg, experts)
@@ -108,7 +106,7 @@ def run(cfg: GatingConfig, *, experiment: str | None = None) -> str | None:
 
 
 def _resolve_pretrain(cfg: GatingConfig, experts_tag: str, experiment: str | None):
-    lineage = {TAG_MODE: "pretrain", tracking.TAG_UPSTREAM + "experts": experts_tag}
+    lineage = {TAG_GATING_MODE: "pretrain", tracking.TAG_UPSTREAM + "experts": experts_tag}
     try:
         return tracking.resolve_upstream("gating", cfg.pretrain_run, dataset=cfg.dataset, lineage=lineage,
                                          experiment=experiment)
@@ -168,16 +166,16 @@ def _selective(cfg: GatingConfig, experts: ExpertSet, pretrain_run_id: str) -> d
         gate, experts.probs["tunev"].float(), experts.labels["tunev"], experts.probs["val"].float(),
         experts.labels["val"], experts.splits.class_to_group, cost=cfg.cost, objective=cfg.objective,
         rounds=cfg.rounds, epochs_per_round=cfg.epochs_per_round, batch_size=cfg.batch_size, lr=cfg.lr,
+        weights_fit=experts.weights("tunev", cfg.test_prior), weights_val=experts.weights("val", cfg.test_prior),
+        seed=cfg.seed, on_round=on_round,
         # Rounds are chosen by what evaluate ranks by, and the uniform mixture competes as a start:
         # on fashion-mnist-lt the pretrained gate was worse on val than plain averaging (README, Evaluate).
         select_by="aurc", uniform_start=True,
-        weights_fit=experts.weights("tunev", cfg.test_prior), weights_val=experts.weights("val", cfg.test_prior),
-        seed=cfg.seed, on_round=on_round,
     )
     best = result.history[result.best_round]
     final = {"best_round": float(result.best_round), "val_balanced_error": float(best["val_balanced_error"]),
              "val_worst_error": float(best["val_worst_error"]), **_mixture_metrics(gate, experts)}
     mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})
-    mlflow.log_dict(result.rule.to_dict(), "gating/rule.json")
+    mlflow.log_dict(result.rule.to_dict(), GATE_RULE)
     log_gate(gate, experts, {"mode": "selective", "best_round": result.best_round, "pretrain_run": pretrain_run_id})
     return final

@@ -19,10 +19,8 @@ import click
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, tracking
+from argse import ArgseError, stage_registry, tracking
 from argse.config import (
-    EXPERTS,
-    PIPELINE_STEPS,
     ArgseConfig,
     EvaluateConfig,
     ExpertsConfig,
@@ -30,20 +28,27 @@ from argse.config import (
     PipelineConfig,
     SplitsConfig,
 )
+from argse.stage_registry import PIPELINE_PLAN, PIPELINE_STEPS, PipelineStep
 
 
 @dataclass
 class Step:
     """One stage of the plan: its config, the upstream ids its hash includes, and what happened."""
 
-    name: str  # splits, experts, gating-pretrain, gating-selective, argse, evaluate
-    stage: str  # the argse.stage tag
-    step: str  # the --start-from / --stop-at name it belongs to
+    plan: PipelineStep  # its name, stage and mode, from the stage registry
     config: object
     upstream: dict[str, str] = field(default_factory=dict)
     lineage: dict[str, str] = field(default_factory=dict)
     run_id: str | None = None
     action: str = ""  # reused, ran, resumed, would reuse, would run
+
+    @property
+    def name(self) -> str:  # splits, experts, gating-pretrain, gating-selective, argse, evaluate
+        return self.plan.name
+
+    @property
+    def stage(self) -> str:  # the argse.stage tag
+        return self.plan.stage.name
 
     @property
     def hash(self) -> str:
@@ -68,10 +73,6 @@ def _stage_configs(cfg: PipelineConfig) -> dict:
     }
 
 
-ORDER = (("splits", "splits", "data"), ("experts", "experts", "experts"), ("gating-pretrain", "gating", "gating"),
-         ("gating-selective", "gating", "gating"), ("argse", "argse", "argse"), ("evaluate", "evaluate", "eval"))
-
-
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, experiment: str | None):
         self.cfg = cfg
@@ -80,54 +81,32 @@ class Pipeline:
         self.start = PIPELINE_STEPS.index(cfg.start_from)
         self.stop = PIPELINE_STEPS.index(cfg.stop_at)
         self.steps: list[Step] = []
+        # pipeline step -> the value its consumers record: its run id; for experts, the three expert
+        # run ids (stage_registry.join_expert_runs)
         self.ids: dict[str, str] = {}
-        self.expert_ids: dict[str, str] = {}
 
     # -- wiring: each stage's config gets the ids it consumes -----------------------------------
 
-    def _wire(self, name: str) -> tuple[object, dict[str, str]]:
+    def _wire(self, plan: PipelineStep) -> tuple[object, dict[str, str]]:
         """The stage's config with its upstream references set, and the upstream dict its hash uses
-        (the same one the stage tags its run with)."""
-        c, ids = self.configs[name], self.ids
-        splits_id = ids.get("splits")
-        experts_tag = ",".join(self.expert_ids[n] for n in EXPERTS) if self.expert_ids else None
-        if name == "splits":
-            return c, {}
-        if name == "experts":
-            return dataclasses.replace(c, splits_run=splits_id), {"splits_run": splits_id}
-        if name == "gating-pretrain":
-            return (dataclasses.replace(c, experts_run=experts_tag),
-                    {"experts_run": experts_tag, "splits_run": splits_id})
-        if name == "gating-selective":
-            return (dataclasses.replace(c, experts_run=experts_tag, pretrain_run=ids["gating-pretrain"]),
-                    {"experts_run": experts_tag, "splits_run": splits_id, "pretrain_run": ids["gating-pretrain"]})
-        if name == "argse":
-            return (dataclasses.replace(c, gating_run=ids["gating-selective"]),
-                    {"gating_run": ids["gating-selective"], "experts_run": experts_tag, "splits_run": splits_id})
-        return (dataclasses.replace(c, model_uri=ids["argse"]),
-                {"argse_run": ids["argse"], "gating_run": ids["gating-selective"], "experts_run": experts_tag,
-                 "splits_run": splits_id})
-
-    def _lineage(self, name: str) -> dict[str, str]:
-        if name == "experts":
-            return {tracking.TAG_EXPERT: "all"}
-        if name.startswith("gating"):
-            return {"argse.gating_mode": name.split("-")[1]}
-        return {}
+        (the same one the stage tags its run with): both from the inputs the registry declares."""
+        handed = {i.option: self.ids.get(i.step) for i in plan.inputs if i.option}
+        ids = {i.key: self.ids.get(i.step) for i in plan.inputs}
+        return dataclasses.replace(self.configs[plan.name], **handed), plan.stage.upstream(plan.mode, **ids)
 
     # -- running ----------------------------------------------------------------------------------
 
     def execute(self, dry_run: bool) -> None:
         upstream_fresh = False  # once a stage runs, every later one must run too (new ids)
-        for name, stage, step_name in ORDER:
-            index = PIPELINE_STEPS.index(step_name)
+        for plan in PIPELINE_PLAN:
+            name, stage, index = plan.name, plan.stage.name, PIPELINE_STEPS.index(plan.stage.step)
             if index > self.stop:
                 break
             if upstream_fresh and dry_run:
-                self.steps.append(Step(name, stage, step_name, self.configs[name], action="would run"))
+                self.steps.append(Step(plan, self.configs[name], action="would run"))
                 continue
-            config, upstream = self._wire(name)
-            step = Step(name, stage, step_name, config, upstream, self._lineage(name))
+            config, upstream = self._wire(plan)
+            step = Step(plan, config, upstream, plan.lineage)
             self.steps.append(step)
             rerun = index >= self.start and (self.cfg.force or self.start > 0)
             cached = None if rerun else tracking.find_cached_run(
@@ -139,8 +118,8 @@ class Pipeline:
                     f"reuse and there is none: run the pipeline without --start-from first")
             if cached is not None:
                 step.run_id, step.action = cached.info.run_id, ("would reuse" if dry_run else "reused")
-                self._record(name, cached)
-                if name == "argse" and not dry_run:
+                self._record(plan, cached)
+                if stage == "argse" and not dry_run:
                     self._repair_champion(config.register_name)
                 continue
             if dry_run:
@@ -150,10 +129,11 @@ class Pipeline:
             self._run_stage(step)
             upstream_fresh = True
 
-    def _record(self, name: str, run) -> None:
-        self.ids[name] = run.info.run_id
-        if name == "experts":
-            self.expert_ids = {n: run.data.tags[f"argse.expert_run.{n}"] for n in EXPERTS}
+    def _record(self, plan: PipelineStep, run) -> None:
+        if plan.stage is stage_registry.EXPERTS_STAGE:
+            self.ids[plan.name] = stage_registry.join_expert_runs(stage_registry.expert_runs_of_parent(run.data.tags))
+        else:
+            self.ids[plan.name] = run.info.run_id
 
     def _run_stage(self, step: Step) -> None:
         from argse.stages import argse as argse_stage
@@ -161,18 +141,17 @@ class Pipeline:
 
         started = time.perf_counter()
         client = MlflowClient()
-        if step.name == "experts":
+        if step.stage == "experts":
             ids = self._resume_experts(step)
             if ids is None:
                 ids = experts.run(step.config, experiment=self.experiment)
                 step.action = "ran"
             step.run_id = ids["all"]
         else:
-            module = {"splits": splits, "gating-pretrain": gating, "gating-selective": gating,
-                      "argse": argse_stage, "evaluate": evaluate}[step.name]
+            module = {"splits": splits, "gating": gating, "argse": argse_stage, "evaluate": evaluate}[step.stage]
             step.run_id = module.run(step.config, experiment=self.experiment)
             step.action = "ran"
-        self._record(step.name, client.get_run(step.run_id))
+        self._record(step.plan, client.get_run(step.run_id))
         click.echo(f"{step.name}: {step.action} in {time.perf_counter() - started:.1f} s")
         tracking.failpoint(f"pipeline:{step.name}")
 
@@ -216,7 +195,7 @@ def run(cfg: PipelineConfig, *, experiment: str | None = None) -> str | None:
     if cfg.dry_run:
         if os.environ.get("MLFLOW_RUN_ID"):
             # `mlflow run` made a run before this process started; say what it is.
-            MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], "argse.dry_run", "true")
+            MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], stage_registry.TAG_DRY_RUN, "true")
         pipeline.execute(dry_run=True)
         click.echo(f"pipeline plan for {cfg.dataset} (dry run: no run created; --start-from {cfg.start_from}, "
                    f"--stop-at {cfg.stop_at}{', --force' if cfg.force else ''})")
@@ -227,7 +206,7 @@ def run(cfg: PipelineConfig, *, experiment: str | None = None) -> str | None:
     started = time.perf_counter()
     with tracking.stage_run("pipeline", cfg.dataset, cfg.params(), experiment=experiment, run_name="pipeline") as parent:
         pipeline.execute(dry_run=False)
-        mlflow.set_tags({f"argse.step.{s.name}": f"{s.action} {s.run_id}" for s in pipeline.steps})
+        mlflow.set_tags({stage_registry.TAG_STEP + s.name: f"{s.action} {s.run_id}" for s in pipeline.steps})
         mlflow.log_metrics({"stages_reused": float(sum(s.action == "reused" for s in pipeline.steps)),
                             "stages_run": float(sum(s.action in ("ran", "resumed") for s in pipeline.steps)),
                             "seconds": time.perf_counter() - started})
@@ -251,13 +230,13 @@ def _finale(pipeline: Pipeline) -> None:
         from argse.stages.evaluate import summary_markdown
 
         click.echo(f"evaluate run {evaluate_id} (reused):")
-        click.echo(summary_markdown(pd.read_csv(tracking.download(evaluate_id, "results/table.csv"))))
+        click.echo(summary_markdown(pd.read_csv(tracking.download(evaluate_id, f"{stage_registry.RESULTS_DIR}/{stage_registry.RESULTS_TABLE}"))))
     argse_step = next((s for s in pipeline.steps if s.name == "argse" and s.run_id), None)
     if argse_step is not None and argse_step.action == "reused":
         click.echo(f"argse run {argse_step.run_id} (reused): nothing registered; "
                    + _registry_state(client, argse_step.run_id, pipeline.configs["argse"].register_name))
     elif argse_step is not None:
-        decision = client.get_run(argse_step.run_id).data.tags.get("argse.champion_decision", "")
+        decision = client.get_run(argse_step.run_id).data.tags.get(stage_registry.TAG_CHAMPION_DECISION, "")
         if decision:
             click.echo(f"argse run {argse_step.run_id}: {decision}")
     uri = mlflow.get_tracking_uri()
@@ -283,7 +262,7 @@ def _registry_state(client: MlflowClient, run_id: str, name: str) -> str:
 
     from argse.stages.argse import CHAMPION
 
-    mine = client.get_run(run_id).data.tags.get("argse.registered_model", "").rpartition("/")[2]
+    mine = client.get_run(run_id).data.tags.get(stage_registry.TAG_REGISTERED_MODEL, "").rpartition("/")[2]
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:

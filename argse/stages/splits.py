@@ -19,6 +19,7 @@ from argse import figures, tracking
 from argse.config import SplitsConfig, preset
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, SPLITS, Splits, make_splits
+from argse.stage_registry import SPLITS_DIR, TAG_SPLITS_FINGERPRINT
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
         splits = build(cfg)
         click.echo(cfg.dry_run_header("splits"))
         click.echo(f"  experiment: {tracking.home_experiment(cfg.dataset, experiment)}")
-        click.echo("  would write splits/{indices,labels,weights}.npz, class_counts.json, class_to_group.csv, "
+        click.echo(f"  would write {SPLITS_DIR}/{{indices,labels,weights}}.npz, class_counts.json, class_to_group.csv, "
                    "splits.json and class_distribution.png; sizes: "
                    + ", ".join(f"{name} {len(splits.indices[name])}" for name in SPLITS))
         click.echo(distribution_table(splits))
@@ -91,10 +92,10 @@ def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
             log.warning("%d classes have fewer images than the profile asks for; they take what they have "
                         "(achieved counts are logged in splits/class_counts.json)", int(np.sum(shortfall > 0)))
         with tempfile.TemporaryDirectory() as tmp:
-            splits.save(Path(tmp) / "splits")
+            splits.save(Path(tmp) / SPLITS_DIR)
             mlflow.log_artifacts(tmp)
         mlflow.log_metrics(summary(splits))
-        mlflow.set_tag("argse.splits_fingerprint", splits.fingerprint)
+        mlflow.set_tag(TAG_SPLITS_FINGERPRINT, splits.fingerprint)
         tracking.log_split_inputs(splits, SPLITS)
         eval_counts = {s: np.bincount(splits.labels[s], minlength=splits.num_classes) for s in EVAL_SPLITS}
         fig = figures.class_distribution(
@@ -117,4 +118,4 @@ def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
 
 def load_splits(run_id: str) -> Splits:
     """The ``splits/`` artifact of a splits run."""
-    return Splits.load(tracking.download(run_id, "splits"))
+    return Splits.load(tracking.download(run_id, SPLITS_DIR))
