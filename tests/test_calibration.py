@@ -61,9 +61,9 @@ def test_degenerate_logits_give_a_bounded_finite_temperature() -> None:
 def test_bad_inputs_are_rejected_with_a_sentence() -> None:
     with pytest.raises(ValueError, match="shape"):
         fit_temperature(torch.zeros(4), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="one label per row"):
+    with pytest.raises(ValueError, match="1-D array of 4 class labels"):
         fit_temperature(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+    with pytest.raises(ValueError, match=r"labels in 0\.\.2"):
         fit_temperature(torch.zeros(2, 3), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="finite"):
         fit_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,15 +115,20 @@ def load_cifar100(data_dir: str | Path) -> SourceData:
         return _load_cifar_folder(root)
     from torchvision.datasets import CIFAR100
 
-    try:
-        train = CIFAR100(str(root), train=True, download=True)
-        test = CIFAR100(str(root), train=False, download=True)
-    except Exception as exc:  # urllib / socket / OSError: offline, or an unwritable folder
-        raise ArgseError(
-            f"CIFAR-100 is not in {root} and could not be downloaded ({type(exc).__name__}): "
-            f"place {CIFAR_ARCHIVE} (or its extracted {CIFAR_FOLDER}/ folder) in {root}"
-        ) from exc
+    train, test = _download(CIFAR100, root, f"CIFAR-100 is not in {root}",
+                            f"place {CIFAR_ARCHIVE} (or its extracted {CIFAR_FOLDER}/ folder) in {root}")
     return _make("cifar100-lt", train.data, train.targets, test.data, test.targets, train.classes)
+
+
+def _download(dataset: type, root: Path, absent: str, remedy: str) -> tuple[Any, Any]:
+    """The train and test sets of the torchvision ``dataset`` class, downloaded into ``root``. Offline
+    (or an unwritable folder): one line, ``<absent> and could not be downloaded (<error>): <remedy>``."""
+    try:
+        # torchvision prints each mirror it tries on stdout; a failure is reported once, below.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return dataset(str(root), train=True, download=True), dataset(str(root), train=False, download=True)
+    except Exception as exc:  # urllib / socket / OSError: offline, or an unwritable folder
+        raise ArgseError(f"{absent} and could not be downloaded ({type(exc).__name__}): {remedy}") from exc
 
 
 def _load_cifar_folder(root: Path) -> SourceData:
@@ -201,17 +207,9 @@ def load_fashion_mnist(data_dir: str | Path) -> SourceData:
             return _read_fashion_folder(paths)
     from torchvision.datasets import FashionMNIST
 
-    try:
-        # torchvision prints each mirror it tries on stdout; a failure is reported once, below.
-        with contextlib.redirect_stdout(io.StringIO()):
-            train = FashionMNIST(str(root), train=True, download=True)
-            test = FashionMNIST(str(root), train=False, download=True)
-    except Exception as exc:  # urllib / socket / OSError: offline, or an unwritable folder
-        raise ArgseError(
-            f"Fashion-MNIST is neither in {root} nor in {FASHION_SYSTEM_DIR} and could not be downloaded "
-            f"({type(exc).__name__}): run `apt-get install -y {FASHION_PACKAGE}`, or place "
-            f"{', '.join(name + '.gz' for name in FASHION_FILES.values())} in {root}"
-        ) from exc
+    train, test = _download(FashionMNIST, root, f"Fashion-MNIST is neither in {root} nor in {FASHION_SYSTEM_DIR}",
+                            f"run `apt-get install -y {FASHION_PACKAGE}`, or place "
+                            f"{', '.join(name + '.gz' for name in FASHION_FILES.values())} in {root}")
     return _make("fashion-mnist-lt", train.data.numpy()[..., None], train.targets.numpy(),
                  test.data.numpy()[..., None], test.targets.numpy(), FASHION_CLASSES)
 

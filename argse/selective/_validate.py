@@ -70,19 +70,26 @@ def posteriors(x: Any, name: str, n_classes: Optional[int] = None, device: Optio
         raise ValueError(f"{name} must have C = {n_classes} columns (the length of class_to_group); got {t.shape[1]}.")
     if t.dtype == torch.bool:
         t = t.long()
-    t = t.to(torch.float64)
+    return distributions(t.to(torch.float64), name)
+
+
+def distributions(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A floating tensor [..., C] whose rows (along the last dimension) are distributions: finite,
+    non-negative, summing to 1 within SUM_TOLERANCE; returned renormalised to sum to 1 exactly, in
+    its own dtype."""
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite posteriors; it contains NaN or infinity.")
     if bool((t < 0).any()):
         raise ValueError(f"{name} must be posteriors (rows of non-negative numbers summing to 1); it has negative entries.")
-    sums = t.sum(dim=1)
-    bad = ((sums - 1.0).abs() > SUM_TOLERANCE).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
+    sums = t.sum(dim=-1)
+    bad = ((sums - 1.0).abs() > SUM_TOLERANCE).nonzero()
+    if bad.shape[0]:
+        row = tuple(int(i) for i in bad[0])
         raise ValueError(
-            f"{name} must be posteriors whose rows sum to 1 (within {SUM_TOLERANCE}); row {i} sums to {float(sums[i]):.6g}."
+            f"{name} must be posteriors whose rows sum to 1 (within {SUM_TOLERANCE}); "
+            f"row {', '.join(map(str, row))} sums to {float(sums[row]):.6g}."
         )
-    return t / sums[:, None]
+    return t / sums.unsqueeze(-1)
 
 
 def labels(x: Any, name: str, n: Optional[int], n_classes: int, device: Optional[torch.device] = None) -> torch.Tensor:

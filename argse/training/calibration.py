@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from argse.selective import _validate as check
+
 T_MIN = 1e-2
 T_MAX = 1e2
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -70,33 +72,10 @@ def _validate(
     y: torch.Tensor | np.ndarray,
     weights: torch.Tensor | np.ndarray | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    z = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float64)
-    labels = torch.as_tensor(y).detach().to("cpu").flatten()
+    z = check.as_tensor(logits, "logits", torch.device("cpu")).to(torch.float64)
     if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] < 2:
-        raise ValueError(
-            f"logits must have shape [N, C] with N >= 1 and C >= 2; got {list(z.shape)}."
-        )
-    if labels.numel() != z.shape[0]:
-        raise ValueError(
-            f"y must hold one label per row of logits ({z.shape[0]}); got {labels.numel()}."
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"y must hold integer labels; got dtype {labels.dtype}.")
-    labels = labels.long()
-    if int(labels.min()) < 0 or int(labels.max()) >= z.shape[1]:
-        raise ValueError(
-            f"y must lie in [0, {z.shape[1] - 1}]; "
-            f"got labels from {int(labels.min())} to {int(labels.max())}."
-        )
+        raise ValueError(f"logits must have shape [N, C] with N >= 1 and C >= 2; got {list(z.shape)}.")
     if not bool(torch.isfinite(z).all()):
         raise ValueError("logits must be finite; got NaN or infinite values.")
-    if weights is None:
-        return z, labels, None
-    w = torch.as_tensor(weights).detach().to(device="cpu", dtype=torch.float64).flatten()
-    if w.numel() != z.shape[0]:
-        raise ValueError(
-            f"weights must hold one value per row of logits ({z.shape[0]}); got {w.numel()}."
-        )
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ValueError("weights must be finite, non-negative and not all zero.")
-    return z, labels, w
+    labels = check.labels(y, "y", z.shape[0], z.shape[1], z.device)
+    return z, labels, None if weights is None else check.weights(weights, "weights", z.shape[0], z.device)

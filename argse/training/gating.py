@@ -19,6 +19,7 @@ import torch
 
 from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gating_features, mix
 from argse.selective import PluginRule, fit_balanced, fit_worst, selective_errors
+from argse.selective import _validate as check
 from argse.selective.compare import COVERAGES, FitOptions, matched_aurc
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -47,53 +48,21 @@ class SelectiveResult:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except Exception as exc:
-        raise ValueError(f"{name} must be a torch tensor or a numpy array; got {type(x).__name__}.") from exc
-
-
 def _probs(x: Any, name: str, num_experts: int, num_classes: Optional[int], device: torch.device) -> torch.Tensor:
-    t = _as_tensor(x, name)
+    """Expert posteriors [N, E, C] as float32 on `device`, each row renormalised to sum to 1."""
+    t = check.as_tensor(x, name)
     if t.ndim != 3 or t.shape[0] == 0:
         raise ValueError(f"{name} must be expert posteriors of shape [N, E, C] with N >= 1; got {tuple(t.shape)}.")
     if t.shape[1] != num_experts:
         raise ValueError(f"{name} must hold the gate's {num_experts} experts in dim 1; got {t.shape[1]}.")
     if num_classes is not None and t.shape[2] != num_classes:
         raise ValueError(f"{name} must have num_classes = {num_classes} classes in dim 2; got {t.shape[2]}.")
-    t = t.to(device, torch.float32)
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise ValueError(f"{name} must be finite, non-negative posteriors.")
-    if bool(((t.sum(dim=-1) - 1.0).abs() > 1e-3).any()):
-        raise ValueError(f"{name} must be posteriors: every [n, e, :] row must sum to 1 (within 1e-3).")
-    return t / t.sum(dim=-1, keepdim=True)
-
-
-def _labels(x: Any, name: str, n: int, num_classes: int, device: torch.device) -> torch.Tensor:
-    t = _as_tensor(x, name)
-    if t.ndim != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must be a 1-D array of {n} class labels; got shape {tuple(t.shape)}.")
-    if torch.is_floating_point(t) and not bool((t == t.round()).all()):
-        raise ValueError(f"{name} must hold integer class labels.")
-    t = t.to(device).long()
-    if int(t.min()) < 0 or int(t.max()) >= num_classes:
-        raise ValueError(f"{name} must hold class labels in 0..{num_classes - 1}; got {int(t.min())}..{int(t.max())}.")
-    return t
+    return check.distributions(t.to(device, torch.float32), name)
 
 
 def _sample_weights(x: Any, name: str, n: int, device: torch.device) -> torch.Tensor:
-    if x is None:
-        return torch.ones(n, device=device)
-    t = _as_tensor(x, name)
-    if t.ndim != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must be a 1-D array of {n} sample weights; got shape {tuple(t.shape)}.")
-    t = t.to(device, torch.float32)
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or float(t.sum()) <= 0:
-        raise ValueError(f"{name} must be finite, non-negative sample weights with a positive total.")
-    return t
+    """Sample weights [n] as float32 on `device`; None means all ones."""
+    return check.weights(x, name, n, device).to(torch.float32)
 
 
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -204,8 +173,8 @@ def train_pretrain(
         raise ValueError("load_balance and weight_decay must be >= 0.")
     p_fit = _probs(probs_fit, "probs_fit", gate.num_experts, num_classes, device)
     p_val = _probs(probs_val, "probs_val", gate.num_experts, num_classes, device)
-    y_fit_t = _labels(y_fit, "y_fit", p_fit.shape[0], num_classes, device)
-    y_val_t = _labels(y_val, "y_val", p_val.shape[0], num_classes, device)
+    y_fit_t = check.labels(y_fit, "y_fit", p_fit.shape[0], num_classes, device)
+    y_val_t = check.labels(y_val, "y_val", p_val.shape[0], num_classes, device)
 
     f_fit, f_val = gating_features(p_fit), gating_features(p_val)
     gate.set_standardisation(f_fit)
@@ -376,14 +345,14 @@ def train_selective(
     cost = float(cost)
     if not math.isfinite(cost) or cost < 0:
         raise ValueError(f"cost must be a finite number >= 0; got {cost}.")
-    c2g = _as_tensor(class_to_group, "class_to_group")
+    c2g = check.as_tensor(class_to_group, "class_to_group")
     if c2g.ndim != 1:
         raise ValueError(f"class_to_group must be a 1-D array [C]; got shape {tuple(c2g.shape)}.")
     num_classes = int(c2g.shape[0])
     p_fit = _probs(probs_fit, "probs_fit", gate.num_experts, num_classes, device)
     p_val = _probs(probs_val, "probs_val", gate.num_experts, num_classes, device)
-    y_fit_t = _labels(y_fit, "y_fit", p_fit.shape[0], num_classes, device)
-    y_val_t = _labels(y_val, "y_val", p_val.shape[0], num_classes, device)
+    y_fit_t = check.labels(y_fit, "y_fit", p_fit.shape[0], num_classes, device)
+    y_val_t = check.labels(y_val, "y_val", p_val.shape[0], num_classes, device)
     w_fit = _sample_weights(weights_fit, "weights_fit", p_fit.shape[0], device)
     w_val = _sample_weights(weights_val, "weights_val", p_val.shape[0], device)
     fitter = fit_worst if objective == "worst" else fit_balanced
