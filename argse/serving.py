@@ -30,7 +30,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from argse.models.backbones import build_backbone
 from argse.models.experts import ExpertModel
-from argse.models.gating import GatingNet, mix
+from argse.models.gating import GatingNet, gated_mixture
 from argse.selective import PluginRule
 from argse.stage_registry import MODEL
 
@@ -140,10 +140,7 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
         images = as_images(model_input, self.meta["image_shape"])
         if len(images) == 0:
             return _frame({name: [] for name in OUTPUT_COLUMNS})
-        probs = self.posteriors(images)
-        with torch.no_grad():
-            mixture = mix(probs, self.gate(probs.float()).double())
-        return predict_frame(self.rule, mixture, cost)
+        return predict_frame(self.rule, gated_mixture(self.gate, self.posteriors(images)), cost)
 
 
 def predict_frame(rule: PluginRule, mixture: torch.Tensor, cost: float | None = None) -> pd.DataFrame:

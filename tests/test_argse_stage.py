@@ -20,7 +20,8 @@ from argse.selective import PluginRule
 from argse.serving import predict_frame
 from argse.stages.argse import crown, register
 from argse.stages.common import load_experts
-from argse.stages.gating import load_gate, mixture
+from argse.models.gating import gated_mixture
+from argse.stages.gating import load_gate
 from argse.stages.splits import load_splits
 from conftest import free_port, post_json, subprocess_env
 
@@ -43,7 +44,7 @@ def test_champion_predictions_equal_the_stage_code_on_logged_logits(chain_store)
     # The same decisions from what the runs logged: expert logits -> gate -> rule.
     experts = load_experts({n: ids[n] for n in ("ce", "logitadjust", "balsoftmax")})
     rule = PluginRule.from_dict(mlflow.artifacts.load_dict(f"runs:/{ids['argse']}/rule/rule.json"))
-    expected = predict_frame(rule, mixture(load_gate(ids["selective"]), experts.probs["test"]))
+    expected = predict_frame(rule, gated_mixture(load_gate(ids["selective"]), experts.probs["test"]))
     np.testing.assert_array_equal(served["prediction"], expected["prediction"])
     np.testing.assert_allclose(served["margin"], expected["margin"], atol=1e-4)
     near = np.abs(expected["margin"].to_numpy() + rule.cost) < 1e-4  # float32 forward vs logged float32 logits

@@ -15,6 +15,7 @@ from argse.models.gating import (
     balanced_nll,
     feature_size,
     gate_weights,
+    gated_mixture,
     gating_features,
     uniform_mixture,
 )
@@ -119,7 +120,7 @@ def test_gate_weights_sum_to_one_and_a_fresh_gate_is_the_uniform_mixture():
     gate = GatingNet(3)
     gate.set_standardisation(gating_features(probs))
     assert torch.allclose(gate_weights(gate, probs), torch.full((50, 3), 1 / 3))
-    assert torch.allclose(gate.mixture(probs), uniform_mixture(probs), atol=1e-6)
+    assert torch.allclose(gated_mixture(gate, probs), uniform_mixture(probs), atol=1e-6)
     with torch.no_grad():
         for p in gate.parameters():
             p.normal_(generator=torch.Generator().manual_seed(2))
@@ -127,7 +128,7 @@ def test_gate_weights_sum_to_one_and_a_fresh_gate_is_the_uniform_mixture():
     assert weights.shape == (50, 3)
     assert torch.allclose(weights.sum(dim=1), torch.ones(50), atol=1e-6)
     assert weights.std(dim=0).max() > 0.01  # a trained-looking gate weighs samples differently
-    assert torch.allclose(gate.mixture(probs).sum(dim=1), torch.ones(50, dtype=probs.dtype), atol=1e-6)
+    assert torch.allclose(gated_mixture(gate, probs).sum(dim=1), torch.ones(50, dtype=probs.dtype), atol=1e-6)
 
 
 def test_standardisation_survives_a_state_dict_round_trip():
@@ -180,7 +181,7 @@ def test_pretrain_beats_the_uniform_mixture_on_val_and_restores_its_best_epoch(s
     assert result.best_val_nll == min(row["val_mixture_nll"] for row in result.history)
     with torch.no_grad():
         gate.eval()
-        assert float(balanced_nll(gate.mixture(probs_val), y_val)) == pytest.approx(result.best_val_nll, rel=1e-5)
+        assert float(balanced_nll(gated_mixture(gate, probs_val), y_val)) == pytest.approx(result.best_val_nll, rel=1e-5)
     assert [epoch for epoch, _ in rows] == list(range(len(result.history)))
     assert {"loss", "val_mixture_nll", "val_balanced_acc", "mean_weight"} <= set(rows[-1][1])
     assert len(rows[-1][1]["mean_weight"]) == 3
@@ -215,7 +216,7 @@ def _val_worst_risk(gate, rule, splits, cost=0.3):
     _, _, probs_val, y_val = splits
     with torch.no_grad():
         gate.eval()
-        decision = rule.predict(gate.mixture(probs_val).double())
+        decision = rule.predict(gated_mixture(gate, probs_val).double())
     errors = selective_errors(decision.pred, decision.accept, y_val, CLASS_TO_GROUP)
     return errors.worst_error + cost * (1 - errors.coverage)
 
@@ -340,7 +341,7 @@ def test_select_by_aurc_keeps_the_round_with_the_lowest_val_aurc_and_that_is_the
     probs_fit, y_fit, probs_val, y_val = splits
     with torch.no_grad():
         gate.eval()
-        eta = {"tunev": gate.mixture(probs_fit).double(), "val": gate.mixture(probs_val).double()}
+        eta = {"tunev": gated_mixture(gate, probs_fit).double(), "val": gated_mixture(gate, probs_val).double()}
     again = matched_aurc(eta, {"tunev": y_fit, "val": y_val}, None, CLASS_TO_GROUP, "worst", split="val",
                          fit_options=FitOptions(rounds=4, n_starts=6))
     assert again == pytest.approx(values[result.best_round], rel=1e-6)

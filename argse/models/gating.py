@@ -157,15 +157,17 @@ class GatingNet(nn.Module):
             raise ValueError(f"probs must hold {self.num_experts} experts (dim 1); got {probs.shape[1]}.")
         return self.weights_from_features(gating_features(probs))
 
-    def mixture(self, probs: torch.Tensor) -> torch.Tensor:
-        """The gated mixture sum_e w_e(x) * p_e(x) [N, C] of `probs` [N, E, C]."""
-        weights = self(probs)
-        return mix(probs, weights)
-
 
 def mix(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_e weights[:, e] * probs[:, e, :] -> [N, C], in the dtype of `probs`."""
     return (weights.to(probs.dtype).unsqueeze(-1) * probs).sum(dim=1)
+
+
+def gated_mixture(gate: GatingNet, probs: torch.Tensor) -> torch.Tensor:
+    """The gated mixture sum_e w_e(x) * p_e(x) [N, C] of expert posteriors `probs` [N, E, C], in the
+    dtype of `probs`; the gate's weights are taken in eval mode from the float32 posteriors. What the
+    stages fit and evaluate, and what the served model computes."""
+    return mix(probs, gate_weights(gate, probs.float()))
 
 
 @torch.no_grad()

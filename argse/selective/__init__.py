@@ -6,11 +6,12 @@ be torch tensors or numpy arrays; outputs are tensors and floats in small frozen
 inputs raise ValueError with a sentence naming the argument.
 """
 
-from argse.selective.fit import fit_at_coverage, fit_balanced, fit_group_thresholds, fit_worst
+from argse.selective.fit import FitOptions, fit_at_coverage, fit_balanced, fit_group_thresholds, fit_rule, fit_worst
 from argse.selective.metrics import (
     RiskCoverage,
     SelectiveErrors,
     aurc,
+    l2r_risk,
     bootstrap_ci,
     chow,
     ece,
@@ -22,6 +23,7 @@ from argse.selective.sweep import CostSweep, cost_sweep
 
 __all__ = [
     "CostSweep",
+    "FitOptions",
     "PluginRule",
     "RiskCoverage",
     "RulePrediction",
@@ -35,7 +37,9 @@ __all__ = [
     "fit_at_coverage",
     "fit_balanced",
     "fit_group_thresholds",
+    "fit_rule",
     "fit_worst",
+    "l2r_risk",
     "risk_coverage",
     "selective_errors",
 ]

@@ -13,6 +13,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from argse import OBJECTIVES
+
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 #: Rows of a posterior may miss 1 by this much (float32 / bf16 softmax outputs).
@@ -131,6 +133,13 @@ def cost(x: Any, name: str = "cost") -> float:
     if not math.isfinite(c) or c < 0:
         raise ValueError(f"{name} must be a finite number >= 0; got {c}.")
     return c
+
+
+def objective(x: Any) -> str:
+    """What a plug-in rule is fitted for: one of OBJECTIVES ("balanced", "worst")."""
+    if x not in OBJECTIVES:
+        raise ValueError(f"objective must be 'balanced' or 'worst'; got {x!r}.")
+    return x
 
 
 def vector(x: Any, name: str, length: int, device: Optional[torch.device] = None) -> torch.Tensor:

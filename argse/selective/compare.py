@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from argse import OBJECTIVES
 from argse.selective import (
     PluginRule,
     SelectiveErrors,
@@ -56,18 +57,16 @@ from argse.selective import (
     chow,
     ece,
     fit_at_coverage,
-    fit_balanced,
-    fit_worst,
     risk_coverage,
     selective_errors,
 )
 from argse.selective import _validate as check
+from argse.selective.fit import FitOptions, _group_errors, fit_rule, top_share_cut
 
 #: The splits a method carries; the rules are fitted on FIT_SPLIT (S1) and selected on SEL_SPLIT (S2).
 SPLITS = ("tunev", "val", "test")
 FIT_SPLIT, SEL_SPLIT = "tunev", "val"
 KINDS = ("chow", "plugin")
-OBJECTIVES = ("balanced", "worst")
 #: The target coverages of the coverage-matched comparison: 1.00, 0.95, ..., 0.20.
 COVERAGES = tuple(round(1.0 - 0.05 * i, 2) for i in range(17))
 #: The targets whose errors get their own table columns (the paper's "rejection rate" reading).
@@ -95,17 +94,6 @@ class Method:
     eta: Mapping[str, Any]
     objective: Optional[str] = None
     rule: Optional[PluginRule] = None
-
-
-@dataclass(frozen=True)
-class FitOptions:
-    """Options of `fit_balanced` / `fit_worst` / `fit_at_coverage` for the rules `compare` fits itself
-    (`rounds` and `step` apply to the worst-group objective only)."""
-
-    rounds: int = 20
-    step: float = 2.0
-    n_starts: int = 12
-    max_iter: int = 30
 
 
 def check_coverages(coverages: Sequence[float]) -> tuple[float, ...]:
@@ -320,12 +308,9 @@ def _fit_rule(
     method: Method, eta: dict[str, torch.Tensor], data: _Data, cost: float, options: FitOptions,
 ) -> PluginRule:
     """The method's plug-in rule at `cost`, fitted on tunev (S1) and selected on val (S2)."""
-    args = (eta[FIT_SPLIT], data.y[FIT_SPLIT], eta[SEL_SPLIT], data.y[SEL_SPLIT], data.class_to_group, cost)
-    common = dict(weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT],
-                  n_starts=options.n_starts, max_iter=options.max_iter)
-    if method.objective == "balanced":
-        return fit_balanced(*args, **common)
-    return fit_worst(*args, **common, rounds=options.rounds, step=options.step)
+    return fit_rule(method.objective, eta[FIT_SPLIT], data.y[FIT_SPLIT], eta[SEL_SPLIT], data.y[SEL_SPLIT],
+                    data.class_to_group, cost, weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT],
+                    options=options)
 
 
 def _coverage(accept: torch.Tensor, w: torch.Tensor) -> float:
@@ -334,10 +319,7 @@ def _coverage(accept: torch.Tensor, w: torch.Tensor) -> float:
 
 def _quantile_threshold(confidence: torch.Tensor, w: torch.Tensor, target: float) -> float:
     """The largest threshold t such that the weighted share of confidence >= t is at least `target`."""
-    conf, order = confidence.sort(descending=True, stable=True)
-    share = w[order].cumsum(dim=0) / w.sum()
-    take = min(int((share < target - 1e-12).sum()) + 1, conf.shape[0])
-    return float(conf[take - 1])
+    return float(top_share_cut(confidence[None], w, torch.tensor([target], dtype=torch.float64))[0])
 
 
 @dataclass(frozen=True)
@@ -385,7 +367,7 @@ def _group_masses(matched: _Matched, y: torch.Tensor, w: torch.Tensor, c2g: torc
 
 def _errors(accepted: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group errors (1.0 where nothing is accepted), balanced and worst error, from `_group_masses`."""
-    group_error = torch.where(accepted > 0, wrong / accepted.clamp_min(1e-300), torch.ones_like(accepted))
+    group_error = _group_errors(accepted, wrong)
     return group_error, group_error.mean(dim=-1), group_error.max(dim=-1).values
 
 
@@ -438,8 +420,7 @@ def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch
     op = selective_errors(pred, accept, y, c2g, w)
     row["coverage"], row["coverage_val"] = op.coverage, _coverage(accept_val, data.w[SEL_SPLIT])
     row["balanced_error"], row["worst_error"], row["error"] = op.balanced_error, op.worst_error, op.overall_error
-    row["balanced_l2r"] = op.balanced_error + cost * (1.0 - op.coverage)
-    row["worst_l2r"] = op.worst_error + cost * (1.0 - op.coverage)
+    row["balanced_l2r"], row["worst_l2r"] = op.balanced_l2r(cost), op.worst_l2r(cost)
     row["ece"] = ece(eta[split], y, weights=w)
     return row, op
 

@@ -15,12 +15,24 @@ import numpy as np
 import torch
 
 from argse.selective import _validate as check
+from argse.selective.metrics import _ratio, l2r_risk
 from argse.selective.rule import GroupStats, PluginRule, WorstFitHistory, group_stats, margins
 
 #: Initial "head/tail" tilts of the starts: alpha_k proportional to P(y in G_k) ** tilt.
 START_TILTS = (0.0, 0.5, 1.0)
 #: alpha is kept above this so a group with no accepted mass does not divide by zero.
 ALPHA_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The fitting options shared by `fit_rule` and `fit_at_coverage` (`rounds` and `step`, of the
+    exponentiated gradient, apply to the worst-group objective only)."""
+
+    rounds: int = 20
+    step: float = 2.0
+    n_starts: int = 12
+    max_iter: int = 30
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,7 @@ def _evaluate(split: _Split, coef: torch.Tensor, mu: torch.Tensor, cost: float) 
 
 def _group_errors(accepted: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
     """e_k = P(wrong | accept, y in G_k); 1.0 for a group with no accepted mass."""
-    return torch.where(accepted > 0, wrong / accepted.clamp_min(1e-300), torch.ones_like(accepted))
+    return _ratio(wrong, accepted, 1.0)
 
 
 def _fixed_point(accepted: torch.Tensor, wrong: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,14 +143,20 @@ def _starts(split: _Split, beta: torch.Tensor, n_starts: int) -> tuple[torch.Ten
     return _fixed_point(*_masses(split, accept, wrong[which]), beta)
 
 
+def top_share_cut(values: torch.Tensor, weight: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """The value [S] of the last sample taken when the samples are taken in decreasing order of each
+    row of `values` [S, N] until their share of `weight` [N] reaches `level[s]`. Accepting every sample
+    at or above it accepts that top share (samples tied with the last one taken come with it, so the
+    share may exceed the level)."""
+    order = _descending_order(values)
+    cum = weight[order].cumsum(dim=1) / weight.sum()
+    take = ((cum < level[:, None] - 1e-12).sum(dim=1) + 1).clamp_max(values.shape[1])
+    return values.gather(1, order).gather(1, (take - 1)[:, None])[:, 0]
+
+
 def _accept_top(margin: torch.Tensor, weight: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Accept masks [S, N] of S margins [S, N]: the top share `level[s]` of the (normalised) weight,
-    where samples tied with the last one taken are accepted with it, so the share may exceed the level."""
-    order = _descending_order(margin)
-    ranked = margin.gather(1, order)
-    cum = weight[order].cumsum(dim=1)
-    take = ((cum < level[:, None] - 1e-12).sum(dim=1) + 1).clamp_max(margin.shape[1])
-    return margin >= ranked.gather(1, (take - 1)[:, None])
+    """Accept masks [S, N] of S margins [S, N]: the top share `level[s]` of the weight (`top_share_cut`)."""
+    return margin >= top_share_cut(margin, weight, level)[:, None]
 
 
 def _descending_order(values: torch.Tensor) -> torch.Tensor:
@@ -170,7 +188,7 @@ def _line_search(sel: _Split, beta: torch.Tensor, cost: float, alpha: torch.Tens
     accepted = mass.cumsum(dim=0)
     errors = _group_errors(accepted, (mass * wrong[0, order, None]).cumsum(dim=0))
     coverage = accepted.sum(dim=1)
-    risk = errors @ beta + cost * (1.0 - coverage)
+    risk = l2r_risk(errors @ beta, coverage, cost)
     run_end = torch.ones_like(margin, dtype=torch.bool)
     run_end[:-1] = margin[1:] != margin[:-1]
     n = int(torch.where(run_end, risk, torch.full_like(risk, math.inf)).argmin())
@@ -208,7 +226,7 @@ def _fit_cost_sensitive(
             alpha, mu = alpha[fresh], mu[fresh]
         accepted, wrong = _evaluate(problem.both, k * beta / alpha, mu, cost)
         errors = _group_errors(accepted[:, k:], wrong[:, k:])
-        risk = errors @ beta + cost * (1.0 - accepted[:, k:].sum(dim=1))
+        risk = l2r_risk(errors @ beta, accepted[:, k:].sum(dim=1), cost)
         i = int(risk.argmin())
         if float(risk[i]) < best_risk:
             best_alpha, best_mu, best_risk = alpha[i], mu[i], float(risk[i])
@@ -282,7 +300,7 @@ def _worst(problem: _Problem, cost: float, rounds: int, step: float, n_starts: i
     init = None
     for _ in range(rounds):
         result = _fit_cost_sensitive(problem, beta, cost, n_starts, max_iter, init)
-        worst = float(result.group_error.max()) + cost * (1.0 - result.coverage)
+        worst = l2r_risk(float(result.group_error.max()), result.coverage, cost)
         rows.append((beta, result, worst))
         init = (result.alpha, result.mu)
         beta = beta * torch.exp(step * result.group_error)
@@ -332,10 +350,40 @@ def fit_worst(
     beta, alpha, mu, group errors, coverage and worst risk per round on the selection split, and
     `best_round`); `rule.history.rows()` gives plain dicts for logging.
     """
-    _check_options(n_starts, max_iter, rounds, step)
+    return fit_rule("worst", eta_fit, y_fit, eta_sel, y_sel, class_to_group, cost, weights_fit=weights_fit,
+                    weights_sel=weights_sel, options=FitOptions(rounds, step, n_starts, max_iter))
+
+
+def _fit_objective(problem: _Problem, objective: str, cost: float, options: FitOptions) -> PluginRule:
+    """The one place an objective picks its fit: Algorithm 2 for "worst", Algorithm 1 (beta uniform)
+    for "balanced"."""
+    if objective == "worst":
+        return _worst(problem, cost, int(options.rounds), float(options.step), int(options.n_starts),
+                      int(options.max_iter))
+    beta = torch.full((problem.n_groups,), 1.0 / problem.n_groups, dtype=torch.float64, device=problem.fit.weight.device)
+    return _balanced(problem, cost, beta, int(options.n_starts), int(options.max_iter))
+
+
+def fit_rule(
+    objective: str,
+    eta_fit: check.ArrayLike,
+    y_fit: check.ArrayLike,
+    eta_sel: check.ArrayLike,
+    y_sel: check.ArrayLike,
+    class_to_group: check.ArrayLike,
+    cost: float,
+    *,
+    weights_fit: Optional[check.ArrayLike] = None,
+    weights_sel: Optional[check.ArrayLike] = None,
+    options: FitOptions = FitOptions(),
+) -> PluginRule:
+    """The plug-in rejector for `objective`: `fit_worst` for "worst", `fit_balanced` for "balanced"
+    (which ignores `options.rounds` and `options.step`), with the same arguments."""
+    objective = check.objective(objective)
+    _check_options(options.n_starts, options.max_iter, *((options.rounds, options.step) if objective == "worst" else ()))
     cost = check.cost(cost)
     problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
-    return _worst(problem, cost, int(rounds), float(step), int(n_starts), int(max_iter))
+    return _fit_objective(problem, objective, cost, options)
 
 
 def fit_group_thresholds(
@@ -449,14 +497,11 @@ def _threshold_at_level(margin: torch.Tensor, weight: torch.Tensor, level: float
     """A threshold that accepts exactly the top share `level` of the weight (ties taken together):
     halfway between the last margin taken and the next lower distinct one, so that float error in a
     shifted margin cannot flip a decision."""
-    ranked, order = margin.sort(descending=True, stable=True)
-    cum = weight[order].cumsum(dim=0) / weight.sum()
-    take = min(int((cum < level - 1e-12).sum()) + 1, ranked.shape[0])
-    cut = ranked[take - 1]
-    lower = ranked[ranked < cut]
+    cut = top_share_cut(margin[None], weight, torch.tensor([level], dtype=torch.float64, device=margin.device))[0]
+    lower = margin[margin < cut]
     if lower.numel() == 0:  # everything accepted: keep a little room below the lowest margin
         return float(cut - 1e-9 * (1.0 + cut.abs()))
-    return float((cut + lower[0]) / 2)
+    return float((cut + lower.max()) / 2)
 
 
 def fit_at_coverage(
@@ -489,8 +534,7 @@ def fit_at_coverage(
     `coverages` is one tau or a sequence, each in (0, 1]; the result is a list in the same order.
     """
     _check_options(n_starts, max_iter, rounds, step)
-    if objective not in ("balanced", "worst"):
-        raise ValueError(f"objective must be 'balanced' or 'worst'; got {objective!r}.")
+    objective = check.objective(objective)
     taus = [coverages] if isinstance(coverages, (int, float)) else list(coverages)
     if not taus or any(not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0 for v in taus):
         raise ValueError(f"coverages must be one or more numbers in (0, 1]; got {coverages!r}.")

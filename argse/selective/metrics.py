@@ -27,6 +27,20 @@ class SelectiveErrors:
     worst_error: float  #: max_k e_k
     overall_error: float  #: P(pred != y | accept); 1.0 when nothing is accepted
 
+    def balanced_l2r(self, cost: float) -> float:
+        """The balanced L2R risk mean_k e_k + cost * P(reject)."""
+        return l2r_risk(self.balanced_error, self.coverage, cost)
+
+    def worst_l2r(self, cost: float) -> float:
+        """The worst-group L2R risk max_k e_k + cost * P(reject)."""
+        return l2r_risk(self.worst_error, self.coverage, cost)
+
+
+def l2r_risk(error: Any, coverage: Any, cost: float) -> Any:
+    """The L2R risk error + cost * P(reject) of a rule with this (balanced, worst or beta-weighted)
+    error and coverage; floats or tensors of matching shapes."""
+    return error + cost * (1.0 - coverage)
+
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, empty: float) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, empty))

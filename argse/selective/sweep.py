@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from argse.selective import _validate as check
-from argse.selective.fit import _balanced, _prepare, _prepare_problem, _Split, _worst
+from argse.selective.fit import FitOptions, _fit_objective, _prepare, _prepare_problem, _Split
 from argse.selective.metrics import area_under, selective_errors
 from argse.selective.rule import PluginRule, margins
 
@@ -50,8 +50,7 @@ def cost_sweep(
     """For each cost, fit the rule on (fit, sel) with `fit_balanced` (objective "balanced") or
     `fit_worst` (objective "worst"), evaluate it on test, and return the points with their AURCs.
     `rounds` and `step` apply to "worst" only."""
-    if objective not in ("balanced", "worst"):
-        raise ValueError(f"objective must be 'balanced' or 'worst'; got {objective!r}.")
+    objective = check.objective(objective)
     min_coverage = float(min_coverage)
     if not 0.0 <= min_coverage < 1.0:
         raise ValueError(f"min_coverage must lie in [0, 1); got {min_coverage}.")
@@ -61,14 +60,11 @@ def cost_sweep(
     problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
     c2g, n_groups, device = problem.class_to_group, problem.n_groups, problem.fit.weight.device
     test = _prepare(eta_test, y_test, weights_test, ("eta_test", "y_test", "weights_test"), c2g, n_groups, device)
-    beta = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64, device=device)
     y_test_t = check.labels(y_test, "y_test", None, c2g.shape[0], device)
+    options = FitOptions(rounds=rounds, step=step, n_starts=n_starts, max_iter=max_iter)
     rules, points = [], []
     for c in cost_list:  # a loop over costs
-        if objective == "balanced":
-            rule = _balanced(problem, c, beta, n_starts, max_iter)
-        else:
-            rule = _worst(problem, c, rounds, step, n_starts, max_iter)
+        rule = _fit_objective(problem, objective, c, options)
         accept, pred = _decide(rule, test)
         errors = selective_errors(pred, accept, y_test_t, c2g, test.weight)
         rules.append(rule)

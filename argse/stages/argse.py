@@ -26,7 +26,9 @@ from argse import ArgseError, figures, fmt_number, serving, tracking
 from argse.config import ArgseConfig
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS
-from argse.selective import PluginRule, fit_balanced, fit_group_thresholds, fit_worst, selective_errors
+from argse.models.gating import gated_mixture
+from argse import selective
+from argse.selective import FitOptions, PluginRule, fit_group_thresholds, selective_errors
 from argse.stages.common import ExpertSet, load_experts
 from argse.stage_registry import (
     ARGSE_STAGE,
@@ -40,7 +42,7 @@ from argse.stage_registry import (
     TAG_VERSION_RUN,
     split_expert_runs,
 )
-from argse.stages.gating import load_gate, mixture
+from argse.stages.gating import load_gate
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,9 @@ TIE_DECIMALS = 9  # risks equal to this many decimals tie: the version registere
 
 def fit_rule(cfg: ArgseConfig, eta: dict, y: dict, w: dict, class_to_group, cost: float) -> PluginRule:
     """The plug-in rule of ``cfg.objective`` at ``cost``, fitted on tunev (S1), selected on val (S2)."""
-    args = (eta["tunev"], y["tunev"], eta["val"], y["val"], class_to_group, cost)
-    kwargs = dict(weights_fit=w["tunev"], weights_sel=w["val"], n_starts=cfg.n_starts)
-    if cfg.objective == "worst":
-        return fit_worst(*args, rounds=cfg.rounds, step=cfg.step, **kwargs)
-    return fit_balanced(*args, **kwargs)
+    return selective.fit_rule(cfg.objective, eta["tunev"], y["tunev"], eta["val"], y["val"], class_to_group, cost,
+                              weights_fit=w["tunev"], weights_sel=w["val"],
+                              options=FitOptions(rounds=cfg.rounds, step=cfg.step, n_starts=cfg.n_starts))
 
 
 def val_coverage(rule: PluginRule, eta_val: torch.Tensor, w_val: torch.Tensor) -> float:
@@ -98,9 +98,7 @@ def operating_point(rule: PluginRule, eta: torch.Tensor, y: torch.Tensor, w: tor
     for k, name in enumerate(group_names):
         metrics[f"coverage_{name}"] = float(errs.group_coverage[k])
         metrics[f"error_{name}"] = float(errs.group_error[k])
-    rejected = 1.0 - metrics["coverage"]
-    metrics["balanced_l2r"] = metrics["balanced_error"] + rule.cost * rejected
-    metrics["worst_l2r"] = metrics["worst_error"] + rule.cost * rejected
+    metrics["balanced_l2r"], metrics["worst_l2r"] = errs.balanced_l2r(rule.cost), errs.worst_l2r(rule.cost)
     return metrics
 
 
@@ -150,7 +148,7 @@ def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule,
     splits = experts.splits
     names = splits.group_names
     c2g = torch.as_tensor(splits.class_to_group)
-    eta = {s: mixture(gate, experts.probs[s]) for s in EVAL_SPLITS}
+    eta = {s: gated_mixture(gate, experts.probs[s]) for s in EVAL_SPLITS}
     y = experts.labels
     w = {s: experts.weights(s, cfg.test_prior) for s in EVAL_SPLITS}
     if cfg.cost is not None:
@@ -207,7 +205,7 @@ def log_servable(cfg: ArgseConfig, experts: ExpertSet, gate, rule: PluginRule):
         shifts=experts.shifts)
     model = mlflow.pyfunc.load_model(info.model_uri)
     served = model.predict(val_images)
-    expected = serving.predict_frame(rule, mixture(gate, experts.probs["val"]))
+    expected = serving.predict_frame(rule, gated_mixture(gate, experts.probs["val"]))
     agreement = float((served["prediction"].to_numpy() == expected["prediction"].to_numpy()).mean())
     accept_agreement = float((served["accept"].to_numpy() == expected["accept"].to_numpy()).mean())
     mlflow.log_metrics({"model_check_prediction_agreement": agreement, "model_check_accept_agreement": accept_agreement})

@@ -23,14 +23,14 @@ import numpy as np
 from argse import ArgseError, figures, fmt_number, tracking
 from argse.config import EvaluateConfig
 from argse.data.loaders import load_source
-from argse.models.gating import balanced_accuracy
+from argse.models.gating import balanced_accuracy, gated_mixture
 from argse.selective import PluginRule
 from argse.selective.compare import Comparison, FitOptions, Method, compare, metric_dict
 from argse.serving import predict_frame
 from argse.stage_registry import EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI
 from argse.stages.argse import resolve_inputs
 from argse.stages.common import ExpertSet, load_experts
-from argse.stages.gating import load_gate, mixture
+from argse.stages.gating import load_gate
 
 SUMMARY_COLUMNS = ("method", "aurc_balanced", "aurc_worst", "balanced_error_at1", "worst_error_at1",
                    "balanced_error_at0.8", "worst_error_at0.8", "balanced_error_at0.6", "worst_error_at0.6",
@@ -63,7 +63,7 @@ def build_methods(experts: ExpertSet, gate, rule: PluginRule, objective: str, mo
         methods.append(Method(f"plugin-{obj}[{best}]", "plugin", {s: probs[s][:, best_index] for s in splits}, obj))
         methods.append(Method(f"plugin-{obj}[uniform-ensemble]", "plugin", uniform, obj))
     model_probs = experts.under(model_prior)
-    mixed = {s: mixture(gate, model_probs[s]) for s in splits}
+    mixed = {s: gated_mixture(gate, model_probs[s]) for s in splits}
     single_cost = rule if rule.thresholds is None else None
     for obj in ("balanced", "worst"):
         methods.append(Method(f"ar-gse[{obj}]", "plugin", mixed, obj, single_cost if obj == objective else None))
@@ -112,7 +112,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
             images = experts.splits.images(source, cfg.split)[: cfg.check_images]
             if images.shape[-1] == 1:
                 images = images[..., 0]
-            expected = predict_frame(rule, mixture(gate, experts.under(model_prior)[cfg.split][: len(images)]))
+            expected = predict_frame(rule, gated_mixture(gate, experts.under(model_prior)[cfg.split][: len(images)]))
             agreement = check_model(uri, images, expected)
             mlflow.log_metric("model_check_agreement", agreement)
             if agreement < 0.99:

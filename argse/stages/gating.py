@@ -22,7 +22,7 @@ import torch
 
 from argse import ArgseError, figures, fmt_number, tracking
 from argse.config import GatingConfig
-from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gate_weights, mix
+from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gate_weights, gated_mixture
 from argse.stage_registry import GATE, GATE_META, GATE_RULE, GATING_STAGE, TAG_GATING_MODE
 from argse.stages.common import ExpertSet, load_experts, resolve_experts
 from argse.training.gating import train_pretrain, train_selective
@@ -67,11 +67,6 @@ def load_gate(run_id: str) -> GatingNet:
     except Exception as exc:
         raise ArgseError(f"the gate of run {run_id} cannot be read ({type(exc).__name__}); rerun the gating stage") from None
     return gate.eval()
-
-
-def mixture(gate: GatingNet, probs: torch.Tensor) -> torch.Tensor:
-    """The gated mixture [N, C] (float64) of expert posteriors [N, E, C]."""
-    return mix(probs, gate_weights(gate, probs.float()).double())
 
 
 def run(cfg: GatingConfig, *, experiment: str | None = None) -> str | None:
@@ -119,7 +114,7 @@ def _resolve_pretrain(cfg: GatingConfig, experts_tag: str, experiment: str | Non
 
 
 def _mixture_metrics(gate: GatingNet, experts: ExpertSet) -> dict[str, float]:
-    mix_val = mixture(gate, experts.probs["val"])
+    mix_val = gated_mixture(gate, experts.probs["val"])
     return {"val_mixture_nll": float(balanced_nll(mix_val, experts.labels["val"])),
             "val_balanced_acc": balanced_accuracy(mix_val, experts.labels["val"])}
 

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gating_features, mix
-from argse.selective import PluginRule, fit_balanced, fit_worst, selective_errors
+from argse.selective import PluginRule, selective_errors
 from argse.selective import _validate as check
-from argse.selective.compare import COVERAGES, FitOptions, matched_aurc
+from argse.selective.compare import COVERAGES, matched_aurc
+from argse.selective.fit import FitOptions, fit_rule
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
-OBJECTIVES = ("balanced", "worst")
 SELECT_BY = ("risk", "error", "aurc")
 
 
@@ -330,8 +330,7 @@ def train_selective(
     alpha, mu, beta (lists [K] of the round's rule), and for rounds >= 1 loss (mean surrogate over the
     round's last epoch) and scale.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be 'balanced' or 'worst'; got {objective!r}.")
+    objective = check.objective(objective)
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}; got {select_by!r}.")
     criterion = f"val_{objective}_{select_by}"  # val_worst_risk, val_balanced_error, val_worst_aurc, ...
@@ -355,9 +354,7 @@ def train_selective(
     y_val_t = check.labels(y_val, "y_val", p_val.shape[0], num_classes, device)
     w_fit = _sample_weights(weights_fit, "weights_fit", p_fit.shape[0], device)
     w_val = _sample_weights(weights_val, "weights_val", p_val.shape[0], device)
-    fitter = fit_worst if objective == "worst" else fit_balanced
-    kwargs = dict(fit_kwargs or {})
-    aurc_options = FitOptions(**{k: v for k, v in kwargs.items() if k in ("rounds", "step", "n_starts", "max_iter")})
+    options = FitOptions(**(fit_kwargs or {}))
 
     f_fit, f_val = gating_features(p_fit), gating_features(p_val)
     history: list[dict[str, Any]] = []
@@ -366,19 +363,18 @@ def train_selective(
         weights_val_gate = _eval_weights(gate, f_val)
         mix_fit = mix(p_fit, _eval_weights(gate, f_fit)).to(torch.float64)
         mix_val = mix(p_val, weights_val_gate).to(torch.float64)
-        rule = fitter(mix_fit, y_fit_t, mix_val, y_val_t, c2g, cost,
-                      weights_fit=w_fit.double(), weights_sel=w_val.double(), **kwargs)
+        rule = fit_rule(objective, mix_fit, y_fit_t, mix_val, y_val_t, c2g, cost,
+                        weights_fit=w_fit.double(), weights_sel=w_val.double(), options=options)
         decision = rule.predict(mix_val)
         errors = selective_errors(decision.pred, decision.accept, y_val_t, rule.class_to_group, w_val.double())
-        rejected = cost * (1.0 - errors.coverage)
         row = {
             "round": r,
             "val_balanced_error": errors.balanced_error,
             "val_worst_error": errors.worst_error,
             "val_coverage": errors.coverage,
             "val_group_error": errors.group_error.tolist(),
-            "val_balanced_risk": errors.balanced_error + rejected,
-            "val_worst_risk": errors.worst_error + rejected,
+            "val_balanced_risk": errors.balanced_l2r(cost),
+            "val_worst_risk": errors.worst_l2r(cost),
             **_mixture_metrics(weights_val_gate, p_val, y_val_t),
             "alpha": rule.alpha.tolist(),
             "mu": rule.mu.tolist(),
@@ -390,7 +386,7 @@ def train_selective(
             row[criterion] = matched_aurc(
                 {"tunev": mix_fit, "val": mix_val}, {"tunev": y_fit_t.cpu(), "val": y_val_t.cpu()},
                 {"tunev": w_fit.double().cpu(), "val": w_val.double().cpu()}, c2g, objective, split="val",
-                coverages=COVERAGES if coverages is None else coverages, fit_options=aurc_options)
+                coverages=COVERAGES if coverages is None else coverages, fit_options=options)
         if record:
             history.append(row)
             if on_round is not None:
