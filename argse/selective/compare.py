@@ -61,6 +61,7 @@ from argse.selective import (
     selective_errors,
 )
 from argse.selective import _validate as check
+from argse.selective.metrics import weighted_coverage
 from argse.selective.fit import FitOptions, _group_errors, fit_rule, top_share_cut
 
 #: The splits a method carries; the rules are fitted on FIT_SPLIT (S1) and selected on SEL_SPLIT (S2).
@@ -313,10 +314,6 @@ def _fit_rule(
                     options=options)
 
 
-def _coverage(accept: torch.Tensor, w: torch.Tensor) -> float:
-    return float((accept.to(torch.float64) * w).sum() / w.sum())
-
-
 def _quantile_threshold(confidence: torch.Tensor, w: torch.Tensor, target: float) -> float:
     """The largest threshold t such that the weighted share of confidence >= t is at least `target`."""
     return float(top_share_cut(confidence[None], w, torch.tensor([target], dtype=torch.float64))[0])
@@ -401,7 +398,7 @@ def _reference(
     if not plugins:
         raise ValueError("Chow methods need a reference coverage: give target_coverage or a plug-in method.")
     ref = next((m for m in plugins if m.name.startswith("ar-gse")), plugins[0])
-    return ref.name, _coverage(rules[ref.name].predict(eta[ref.name][SEL_SPLIT]).accept, w_val)
+    return ref.name, weighted_coverage(rules[ref.name].predict(eta[ref.name][SEL_SPLIT]).accept, w_val)
 
 
 def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch.Tensor], data: _Data, split: str,
@@ -418,7 +415,7 @@ def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch
     else:
         accept_val = rule.predict(eta[SEL_SPLIT]).accept
     op = selective_errors(pred, accept, y, c2g, w)
-    row["coverage"], row["coverage_val"] = op.coverage, _coverage(accept_val, data.w[SEL_SPLIT])
+    row["coverage"], row["coverage_val"] = op.coverage, weighted_coverage(accept_val, data.w[SEL_SPLIT])
     row["balanced_error"], row["worst_error"], row["error"] = op.balanced_error, op.worst_error, op.overall_error
     row["balanced_l2r"], row["worst_l2r"] = op.balanced_l2r(cost), op.worst_l2r(cost)
     row["ece"] = ece(eta[split], y, weights=w)

@@ -42,6 +42,11 @@ def l2r_risk(error: Any, coverage: Any, cost: float) -> Any:
     return error + cost * (1.0 - coverage)
 
 
+def weighted_coverage(accept: torch.Tensor, weights: torch.Tensor) -> float:
+    """P(accept) of an accept mask [N] under sample weights [N]: sum_i w_i [accept_i] / sum_i w_i."""
+    return float((accept.to(torch.float64) * weights).sum() / weights.sum())
+
+
 def _ratio(num: torch.Tensor, den: torch.Tensor, empty: float) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, empty))
 

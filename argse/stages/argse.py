@@ -29,6 +29,7 @@ from argse.data.splits import EVAL_SPLITS
 from argse.models.gating import gated_mixture
 from argse import selective
 from argse.selective import FitOptions, PluginRule, fit_group_thresholds, selective_errors
+from argse.selective.metrics import weighted_coverage
 from argse.stages.common import ExpertSet, load_experts
 from argse.stage_registry import (
     ARGSE_STAGE,
@@ -59,8 +60,7 @@ def fit_rule(cfg: ArgseConfig, eta: dict, y: dict, w: dict, class_to_group, cost
 
 
 def val_coverage(rule: PluginRule, eta_val: torch.Tensor, w_val: torch.Tensor) -> float:
-    accept = rule.predict(eta_val).accept.double()
-    return float((accept * w_val).sum() / w_val.sum())
+    return weighted_coverage(rule.predict(eta_val).accept, w_val)
 
 
 def cost_for_coverage(cfg: ArgseConfig, eta, y, w, class_to_group, target: float) -> tuple[float, PluginRule, list]:
