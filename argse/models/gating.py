@@ -229,6 +229,12 @@ def balanced_nll(mixture: torch.Tensor, y: torch.Tensor, class_weights: Optional
     return _per_class_mean(nll, y, mixture.shape[1], class_weights, sample_weights)
 
 
+def mixture_metrics(mixture: torch.Tensor, y: torch.Tensor, prefix: str = "val_") -> dict[str, float]:
+    """``<prefix>mixture_nll`` (`balanced_nll`) and ``<prefix>balanced_acc`` (`balanced_accuracy`) of
+    posteriors `mixture` [N, C] at labels `y` [N]: how the gate's training and its stage report a mixture."""
+    return {f"{prefix}mixture_nll": float(balanced_nll(mixture, y)), f"{prefix}balanced_acc": balanced_accuracy(mixture, y)}
+
+
 def balanced_accuracy(mixture: torch.Tensor, y: torch.Tensor) -> float:
     """Mean over the classes present in `y` of the accuracy of argmax `mixture` [N, C] on that class."""
     y = torch.as_tensor(y).to(mixture.device).long()

@@ -22,7 +22,7 @@ import torch
 
 from argse import ArgseError, figures, fmt_number, tracking
 from argse.config import GatingConfig
-from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gate_weights, gated_mixture
+from argse.models.gating import GatingNet, gate_weights, gated_mixture, mixture_metrics
 from argse.stage_registry import GATE, GATE_META, GATE_RULE, GATING_STAGE, TAG_GATING_MODE
 from argse.stages.common import ExpertSet, load_experts, resolve_experts
 from argse.training.gating import train_pretrain, train_selective
@@ -114,17 +114,14 @@ def _resolve_pretrain(cfg: GatingConfig, experts_tag: str, experiment: str | Non
 
 
 def _mixture_metrics(gate: GatingNet, experts: ExpertSet) -> dict[str, float]:
-    mix_val = gated_mixture(gate, experts.probs["val"])
-    return {"val_mixture_nll": float(balanced_nll(mix_val, experts.labels["val"])),
-            "val_balanced_acc": balanced_accuracy(mix_val, experts.labels["val"])}
+    return mixture_metrics(gated_mixture(gate, experts.probs["val"]), experts.labels["val"])
 
 
 def _pretrain(cfg: GatingConfig, experts: ExpertSet) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     gate = GatingNet(len(experts.names))
     uniform = experts.probs["val"].mean(dim=1)
-    mlflow.log_metrics({"uniform_val_mixture_nll": float(balanced_nll(uniform, experts.labels["val"])),
-                        "uniform_val_balanced_acc": balanced_accuracy(uniform, experts.labels["val"])})
+    mlflow.log_metrics(mixture_metrics(uniform, experts.labels["val"], prefix="uniform_val_"))
 
     def on_epoch(epoch: int, metrics: dict) -> None:
         flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from argse.models.gating import GatingNet, balanced_accuracy, balanced_nll, gating_features, mix
+from argse.models.gating import GatingNet, gating_features, mix, mixture_metrics
 from argse.selective import PluginRule, selective_errors
 from argse.selective import _validate as check
 from argse.selective.compare import COVERAGES, matched_aurc
@@ -104,12 +104,7 @@ def _eval_weights(gate: GatingNet, features: torch.Tensor) -> torch.Tensor:
 
 
 def _mixture_metrics(weights: torch.Tensor, probs: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    mixture = mix(probs, weights)
-    return {
-        "val_mixture_nll": float(balanced_nll(mixture, y)),
-        "val_balanced_acc": balanced_accuracy(mixture, y),
-        "mean_weight": weights.mean(dim=0).tolist(),
-    }
+    return {**mixture_metrics(mix(probs, weights), y), "mean_weight": weights.mean(dim=0).tolist()}
 
 
 # -------------------------------------------------------------------------------------------- pretrain
