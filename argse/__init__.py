@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 # selective core read one declaration.
 EXPERTS = ("ce", "logitadjust", "balsoftmax")  # the experts' training losses (argse.training.losses)
 OBJECTIVES = ("balanced", "worst")  # what a plug-in rule is fitted for (argse.selective)
+DEVICES = ("auto", "cpu", "cuda")  # --device: where expert training runs (argse.training.utils.resolve_device)
 
 
 def fmt_number(value: float) -> str:

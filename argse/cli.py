@@ -6,60 +6,61 @@ Errors reach the user as one line on stderr: exit 2 for bad usage, 1 for a faile
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import traceback
+from typing import Callable, Collection
 
 import click
 
-from argse import ArgseError, ArgseUsageError
-from argse.config import DATASETS, EXPERTS, PRESETS
+from argse import ArgseError, ArgseUsageError, __version__
+from argse.config import (
+    EVAL_SPLITS,
+    BOOLEAN_WORDS,
+    NOT_GIVEN,
+    PRESETS,
+    ArgseConfig,
+    EvaluateConfig,
+    ExpertsConfig,
+    GatingConfig,
+    Option,
+    PassThrough,
+    PipelineConfig,
+    SplitsConfig,
+    StageConfig,
+    options,
+    pipeline_options,
+    show_value,
+)
 
 _STATE = {"verbose": False}
 
 
-class PresetOr(click.ParamType):
-    """A number, or ``preset`` / empty for the dataset preset's value (MLproject passes strings)."""
+# -- options, derived from the config dataclasses ----------------------------------------------------
 
-    def __init__(self, kind: type):
-        self.kind = kind
-        self.name = f"{kind.__name__}|preset"
+
+class OptionValue(click.ParamType):
+    """An option's value read as its declaration says (:meth:`argse.config.Option.parse`): where the
+    option may be left unset, ``preset``, ``none`` or an empty string leave it so (MLproject passes
+    every parameter, as a string)."""
+
+    def __init__(self, opt: Option, unset: bool):
+        self.opt, self.unset = opt, unset  # unset: the option may be left unset (its default is None)
+        kind = {int: "INTEGER", float: "FLOAT"}.get(opt.kind, "TEXT")
+        self.name = f"{kind}|preset" if opt.preset else kind
 
     def convert(self, value, param, ctx):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "preset", "none")):
+        if self.unset and (value is None or str(value).strip().lower() in NOT_GIVEN):
             return None
         try:
-            return self.kind(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a valid {self.kind.__name__} (or 'preset')", param, ctx)
+            return self.opt.cast(value)
+        except ArgseUsageError as exc:
+            self.fail(str(exc), param, ctx)
 
 
-class OptionalText(click.ParamType):
-    """Text where an empty string or ``none`` means not given (for MLproject parameters)."""
-
-    name = "text"
-
-    def convert(self, value, param, ctx):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-            return None
-        return str(value)
-
-
-PRESET_INT, PRESET_FLOAT, PRESET_TEXT, OPTIONAL_TEXT = PresetOr(int), PresetOr(float), PresetOr(str), OptionalText()
-
-
-def preset_values(field: str) -> str:
-    """Each dataset preset's value of ``field``, for help texts: ``cifar100-lt 100, digits-lt 20, ...``."""
-    def show(value):
-        return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value
-    return ", ".join(f"{name} {show(getattr(p, field))}" for name, p in PRESETS.items())
-
-
-def flag(name: str, **kwargs):
-    """A switch that also takes an explicit value (``--dry-run`` or ``--dry-run false``), so MLproject
-    entry points can pass it as a parameter."""
-    return click.option(name, type=click.BOOL, is_flag=False, flag_value=True, default=False, **kwargs)
+OPTIONAL_TEXT = OptionValue(Option("text", str, None, "", None, None, False, False, None, None, None), unset=True)
 
 
 def _set_verbose(ctx, param, value):
@@ -69,10 +70,65 @@ def _set_verbose(ctx, param, value):
     return value
 
 
+def click_option(opt: Option, *, name: str | None = None, default=dataclasses.MISSING, help: str | None = None):
+    """The click option of a declared option (``name`` and ``default`` where the pipeline's differ).
+    Switches are flags (``--dry-run``) that also take a value (``--dry-run false``, see :class:`Command`)."""
+    name = name or opt.name
+    flag = "--" + name.replace("_", "-")
+    default = opt.default if default is dataclasses.MISSING else default
+    help = help if help is not None else _help(opt)
+    callback = _set_verbose if name == "verbose" else None
+    if opt.kind is bool:
+        return click.option(flag, name, is_flag=True, default=bool(default), help=help, callback=callback)
+    if opt.choices is not None:
+        kind = click.Choice(opt.choices)
+    elif default is not None and opt.parse_text is None:
+        kind = {int: click.INT, float: click.FLOAT}.get(opt.kind, click.STRING)
+    else:
+        kind = OptionValue(opt, unset=default is None)
+    return click.option(flag, name, type=kind, default=default, show_default=default is not None,
+                        metavar=opt.metavar, help=help)
+
+
+def _help(opt: Option) -> str:
+    """The declared help line, with each preset's value where a preset supplies the default."""
+    return f"{opt.help.rstrip('.')} (default: preset; {opt.preset_values()})." if opt.preset else opt.help
+
+
+def _pass_through_help(p: PassThrough) -> str:
+    """``gating (selective), fit: Rejection cost ...``: which stage commands an option of the pipeline
+    reaches, what it means there, and each stage's default where they differ."""
+    where = p.where()
+    if len({o.help for _, o in where}) == 1:
+        text = f"{', '.join(label for label, _ in where)}: {_help(p.option)}"
+    else:
+        text = "; ".join(f"{label}: {_help(o).rstrip('.')}" for label, o in where) + "."
+    if p.default is None and not p.option.preset and any(o.default is not None for _, o in where):
+        text = text.rstrip(".") + " (default: each stage's own; " + ", ".join(
+            f"{label} {show_value(o.default)}" for label, o in where if o.default is not None) + ")."
+    return text
+
+
+def config_options(cls: type) -> Callable:
+    """Every option ``cls`` declares, as click options, in declaration order."""
+    def decorate(f):
+        for opt in reversed(options(cls)):
+            f = click_option(opt)(f)
+        return f
+    return decorate
+
+
+def pass_through_options(f):
+    """The stage options ``argse pipeline`` passes on (:func:`argse.config.pipeline_options`)."""
+    for p in reversed(pipeline_options()):
+        f = click_option(p.option, name=p.name, default=p.default, help=_pass_through_help(p))(f)
+    return f
+
+
 def tracking_options(f):
-    """``--tracking-uri``, ``--experiment`` and ``--verbose``: on the group and on every stage, so the
-    seed's scripts (``python train_experts.py --verbose``) work as the shims pass them."""
-    f = flag("--verbose", callback=_set_verbose, help="More output, and the traceback on errors.")(f)
+    """``--tracking-uri`` and ``--experiment``: on the group and on every stage, so the seed's scripts
+    (``python train_experts.py --experiment x``) work as the shims pass them. Not stage options:
+    ``mlflow run`` sets both itself, so MLproject has no parameter for them."""
     f = click.option("--experiment", default=None, type=OPTIONAL_TEXT,
                      help="MLflow experiment (default: ar-gse/<dataset>, or MLFLOW_EXPERIMENT_NAME).")(f)
     f = click.option("--tracking-uri", default=None, type=OPTIONAL_TEXT,
@@ -80,15 +136,42 @@ def tracking_options(f):
     return f
 
 
-def stage_options(f):
-    """Options every stage shares."""
-    f = flag("--dry-run", help="Print the resolved plan; create no run.")(f)
-    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(f)
-    f = click.option("--seed", type=int, default=0, show_default=True)(f)
-    f = click.option("--data-dir", default="data", show_default=True,
-                     help="Where datasets are read from (and CIFAR-100 / Fashion-MNIST downloaded to).")(f)
-    f = click.option("--dataset", type=click.Choice(DATASETS), default="cifar100-lt", show_default=True)(f)
-    return tracking_options(f)
+def switch_values(params: list[click.Parameter], args: list[str], stop: Collection[str] = ()) -> list[str]:
+    """``--dry-run true`` -> ``--dry-run``, ``--dry-run false`` / ``--dry-run=false`` -> nothing: the
+    values MLproject gives switches, read before click parses (a switch never takes the next word
+    unless it is a boolean, so ``argse --verbose splits`` keeps its sub-command). Stops at ``stop``."""
+    switches = {name for p in params if isinstance(p, click.Option) and p.is_flag for name in p.opts}
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in stop:
+            return out + list(args[i:])
+        name, eq, value = arg.partition("=")
+        if name in switches and eq:
+            if value.strip().lower() not in BOOLEAN_WORDS:
+                raise click.UsageError(f"{name} is a switch: give it alone, or with true or false (got {value!r})")
+            out += [name] if BOOLEAN_WORDS[value.strip().lower()] else []
+            i += 1
+        elif arg in switches and i + 1 < len(args) and args[i + 1].strip().lower() in BOOLEAN_WORDS:
+            out += [arg] if BOOLEAN_WORDS[args[i + 1].strip().lower()] else []
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+class Command(click.Command):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, switch_values(self.get_params(ctx), args))
+
+
+class Group(click.Group):
+    command_class = Command
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, switch_values(self.get_params(ctx), args, stop=self.commands))
 
 
 def common(kwargs: dict) -> dict:
@@ -124,7 +207,6 @@ def _system_lines(command: str, kwargs: dict) -> list[str]:
     precision. Only expert training uses ``--device``; the other stages compute on the CPU."""
     import torch
 
-    from argse.config import ExpertsConfig
     from argse.training.utils import describe_system, resolve_device, training_mode
 
     if command not in ("experts", "pipeline"):
@@ -133,179 +215,83 @@ def _system_lines(command: str, kwargs: dict) -> list[str]:
         device = resolve_device(kwargs["device"])
     except ValueError as exc:
         raise ArgseUsageError(str(exc)) from None
-    # The pipeline trains its experts at ExpertsConfig's default precision.
     precision = kwargs.get("precision", ExpertsConfig.precision)
     bf16, _ = training_mode(precision, device, PRESETS[kwargs["dataset"]].cpu_fast_path)
     return describe_system(device, bf16, device_option=kwargs["device"], precision_option=precision,
                            scope="expert training runs there, the other stages on the CPU" if command == "pipeline" else "")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _run(cls: type, module: str, kwargs: dict, **extra) -> None:
+    """Build the stage's config from its options and run the stage module ``argse.stages.<module>``."""
+    import importlib
+
+    from argse import stages
+
+    kwargs = common(kwargs)
+    experiment = kwargs.pop("_experiment")
+    stage = importlib.import_module(f".{module}", package=stages.__name__)
+    stage.run(cls(**kwargs, **extra).resolve(), experiment=experiment)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="argse", message="%(prog)s %(version)s")
 @tracking_options
+@click_option(options(StageConfig)[[o.name for o in options(StageConfig)].index("verbose")])
 def cli(tracking_uri, experiment, verbose):
     """AR-GSE: long-tailed selective classification, one MLflow-tracked stage per command."""
 
 
 @cli.command()
-@stage_options
-@click.option("--imb-factor", type=PRESET_FLOAT, default=None, help=f"Imbalance factor (default: preset; {preset_values('imb_factor')}).")
-@click.option("--tunev-ratio", type=PRESET_FLOAT, default=None, help="Share of each class's held-out images for tunev.")
-@click.option("--val-ratio", type=PRESET_FLOAT, default=None, help="Share of each class's held-out images for val.")
-@click.option("--group-thresholds", type=PRESET_TEXT, default=None,
-              help="Train-count thresholds: 20 = head/tail, 100,20 = many/medium/few "
-                   f"(default: preset; {preset_values('group_thresholds')}).")
+@config_options(SplitsConfig)
+@tracking_options
 def splits(**kwargs):
     """Create the long-tailed train set and the disjoint tunev / val / test splits."""
-    from argse.config import SplitsConfig
-    from argse.stages import splits as stage
-
-    kwargs = common(kwargs)
-    experiment = kwargs.pop("_experiment")
-    stage.run(SplitsConfig(**kwargs).resolve(), experiment=experiment)
+    _run(SplitsConfig, "splits", kwargs)
 
 
 @cli.command()
-@stage_options
-@click.option("--expert", type=click.Choice(list(EXPERTS) + ["all"]), default="all", show_default=True)
-@click.option("--epochs", type=PRESET_INT, default=None, help=f"Training epochs (default: preset; {preset_values('epochs')}).")
-@click.option("--lr", type=PRESET_FLOAT, default=None, help="Base learning rate at batch 128 (default: preset).")
-@click.option("--batch-size", type=PRESET_INT, default=None, help=f"Batch size (default: preset; {preset_values('batch_size')}).")
-@click.option("--la-tau", type=float, default=1.0, show_default=True, help="LogitAdjust temperature tau.")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--warmup-epochs", type=PRESET_INT, default=None, help="Linear warm-up epochs (default: preset).")
-@click.option("--checkpoint-every", type=int, default=10, show_default=True, help="Epochs between checkpoints.")
-@flag("--compile", help="torch.compile the model.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA, and on CPUs with bf16 units for the presets "
-                   f"{', '.join(n for n, p in PRESETS.items() if p.cpu_fast_path)}; else fp32.")
-@click.option("--splits-run", default="latest", show_default=True, help="latest, a run id or runs:/<id>/splits.")
-@click.option("--resume", type=OPTIONAL_TEXT, default=None, metavar="RUN_ID",
-              help="Continue this expert run from its last checkpoint.")
+@config_options(ExpertsConfig)
+@tracking_options
 def experts(**kwargs):
     """Train the long-tail experts (ce, logitadjust, balsoftmax) on a splits run."""
-    from argse.config import ExpertsConfig
-    from argse.stages import experts as stage
-
-    kwargs = common(kwargs)
-    experiment = kwargs.pop("_experiment")
-    stage.run(ExpertsConfig(**kwargs).resolve(), experiment=experiment)
+    _run(ExpertsConfig, "experts", kwargs)
 
 
 @cli.command()
-@stage_options
-@click.option("--mode", type=click.Choice(["pretrain", "selective"]), required=True)
-@click.option("--experts-run", default="latest", show_default=True,
-              help="latest, an `--expert all` run id, or the three expert run ids separated by commas.")
-@click.option("--pretrain-run", default="latest", show_default=True, help="Selective mode: the pretrain run to start from.")
-@click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True,
-              help="Label prior the selective risk is measured under.")
-@click.option("--epochs", type=PRESET_INT, default=None, help="Pretrain epochs (default: preset).")
-@click.option("--batch-size", type=PRESET_INT, default=None, help="Batch size (default: preset).")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--load-balance", type=float, default=0.01, show_default=True, help="Weight of the load-balancing term.")
-@click.option("--patience", type=int, default=10, show_default=True, help="Early-stopping patience in epochs.")
-@click.option("--objective", type=click.Choice(["balanced", "worst"]), default="worst", show_default=True,
-              help="Selective mode: the L2R risk the rounds optimise.")
-@click.option("--cost", type=float, default=0.2, show_default=True, help="Selective mode: rejection cost c.")
-@click.option("--rounds", type=int, default=4, show_default=True, help="Selective mode: alternation rounds.")
-@click.option("--epochs-per-round", type=int, default=10, show_default=True)
+@config_options(GatingConfig)
+@tracking_options
 def gating(**kwargs):
     """Train the gating network over the experts' calibrated posteriors."""
-    from argse.config import GatingConfig
-    from argse.stages import gating as stage
-
-    kwargs = common(kwargs)
-    experiment = kwargs.pop("_experiment")
-    stage.run(GatingConfig(**kwargs).resolve(), experiment=experiment)
+    _run(GatingConfig, "gating", kwargs)
 
 
 @cli.command("fit")
-@stage_options
-@click.option("--gating-run", default="latest", show_default=True, help="latest, a gating run id or runs:/<id>/gating.")
-@click.option("--objective", type=click.Choice(["balanced", "worst"]), default="worst", show_default=True)
-@click.option("--cost", type=PRESET_FLOAT, default=None, help="Rejection cost c (default: chosen by --target-coverage).")
-@click.option("--target-coverage", type=PRESET_FLOAT, default=None,
-              help="Pick the cost whose rule accepts this share of val (default 0.8 when --cost is not given).")
-@click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True)
-@click.option("--rounds", type=int, default=20, show_default=True, help="Exponentiated-gradient rounds (worst).")
-@click.option("--step", type=float, default=2.0, show_default=True, help="Exponentiated-gradient step size (worst).")
-@click.option("--n-starts", type=int, default=12, show_default=True, help="Starting points of the fixed point.")
-@click.option("--group-thresholds-mode", type=click.Choice(["global", "per-group"]), default="global", show_default=True,
-              help="per-group: one threshold per predicted group, each reaching --target-coverage.")
-@click.option("--register-name", type=OPTIONAL_TEXT, default=None, help="Registered model name (default ar-gse-<dataset>).")
+@config_options(ArgseConfig)
+@tracking_options
 def fit(**kwargs):
     """Fit the AR-GSE rejector on the gated mixture; log, register and maybe crown the model."""
-    from argse.config import ArgseConfig
-    from argse.stages import argse as stage
-
-    kwargs = common(kwargs)
-    experiment = kwargs.pop("_experiment")
-    stage.run(ArgseConfig(**kwargs).resolve(), experiment=experiment)
+    _run(ArgseConfig, "argse", kwargs)
 
 
 @cli.command()
-@stage_options
-@click.option("--model-uri", default="latest", show_default=True,
-              help="latest (newest FINISHED argse run), an argse run id, runs:/<id>/model or models:/<name>@<alias>.")
-@click.option("--split", type=click.Choice(["test", "val", "tunev"]), default="test", show_default=True,
-              help="The split to report (the seed's `--dataset` of evaluate_argse.py).")
-@click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True,
-              help="Label prior every metric is computed under.")
-@click.option("--coverage-grid", default="default", show_default=True,
-              help="Target coverages of the coverage-matched comparison, comma-separated in (0, 1]; "
-                   "default: 1, 0.95, ..., 0.2.")
-@click.option("--n-boot", type=int, default=200, show_default=True, help="Bootstrap resamples for the AURC intervals.")
-@click.option("--check-images", type=int, default=64, show_default=True,
-              help="Images on which the logged model must agree with its logits (0: skip).")
-@flag("--save-results", help="Also write the tables to --output-dir.")
-@click.option("--output-dir", default="results", show_default=True)
+@config_options(EvaluateConfig)
+@tracking_options
 def evaluate(**kwargs):
     """Compare AR-GSE with its baselines on one split; log tables, metrics and RC figures."""
-    from argse.config import EvaluateConfig
-    from argse.stages import evaluate as stage
-
-    kwargs = common(kwargs)
-    experiment = kwargs.pop("_experiment")
-    stage.run(EvaluateConfig(**kwargs).resolve(), experiment=experiment)
+    _run(EvaluateConfig, "evaluate", kwargs)
 
 
 @cli.command()
-@stage_options
-@click.option("--start-from", type=click.Choice(["data", "experts", "gating", "argse", "eval"]), default="data",
-              show_default=True, help="Reuse the stages before this one; rerun it and the rest.")
-@click.option("--stop-at", type=click.Choice(["data", "experts", "gating", "argse", "eval"]), default="eval",
-              show_default=True)
-@flag("--force", help="Rerun every stage from --start-from even when an identical finished run exists.")
-@click.option("--imb-factor", type=PRESET_FLOAT, default=None, help="splits: imbalance factor (default: preset).")
-@click.option("--group-thresholds", type=PRESET_TEXT, default=None, help="splits: train-count thresholds (default: preset).")
-@click.option("--epochs", type=PRESET_INT, default=None, help="experts: epochs (default: preset).")
-@click.option("--batch-size", type=PRESET_INT, default=None, help="experts: batch size (default: preset).")
-@click.option("--lr", type=PRESET_FLOAT, default=None, help="experts: learning rate (default: preset).")
-@click.option("--la-tau", type=float, default=1.0, show_default=True, help="experts: LogitAdjust tau.")
-@click.option("--checkpoint-every", type=int, default=5, show_default=True, help="experts: epochs between checkpoints.")
-@click.option("--gating-epochs", type=PRESET_INT, default=None, help="gating pretrain: epochs (default: preset).")
-@click.option("--selective-rounds", type=int, default=2, show_default=True, help="gating selective: rounds.")
-@click.option("--epochs-per-round", type=int, default=5, show_default=True, help="gating selective: epochs per round.")
-@click.option("--objective", type=click.Choice(["balanced", "worst"]), default="worst", show_default=True)
-@click.option("--cost", type=PRESET_FLOAT, default=None, help="argse: rejection cost (default: by --target-coverage).")
-@click.option("--target-coverage", type=PRESET_FLOAT, default=None, help="argse: val coverage (default 0.8).")
-@click.option("--test-prior", type=click.Choice(["lt", "balanced"]), default="lt", show_default=True)
-@click.option("--eg-rounds", type=int, default=20, show_default=True, help="argse: exponentiated-gradient rounds.")
-@click.option("--register-name", type=OPTIONAL_TEXT, default=None, help="argse: registered model name.")
-@click.option("--split", type=click.Choice(["test", "val", "tunev"]), default="test", show_default=True,
-              help="evaluate: the split to report.")
-@click.option("--coverage-grid", default="default", show_default=True,
-              help="evaluate: target coverages, comma-separated in (0, 1] (default: 1, 0.95, ..., 0.2).")
-@click.option("--n-boot", type=int, default=200, show_default=True, help="evaluate: bootstrap resamples.")
+@config_options(PipelineConfig)
+@pass_through_options
+@tracking_options
 def pipeline(**kwargs):
-    """Run splits -> experts -> gating -> argse -> evaluate, reusing identical finished stages."""
-    from argse.config import PipelineConfig
-    from argse.stages import pipeline as stage
+    """Run splits -> experts -> gating -> argse -> evaluate, reusing identical finished stages.
 
-    kwargs = common(kwargs)
-    experiment = kwargs.pop("_experiment")
-    stage.run(PipelineConfig(**kwargs).resolve(), experiment=experiment)
+    A stage option reaches every stage that declares it (--cost: the selective gate and the fit); an
+    option left at its default leaves each stage at its own default."""
+    given = {p.name: kwargs.pop(p.name) for p in pipeline_options()}
+    _run(PipelineConfig, "pipeline", kwargs, stage_options=given)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -332,8 +318,9 @@ def _verbose_requested(args: list[str]) -> bool:
     return False
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the CLI and turns every failure into one line and an exit code."""
+def main(argv: list[str] | None = None, translate: Callable[[list[str]], list[str]] | None = None) -> None:
+    """Console entry point: runs the CLI and turns every failure into one line and an exit code.
+    ``translate`` rewrites the arguments first (the seed's spellings, :func:`shim`), inside that handling."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("argse").setLevel(logging.INFO)
     # Connection retries are reported once, as the one-line error; not as urllib3's warnings.
@@ -342,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     _STATE["verbose"] = _verbose_requested(args)
     code = 0
     try:
+        if translate is not None:
+            args = translate(args)
         cli.main(args=args, prog_name="argse", standalone_mode=False)
     except click.exceptions.Exit as exc:
         code = exc.exit_code
@@ -372,9 +361,60 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def shim(command: str) -> None:
-    """What the seed's script names (``entrypoints/*.py``) run: ``argse <command> <their args>``."""
-    main([command, *sys.argv[1:]])
+def seed_evaluate_args(args: list[str]) -> list[str]:
+    """The seed's ``evaluate_argse.py`` spellings: ``--dataset {test,val,tunev}`` names the split to
+    evaluate (benchmark names and split names do not overlap, so ``--dataset digits-lt`` still names
+    the benchmark), and ``--checkpoint`` the model (a run id or model URI)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if name == "--dataset" and value in EVAL_SPLITS:
+            out += ["--split", value]
+            i += 1 if eq else 2
+        elif name == "--checkpoint":
+            out.append("--model-uri" + (f"={value}" if eq else ""))
+            i += 1
+        else:
+            out.append(args[i])
+            i += 1
+    return out
 
 
-__all__ = ["cli", "main", "shim", "stage_options", "tracking_options", "common"]
+def seed_fit_args(args: list[str]) -> list[str]:
+    """The seed's ``train_argse.py --resume``. A fit keeps no checkpoint: it takes seconds, from the
+    gating and expert runs it reads. Resuming refits from the newest FINISHED selective gating run (and
+    the expert runs that run read), named in one line, or says in one line that there is none."""
+    if "--resume" not in args:
+        return args
+    from argse import stage_registry, tracking
+
+    rest = [a for a in args if a != "--resume"]
+    if any(a.partition("=")[0] == "--gating-run" for a in rest):
+        raise ArgseUsageError("--resume refits from the newest finished selective gating run: leave out --gating-run")
+    given = cli.commands["fit"].make_context("fit", switch_values(cli.commands["fit"].params, list(rest)),
+                                             resilient_parsing=True).params
+    tracking.configure(given.get("tracking_uri"))
+    try:
+        run = tracking.resolve_upstream("gating", "latest", dataset=given["dataset"], experiment=given.get("experiment"),
+                                        lineage={stage_registry.TAG_GATING_MODE: "selective"})
+    except ArgseError as exc:
+        raise ArgseError(f"--resume: nothing to resume: {_one_line(exc)}") from None
+    click.echo(f"--resume: refitting from the newest finished selective gating run {run.info.run_id} "
+               "and the expert runs it read (a fit keeps no checkpoint)")
+    return ["--gating-run", run.info.run_id, *rest]
+
+
+SEED_ARGS = {"evaluate": seed_evaluate_args, "fit": seed_fit_args}
+
+
+def shim(command: str, argv: list[str] | None = None) -> None:
+    """What the seed's script names (``entrypoints/*.py``) run: ``argse <command> <their args>``, the
+    seed's own spellings read as it meant them (:data:`SEED_ARGS`)."""
+    translate = SEED_ARGS.get(command)
+    main([command, *(sys.argv[1:] if argv is None else argv)],
+         translate=(lambda args: [args[0], *translate(args[1:])]) if translate else None)
+
+
+__all__ = ["cli", "main", "shim", "config_options", "pass_through_options", "tracking_options", "common"]

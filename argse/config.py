@@ -1,18 +1,26 @@
-"""Configuration: dataset presets and one dataclass per stage, built from the CLI.
+"""Configuration: dataset presets and one dataclass per stage, the one declaration of its options.
 
-A stage's dataclass holds every option it runs with, resolved (no ``None`` left where a preset
-supplies the value). ``params()`` is what gets logged to MLflow and hashed for the cache; options
-that change nothing about the result (``verbose``, ``dry_run``) are not part of it.
+Each field of a stage's dataclass declares an option with :func:`option`: its type (the annotation), its
+default or the preset key whose value per dataset is the default, its help line, its choices, whether
+it is a param (logged to MLflow and hashed for the cache; ``verbose``, ``dry_run``, ``resume`` and the
+like are not), and how ``argse pipeline`` passes it on. Derived from that, never restated: the click
+options of each stage command and of ``argse pipeline`` (:mod:`argse.cli`), ``params()`` and the config
+hash, the resume restore (:meth:`StageConfig.restore`), the pipeline's stage configs
+(:meth:`PipelineConfig.stage_configs`) and MLproject (``python -m argse.mlproject``).
+A resolved config holds every option it runs with (no ``None`` left where a preset supplies the value).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping
 
-from argse import EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
-from argse.data.splits import PRIORS
+from argse import DEVICES, EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
+from argse.data.splits import EVAL_SPLITS, PRIORS
 
 
 @dataclass(frozen=True)
@@ -128,26 +136,157 @@ def resolve_coverage_grid(text: str) -> str:
     return ",".join(f"{v:g}" for v in grid)
 
 
+# -- how a field declares an option -----------------------------------------------------------------
+
+BOOLEAN_WORDS = {"1": True, "true": True, "t": True, "yes": True, "y": True, "on": True,
+                 "0": False, "false": False, "f": False, "no": False, "n": False, "off": False}
+NOT_GIVEN = ("", "none", "preset")  # how MLproject's -P (and a logged param) spell an option left unset
+
+
+def option(default: Any = None, *, help: str, preset: str | None = None, choices: tuple | None = None,
+           hashed: bool = True, pipeline: bool | str = True, mode: str | None = None,
+           parse: Callable[[str], Any] | None = None, metavar: str | None = None) -> Any:
+    """Declare a stage option as a dataclass field; everything else about the option derives from this.
+
+    ``default``: its value when not given; ``None`` with ``preset`` set means the dataset preset's
+    field of that name supplies it (:class:`DatasetPreset`). ``help``: the one help line (the default
+    and each preset's value are appended where the option is shown). ``choices``: the allowed values.
+    ``hashed``: whether the value is a param (logged to MLflow, in the config hash, restored by a
+    resume); presentational options (``verbose``, ``dry_run``, ``resume``, ``output_dir``) are not.
+    ``pipeline``: ``True`` when ``argse pipeline`` passes an option of the field's own name on to this
+    stage, a name when the pipeline names it otherwise (the stages' fields named alike that mean
+    different things), ``False`` when the pipeline sets the field itself. ``mode``: the stage mode
+    the option only matters in (the pipeline passes it to that mode's run only). ``parse``: how a
+    value given as text is read when the type alone does not say.
+    """
+    if preset is not None and default is not None:
+        raise TypeError("an option has a default or a preset key, not both")
+    return dataclasses.field(default=default, metadata={
+        "help": help, "preset": preset, "choices": tuple(choices) if choices is not None else None,
+        "hashed": hashed, "pipeline": pipeline, "mode": mode, "parse": parse, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared option, read back from its field."""
+
+    name: str
+    kind: type  # int, float, str, bool or tuple
+    default: Any
+    help: str
+    preset: str | None
+    choices: tuple | None
+    hashed: bool
+    pipeline: bool | str
+    mode: str | None
+    parse_text: Callable[[str], Any] | None
+    metavar: str | None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def preset_values(self) -> str:
+        """``cifar100-lt 200, digits-lt 30, fashion-mnist-lt 20``: each preset's value of this option."""
+        return ", ".join(f"{name} {show_value(getattr(p, self.preset))}" for name, p in PRESETS.items())
+
+    def parse(self, text: Any) -> Any:
+        """A value given as text (a CLI or MLproject string, a logged param) read as this option's type;
+        ``""``, ``none`` and ``preset`` mean not given where the option may be left unset."""
+        if isinstance(text, str) and text.strip().lower() in NOT_GIVEN and (self.default is None or self.preset):
+            return None
+        return self.cast(text)
+
+    def cast(self, value: Any) -> Any:
+        """``value`` as this option's type, or a one-line usage error naming the option."""
+        if value is None:
+            return None
+        try:
+            if self.parse_text is not None:
+                return self.parse_text(value)
+            if self.kind is bool:
+                if isinstance(value, str):
+                    return BOOLEAN_WORDS[value.strip().lower()]
+                return bool(value)
+            if self.kind is int and isinstance(value, str):
+                number = float(value)
+                if number != int(number):
+                    raise ValueError
+                return int(number)
+            return self.kind(value)
+        except (KeyError, TypeError, ValueError):
+            kind = "true or false" if self.kind is bool else f"a {self.kind.__name__}"
+            raise ArgseUsageError(f"{self.flag} {value!r} is not {kind}") from None
+
+
+def _kind(annotation: Any) -> type:
+    """int / float / str / bool / tuple from a field's type (``int | None`` -> int)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is tuple:
+        return tuple
+    if args:
+        return _kind(args[0])
+    return annotation
+
+
+@functools.cache
+def options(cls: type) -> tuple[Option, ...]:
+    """The options a config dataclass declares, in field order (its base's first)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue  # not an option (PipelineConfig's internal fields)
+        m = f.metadata
+        out.append(Option(f.name, _kind(hints[f.name]), f.default, m["help"], m["preset"], m["choices"],
+                          m["hashed"], m["pipeline"], m["mode"], m["parse"], m["metavar"]))
+    return tuple(out)
+
+
+def show_value(value: Any) -> str:
+    """How a default is written in help texts and MLproject: ``0.0005``, ``20``, ``100,20``, ``true``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+# -- the stages' configs ----------------------------------------------------------------------------
+
+
 @dataclass
 class StageConfig:
     """Options every stage shares."""
 
-    dataset: str = "cifar100-lt"
-    data_dir: str = "data"
-    seed: int = 0
-    device: str = "auto"
-    verbose: bool = False
-    dry_run: bool = False
+    STAGE: ClassVar[str] = ""  # the stage registry's name of the stage this configures
 
-    # Options that do not change a stage's result: neither logged as params nor hashed.
-    _PRESENTATIONAL = ("verbose", "dry_run")
+    dataset: str = option("cifar100-lt", choices=DATASETS, help="The benchmark: one of the dataset presets.")
+    data_dir: str = option("data", help="Where datasets are read from (and CIFAR-100 / Fashion-MNIST downloaded to).")
+    seed: int = option(0, help="Random seed of the splits, the initialisation and the batches.")
+    device: str = option("auto", choices=DEVICES,
+                         help="Where expert training runs (auto: cuda when available); the other stages compute on the CPU.")
+    verbose: bool = option(False, hashed=False, help="More output, and the traceback on errors.")
+    dry_run: bool = option(False, hashed=False, pipeline=False, help="Print the resolved plan; create no run.")
 
-    def _check_choices(self, **choices: tuple[str, ...]) -> None:
-        """One usage error for the first option whose value is not among its choices."""
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ArgseUsageError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(allowed)}")
+    def _resolved(self):
+        """This config with preset-valued options filled from the dataset's preset, every value cast
+        to its option's type and every choice checked: one usage error line for the first bad one."""
+        p = preset(self.dataset)
+        updates = {}
+        for opt in options(type(self)):
+            value = getattr(self, opt.name)
+            if value is None and opt.preset:
+                value = getattr(p, opt.preset)
+            updates[opt.name] = opt.cast(value)
+        cfg = dataclasses.replace(self, **updates)
+        for opt in options(type(self)):
+            value = getattr(cfg, opt.name)
+            if opt.choices is not None and value not in opt.choices:
+                raise ArgseUsageError(f"{opt.flag} {value!r}: choose one of {', '.join(map(str, opt.choices))}")
+        return cfg
 
     def dry_run_header(self, title: str) -> str:
         """The first lines of a dry run: what runs, that no run is created, and every option."""
@@ -157,32 +296,36 @@ class StageConfig:
     def params(self) -> dict[str, Any]:
         """The resolved options as MLflow params (what the config hash is computed over)."""
         out = {}
-        for f in dataclasses.fields(self):
-            if f.name in self._PRESENTATIONAL or f.name.startswith("_"):
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, (tuple, list)):
-                value = ",".join(str(v) for v in value)
-            out[f.name] = value
+        for opt in options(type(self)):
+            if opt.hashed:
+                value = getattr(self, opt.name)
+                out[opt.name] = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
         return out
+
+    def restore(self, params: Mapping[str, str]):
+        """This config with every hashed option set to what a run logged (``<name>.resolved`` where
+        ``mlflow run`` had logged the raw value first); an option the run did not log keeps its value."""
+        updates = {}
+        for opt in options(type(self)):
+            text = params.get(f"{opt.name}.resolved", params.get(opt.name))
+            if opt.hashed and text is not None:
+                updates[opt.name] = opt.parse(text)
+        return dataclasses.replace(self, **updates)
 
 
 @dataclass
 class SplitsConfig(StageConfig):
-    imb_factor: float | None = None
-    tunev_ratio: float | None = None
-    val_ratio: float | None = None
-    group_thresholds: tuple[int, ...] | None = None
+    STAGE: ClassVar[str] = "splits"
+
+    imb_factor: float | None = option(preset="imb_factor", help="Imbalance factor: largest over smallest train class.")
+    tunev_ratio: float | None = option(preset="tunev_ratio", help="Share of each class's held-out images for tunev.")
+    val_ratio: float | None = option(preset="val_ratio", help="Share of each class's held-out images for val.")
+    group_thresholds: tuple[int, ...] | None = option(
+        preset="group_thresholds", parse=parse_group_thresholds, metavar="N[,N...]",
+        help="Train-count thresholds: 20 = head/tail, 100,20 = many/medium/few.")
 
     def resolve(self) -> "SplitsConfig":
-        p = preset(self.dataset)
-        cfg = dataclasses.replace(
-            self,
-            imb_factor=p.imb_factor if self.imb_factor is None else float(self.imb_factor),
-            tunev_ratio=p.tunev_ratio if self.tunev_ratio is None else float(self.tunev_ratio),
-            val_ratio=p.val_ratio if self.val_ratio is None else float(self.val_ratio),
-            group_thresholds=parse_group_thresholds(self.group_thresholds or p.group_thresholds),
-        )
+        cfg = self._resolved()
         if cfg.imb_factor < 1:
             raise ArgseUsageError(f"--imb-factor {cfg.imb_factor} must be >= 1 (1 means balanced)")
         for name in ("tunev_ratio", "val_ratio"):
@@ -197,69 +340,62 @@ class SplitsConfig(StageConfig):
 
 @dataclass
 class ExpertsConfig(StageConfig):
-    expert: str = "all"
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    la_tau: float = 1.0
-    weight_decay: float = 5e-4
-    warmup_epochs: int | None = None
-    checkpoint_every: int = 10
-    compile: bool = False
-    precision: str = "auto"
-    splits_run: str = "latest"
-    resume: str | None = None
-    _PRESENTATIONAL = ("verbose", "dry_run", "resume")
+    STAGE: ClassVar[str] = "experts"
+
+    expert: str = option("all", choices=EXPERTS + ("all",), pipeline=False, help="The expert to train, or all three.")
+    epochs: int | None = option(preset="epochs", help="Training epochs.")
+    lr: float | None = option(preset="lr", help="Base learning rate at batch 128 (scaled linearly with --batch-size).")
+    batch_size: int | None = option(preset="batch_size", help="Batch size.")
+    la_tau: float = option(1.0, help="LogitAdjust temperature tau.")
+    weight_decay: float = option(5e-4, help="SGD weight decay.")
+    warmup_epochs: int | None = option(preset="warmup_epochs", help="Linear learning-rate warm-up epochs.")
+    checkpoint_every: int = option(5, help="Epochs between checkpoints (a resume continues from the last).")
+    compile: bool = option(False, help="torch.compile the model.")
+    precision: str = option("auto", choices=("auto", "fp32", "bf16"),
+                            help="auto: bf16 autocast on CUDA, and on CPUs with bf16 units for the presets "
+                                 f"{', '.join(n for n, p in PRESETS.items() if p.cpu_fast_path)}; else fp32.")
+    splits_run: str = option("latest", help="The splits run: latest, a run id or runs:/<id>/splits.")
+    resume: str | None = option(hashed=False, pipeline=False, metavar="RUN_ID",
+                                help="Continue this expert run (or --expert all run) from its last checkpoint.")
 
     def experts(self) -> tuple[str, ...]:
         return EXPERTS if self.expert == "all" else (self.expert,)
 
     def resolve(self) -> "ExpertsConfig":
-        p = preset(self.dataset)
         if self.expert != "all" and self.expert not in EXPERTS:
             raise ArgseUsageError(
                 f"unknown expert {self.expert!r}: choose one of {', '.join(EXPERTS)} or all"
             )
-        cfg = dataclasses.replace(
-            self,
-            epochs=p.epochs if self.epochs is None else int(self.epochs),
-            lr=p.lr if self.lr is None else float(self.lr),
-            batch_size=p.batch_size if self.batch_size is None else int(self.batch_size),
-            warmup_epochs=p.warmup_epochs if self.warmup_epochs is None else int(self.warmup_epochs),
-        )
+        cfg = self._resolved()
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
             raise ArgseUsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if cfg.checkpoint_every < 1:
             raise ArgseUsageError("--checkpoint-every must be >= 1")
-        cfg._check_choices(precision=("auto", "fp32", "bf16"))
         return cfg
 
 
 @dataclass
 class GatingConfig(StageConfig):
-    mode: str = "pretrain"
-    experts_run: str = "latest"
-    pretrain_run: str = "latest"
-    test_prior: str = "lt"
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    load_balance: float = 0.01
-    patience: int = 10
-    objective: str = "worst"
-    cost: float = 0.2
-    rounds: int = 4
-    epochs_per_round: int = 10
+    STAGE: ClassVar[str] = "gating"
+
+    mode: str = option(stage_registry.GATING_STAGE.modes[0], choices=stage_registry.GATING_STAGE.modes,
+                       help="pretrain: mixture NLL; selective: from a pretrain run, on the L2R risk.")
+    experts_run: str = option("latest", help="latest, an `--expert all` run id, or the three expert run ids separated by commas.")
+    pretrain_run: str = option("latest", mode="selective", help="The pretrain run to start from.")
+    test_prior: str = option("lt", choices=PRIORS, help="Label prior the selective risk is measured under.")
+    epochs: int | None = option(preset="gating_epochs", pipeline="gating_epochs", help="Pretrain epochs.")
+    batch_size: int | None = option(preset="gating_batch_size", pipeline="gating_batch_size", help="Gate batch size.")
+    lr: float = option(1e-3, pipeline="gating_lr", help="Gate learning rate (Adam).")
+    weight_decay: float = option(1e-4, pipeline="gating_weight_decay", help="Gate weight decay.")
+    load_balance: float = option(0.01, help="Weight of the load-balancing term.")
+    patience: int = option(10, help="Early-stopping patience in epochs.")
+    objective: str = option("worst", choices=OBJECTIVES, mode="selective", help="The L2R risk the rounds optimise.")
+    cost: float = option(0.2, mode="selective", help="Rejection cost c the gate is trained for.")
+    rounds: int = option(2, mode="selective", pipeline="selective_rounds", help="Alternation rounds.")
+    epochs_per_round: int = option(5, mode="selective", help="Gate epochs per alternation round.")
 
     def resolve(self) -> "GatingConfig":
-        p = preset(self.dataset)
-        self._check_choices(mode=("pretrain", "selective"), objective=OBJECTIVES, test_prior=PRIORS)
-        cfg = dataclasses.replace(
-            self,
-            epochs=p.gating_epochs if self.epochs is None else int(self.epochs),
-            batch_size=p.gating_batch_size if self.batch_size is None else int(self.batch_size),
-        )
+        cfg = self._resolved()
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.rounds < 1 or cfg.epochs_per_round < 1:
             raise ArgseUsageError("--epochs, --batch-size, --rounds and --epochs-per-round must be >= 1 and --lr > 0")
         if cfg.cost < 0:
@@ -269,102 +405,187 @@ class GatingConfig(StageConfig):
 
 @dataclass
 class ArgseConfig(StageConfig):
-    gating_run: str = "latest"
-    objective: str = "worst"
-    cost: float | None = None
-    target_coverage: float | None = None
-    test_prior: str = "lt"
-    rounds: int = 20
-    step: float = 2.0
-    n_starts: int = 12
-    group_thresholds_mode: str = "global"
-    register_name: str | None = None
+    STAGE: ClassVar[str] = "argse"
+
+    gating_run: str = option("latest", help="The selective gating run: latest, a run id or runs:/<id>/gating.")
+    objective: str = option("worst", choices=OBJECTIVES, help="balanced: Algorithm 1; worst: exponentiated gradient over it.")
+    cost: float | None = option(help="Rejection cost c (default: the cost chosen by --target-coverage).")
+    target_coverage: float | None = option(
+        help="Pick the cost whose rule accepts this share of val (default 0.8 when --cost is not given).")
+    test_prior: str = option("lt", choices=PRIORS, help="Label prior the L2R risk is measured under.")
+    rounds: int = option(20, pipeline="eg_rounds", help="Exponentiated-gradient rounds (worst).")
+    step: float = option(2.0, pipeline="eg_step", help="Exponentiated-gradient step size (worst).")
+    n_starts: int = option(12, help="Starting points of the (alpha, mu) fixed point.")
+    group_thresholds_mode: str = option("global", choices=("global", "per-group"),
+                                        help="per-group: one threshold per predicted group, each reaching --target-coverage.")
+    register_name: str | None = option(help="Registered model name (default ar-gse-<dataset>).")
 
     def resolve(self) -> "ArgseConfig":
-        preset(self.dataset)
-        self._check_choices(objective=OBJECTIVES, group_thresholds_mode=("global", "per-group"), test_prior=PRIORS)
-        if self.cost is not None and self.target_coverage is not None:
+        cfg = self._resolved()
+        if cfg.cost is not None and cfg.target_coverage is not None:
             raise ArgseUsageError("give --cost or --target-coverage, not both")
-        target = self.target_coverage
-        if self.cost is None and target is None:
+        target = cfg.target_coverage
+        if cfg.cost is None and target is None:
             target = 0.8
         if target is not None and not 0 < target <= 1:
             raise ArgseUsageError(f"--target-coverage {target} must lie in (0, 1]")
-        if self.cost is not None and self.cost < 0:
+        if cfg.cost is not None and cfg.cost < 0:
             raise ArgseUsageError("--cost must be >= 0")
-        if self.group_thresholds_mode == "per-group" and target is None:
+        if cfg.group_thresholds_mode == "per-group" and target is None:
             raise ArgseUsageError("--group-thresholds-mode per-group needs --target-coverage (each group's coverage)")
-        if self.rounds < 1 or self.step <= 0 or self.n_starts < 1:
+        if cfg.rounds < 1 or cfg.step <= 0 or cfg.n_starts < 1:
             raise ArgseUsageError("--rounds and --n-starts must be >= 1 and --step > 0")
-        return dataclasses.replace(self, target_coverage=target,
-                                   register_name=self.register_name or f"ar-gse-{self.dataset}")
+        return dataclasses.replace(cfg, target_coverage=target,
+                                   register_name=cfg.register_name or f"ar-gse-{cfg.dataset}")
 
 
 @dataclass
 class EvaluateConfig(StageConfig):
-    model_uri: str = "latest"
-    split: str = "test"
-    test_prior: str = "lt"
-    coverage_grid: str = "default"
-    n_boot: int = 200
-    check_images: int = 64
-    save_results: bool = False
-    output_dir: str = "results"
-    _PRESENTATIONAL = ("verbose", "dry_run", "save_results", "output_dir")
+    STAGE: ClassVar[str] = "evaluate"
+
+    model_uri: str = option("latest", help="latest (newest FINISHED argse run), an argse run id, runs:/<id>/model "
+                                           "or models:/<name>@<alias>.")
+    split: str = option("test", choices=EVAL_SPLITS, help="The split to report (the seed's `--dataset` of evaluate_argse.py).")
+    test_prior: str = option("lt", choices=PRIORS, help="Label prior every metric is computed under.")
+    coverage_grid: str = option("default", parse=resolve_coverage_grid,
+                                help="Target coverages of the coverage-matched comparison, comma-separated in "
+                                     "(0, 1]; default: 1, 0.95, ..., 0.2.")
+    n_boot: int = option(200, help="Bootstrap resamples for the AURC intervals.")
+    check_images: int = option(64, help="Images on which the logged model must agree with its logits (0: skip).")
+    save_results: bool = option(False, hashed=False, help="Also write the tables to --output-dir.")
+    output_dir: str = option("results", hashed=False, help="Where --save-results writes the tables.")
 
     def resolve(self) -> "EvaluateConfig":
-        preset(self.dataset)
-        self._check_choices(split=("test", "val", "tunev"), test_prior=PRIORS)
-        if self.n_boot < 1 or self.check_images < 0:
+        cfg = self._resolved()
+        if cfg.n_boot < 1 or cfg.check_images < 0:
             raise ArgseUsageError("--n-boot must be >= 1 and --check-images >= 0")
-        return dataclasses.replace(self, coverage_grid=resolve_coverage_grid(self.coverage_grid))
+        return cfg
 
     def coverages(self) -> tuple[float, ...]:
         """The target coverages of the coverage-matched comparison, descending."""
         return tuple(float(v) for v in self.coverage_grid.split(","))
 
 
+STAGE_CONFIGS: Mapping[str, type[StageConfig]] = MappingProxyType(
+    {cls.STAGE: cls for cls in (SplitsConfig, ExpertsConfig, GatingConfig, ArgseConfig, EvaluateConfig)})
 PIPELINE_STEPS = stage_registry.PIPELINE_STEPS  # --start-from / --stop-at names, in order
+
+
+# -- the pipeline: its own options, and the stage options it passes on ------------------------------
+
+
+@dataclass(frozen=True)
+class PassThrough:
+    """An option of ``argse pipeline`` that sets a stage field: in every pipeline step whose stage
+    declares a field under this pipeline name (``--cost``: selective gating and the fit)."""
+
+    name: str
+    targets: tuple[tuple[str, Option], ...]  # (pipeline step, the stage's option)
+
+    @property
+    def option(self) -> Option:
+        """The first target's option: type, choices, preset and parsing (the same for every target)."""
+        return self.targets[0][1]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def default(self) -> Any:
+        """The stages' common default; ``None`` (each stage keeps its own) where they differ."""
+        defaults = {(o.default, o.preset) for _, o in self.targets}
+        return self.option.default if len(defaults) == 1 else None
+
+    def where(self) -> list[tuple[str, Option]]:
+        """``[(label, option)]``: the commands it reaches (``gating (selective)``, ``fit``), once each."""
+        out: dict[str, Option] = {}
+        for step, opt in self.targets:
+            stage = next(p.stage for p in stage_registry.PIPELINE_PLAN if p.name == step)
+            out.setdefault(stage.command + (f" ({opt.mode})" if opt.mode else ""), opt)
+        return list(out.items())
+
+
+@functools.cache
+def pipeline_options() -> tuple[PassThrough, ...]:
+    """Every stage option the pipeline passes on, by pipeline name, in stage order.
+
+    A stage field reaches the pipeline under its own name, shared with every other stage declaring a
+    field of that name (``--seed``, ``--test-prior``, ``--objective``, ``--cost``), or under the
+    pipeline name it declares (``option(pipeline=...)``) where another stage's field of the same name
+    means something else: ``gating_`` for the gate's training (``--gating-epochs``,
+    ``--gating-batch-size``, ``--gating-lr``, ``--gating-weight-decay``), ``--selective-rounds`` for
+    the selective gate's rounds, ``eg_`` for the fit's exponentiated gradient (``--eg-rounds``,
+    ``--eg-step``). The pipeline sets the rest itself: the shared options (its own), each stage's
+    upstream run (the registry's inputs), the gating mode, and fields declared ``pipeline=False``.
+    """
+    shared = {opt.name for opt in options(StageConfig)}
+    found: dict[str, list[tuple[str, Option]]] = {}
+    for plan in stage_registry.PIPELINE_PLAN:
+        stage = plan.stage
+        set_here = {i.option for i in stage.reads if i.option} | ({"mode"} if stage.modes else set())
+        for opt in options(STAGE_CONFIGS[stage.name]):
+            if opt.name in shared or opt.name in set_here or opt.pipeline is False:
+                continue
+            if opt.mode is not None and opt.mode != plan.mode:
+                continue
+            name = opt.pipeline if isinstance(opt.pipeline, str) else opt.name
+            found.setdefault(name, []).append((plan.name, opt))
+    return tuple(PassThrough(name, tuple(targets)) for name, targets in found.items())
 
 
 @dataclass
 class PipelineConfig(StageConfig):
-    """The chain's options: what passes through to each stage, and where to start and stop."""
+    """The chain's own options (where to start and stop) and the stage options given to it
+    (``stage_options``, by pipeline name, see :func:`pipeline_options`); the stages' configs derive
+    from both (:meth:`stage_configs`): nothing here restates a stage's option."""
 
-    start_from: str = "data"
-    stop_at: str = "eval"
-    force: bool = False
-    imb_factor: float | None = None
-    group_thresholds: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    la_tau: float = 1.0
-    checkpoint_every: int = 5
-    gating_epochs: int | None = None
-    selective_rounds: int = 2
-    epochs_per_round: int = 5
-    objective: str = "worst"
-    cost: float | None = None
-    target_coverage: float | None = None
-    test_prior: str = "lt"
-    eg_rounds: int = 20
-    register_name: str | None = None
-    split: str = "test"
-    coverage_grid: str = "default"
-    n_boot: int = 200
-    _PRESENTATIONAL = ("verbose", "dry_run", "force")
+    STAGE: ClassVar[str] = "pipeline"
+
+    start_from: str = option("data", choices=PIPELINE_STEPS, help="Reuse the stages before this step; rerun it and the rest.")
+    stop_at: str = option("eval", choices=PIPELINE_STEPS, help="The last step to run.")
+    force: bool = option(False, hashed=False,
+                         help="Rerun every stage from --start-from even when an identical finished run exists.")
+    stage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def resolve(self) -> "PipelineConfig":
-        preset(self.dataset)
-        self._check_choices(start_from=PIPELINE_STEPS, stop_at=PIPELINE_STEPS, objective=OBJECTIVES,
-                            test_prior=PRIORS, split=("test", "val", "tunev"))
-        if PIPELINE_STEPS.index(self.start_from) > PIPELINE_STEPS.index(self.stop_at):
-            raise ArgseUsageError(f"--start-from {self.start_from} comes after --stop-at {self.stop_at}")
-        return dataclasses.replace(self, coverage_grid=resolve_coverage_grid(self.coverage_grid))
+        cfg = self._resolved()
+        known = {p.name: p for p in pipeline_options()}
+        unknown = sorted(set(cfg.stage_options) - set(known))
+        if unknown:
+            raise ArgseUsageError(f"argse pipeline has no option --{unknown[0].replace('_', '-')}")
+        if PIPELINE_STEPS.index(cfg.start_from) > PIPELINE_STEPS.index(cfg.stop_at):
+            raise ArgseUsageError(f"--start-from {cfg.start_from} comes after --stop-at {cfg.stop_at}")
+        cfg.stage_configs()  # every stage option is checked before anything runs
+        return cfg
+
+    def stage_configs(self) -> dict[str, StageConfig]:
+        """The resolved config of every pipeline step (``splits`` ... ``evaluate``): the shared options,
+        the step's mode, and each stage option given to the pipeline; the rest at the stage's default."""
+        shared = {opt.name: getattr(self, opt.name) for opt in options(StageConfig) if opt.pipeline is not False}
+        given: dict[str, dict[str, Any]] = {}
+        for p in pipeline_options():
+            value = self.stage_options.get(p.name)
+            for step, opt in p.targets:
+                if value is not None:
+                    given.setdefault(step, {})[opt.name] = value
+        out = {}
+        for plan in stage_registry.PIPELINE_PLAN:
+            mode = {"mode": plan.mode} if plan.mode else {}
+            out[plan.name] = STAGE_CONFIGS[plan.stage.name](**shared, **mode, **given.get(plan.name, {})).resolve()
+        return out
+
+    def params(self) -> dict[str, Any]:
+        """The pipeline's own options and the stage options given to it (each stage run logs all of its own)."""
+        out = super().params()
+        for name, value in self.stage_options.items():
+            if value is not None:
+                out[name] = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        return out
 
 
 __all__ = [
-    "DATASETS", "EXPERTS", "OBJECTIVES", "DatasetPreset", "PRESETS", "preset",
-    "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig", "EvaluateConfig", "PipelineConfig", "PIPELINE_STEPS",
+    "DATASETS", "EXPERTS", "OBJECTIVES", "DatasetPreset", "PRESETS", "preset", "option", "options", "Option",
+    "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig",
+    "EvaluateConfig", "PipelineConfig", "PassThrough", "pipeline_options", "STAGE_CONFIGS", "PIPELINE_STEPS",
 ]

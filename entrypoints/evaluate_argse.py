@@ -1,4 +1,5 @@
-"""The seed's `evaluate_argse.py`: same as `argse evaluate` with the same options."""
+"""The seed's `evaluate_argse.py`: `argse evaluate`, where `--dataset {test,val,tunev}` names the split (as
+in the seed) and `--checkpoint` the model; `--dataset digits-lt` still names the benchmark."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The seed's `train_argse.py`: same as `argse fit` with the same options."""
+"""The seed's `train_argse.py`: `argse fit`; `--resume` refits from the newest finished selective gating run
+(and its expert runs), or says in one line that there is nothing to resume."""
 
 import sys
 from pathlib import Path

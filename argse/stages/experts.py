@@ -305,25 +305,11 @@ def _resolve_splits(cfg: ExpertsConfig, experiment: str | None) -> str:
 
 
 def _config_from_run(run, cfg: ExpertsConfig) -> ExpertsConfig:
-    """The configuration a run was started with (its resolved params), for ``--resume``."""
-    params = run.data.params
-
-    def value(key):
-        return params.get(f"{key}.resolved", params.get(key))
-
-    updates = {}
-    for key in ("epochs", "batch_size", "warmup_epochs", "checkpoint_every", "seed"):
-        if value(key) not in (None, "", "preset"):
-            updates[key] = int(float(value(key)))
-    for key in ("lr", "la_tau", "weight_decay"):
-        if value(key) not in (None, "", "preset"):
-            updates[key] = float(value(key))
-    for key in ("data_dir", "device", "precision"):
-        if value(key):
-            updates[key] = value(key)
-    updates["expert"] = run.data.tags.get(tracking.TAG_EXPERT, cfg.expert)
-    updates["splits_run"] = run.data.tags.get(tracking.TAG_UPSTREAM + "splits", cfg.splits_run)
-    return dataclasses.replace(cfg, **updates).resolve()
+    """The configuration a run was started with, for ``--resume``: every hashed option from its params
+    (:meth:`~argse.config.StageConfig.restore`), the expert and the splits run from its tags."""
+    return dataclasses.replace(cfg.restore(run.data.params),
+                               expert=run.data.tags.get(tracking.TAG_EXPERT, cfg.expert),
+                               splits_run=run.data.tags.get(tracking.TAG_UPSTREAM + "splits", cfg.splits_run)).resolve()
 
 
 def dry_run(cfg: ExpertsConfig, experiment: str | None) -> None:

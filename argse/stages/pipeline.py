@@ -20,14 +20,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, stage_registry, tracking
-from argse.config import (
-    ArgseConfig,
-    EvaluateConfig,
-    ExpertsConfig,
-    GatingConfig,
-    PipelineConfig,
-    SplitsConfig,
-)
+from argse.config import PipelineConfig
 from argse.stage_registry import PIPELINE_PLAN, PIPELINE_STEPS, PipelineStep
 
 
@@ -55,29 +48,11 @@ class Step:
         return tracking.config_hash(self.stage, self.config.params(), self.upstream)
 
 
-def _stage_configs(cfg: PipelineConfig) -> dict:
-    common = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, device=cfg.device, verbose=cfg.verbose)
-    return {
-        "splits": SplitsConfig(**common, imb_factor=cfg.imb_factor, group_thresholds=cfg.group_thresholds).resolve(),
-        "experts": ExpertsConfig(**common, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, la_tau=cfg.la_tau,
-                                 checkpoint_every=cfg.checkpoint_every).resolve(),
-        "gating-pretrain": GatingConfig(**common, mode="pretrain", epochs=cfg.gating_epochs,
-                                        test_prior=cfg.test_prior).resolve(),
-        "gating-selective": GatingConfig(**common, mode="selective", epochs=cfg.gating_epochs,
-                                         test_prior=cfg.test_prior, objective=cfg.objective,
-                                         rounds=cfg.selective_rounds, epochs_per_round=cfg.epochs_per_round).resolve(),
-        "argse": ArgseConfig(**common, objective=cfg.objective, cost=cfg.cost, target_coverage=cfg.target_coverage,
-                             test_prior=cfg.test_prior, rounds=cfg.eg_rounds, register_name=cfg.register_name).resolve(),
-        "evaluate": EvaluateConfig(**common, split=cfg.split, test_prior=cfg.test_prior, coverage_grid=cfg.coverage_grid,
-                                   n_boot=cfg.n_boot).resolve(),
-    }
-
-
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, experiment: str | None):
         self.cfg = cfg
         self.experiment = experiment
-        self.configs = _stage_configs(cfg)
+        self.configs = cfg.stage_configs()  # every step's config, from the options given to the pipeline
         self.start = PIPELINE_STEPS.index(cfg.start_from)
         self.stop = PIPELINE_STEPS.index(cfg.stop_at)
         self.steps: list[Step] = []

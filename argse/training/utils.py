@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-DEVICES = ("auto", "cpu", "cuda")
+from argse import DEVICES
 REFERENCE_BATCH_SIZE = 128
 
 
