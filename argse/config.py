@@ -347,6 +347,7 @@ class ExpertsConfig(StageConfig):
     lr: float | None = option(preset="lr", help="Base learning rate at batch 128 (scaled linearly with --batch-size).")
     batch_size: int | None = option(preset="batch_size", help="Batch size.")
     la_tau: float = option(1.0, help="LogitAdjust temperature tau.")
+    label_smoothing: float = option(0.0, help="Label smoothing of the experts' cross-entropy (0: none).")
     weight_decay: float = option(5e-4, help="SGD weight decay.")
     warmup_epochs: int | None = option(preset="warmup_epochs", help="Linear learning-rate warm-up epochs.")
     checkpoint_every: int = option(5, help="Epochs between checkpoints (a resume continues from the last).")

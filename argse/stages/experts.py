@@ -184,7 +184,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
             backbone, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    criterion = make_loss(name, splits.train_counts, la_tau=cfg.la_tau).to(device)
+    criterion = make_loss(name, splits.train_counts, la_tau=cfg.la_tau, label_smoothing=cfg.label_smoothing).to(device)
     local_batch = cfg.batch_size // ddp.world_size
     steps = data.train.num_batches(local_batch, drop_last=False, world_size=ddp.world_size)
     optimizer, scheduler = make_optimizer_and_scheduler(

@@ -30,6 +30,7 @@ class AdjustedCrossEntropy(nn.Module):
     """Mean cross-entropy of ``logits + adjustment`` against integer labels."""
 
     adjustment: torch.Tensor
+    label_smoothing: float = 0.0  # F.cross_entropy's; make_loss sets it
 
     def __init__(self, adjustment: torch.Tensor) -> None:
         super().__init__()
@@ -42,7 +43,7 @@ class AdjustedCrossEntropy(nn.Module):
                 f"got {list(logits.shape)}."
             )
         shifted = logits.float() + self.adjustment.to(logits.device)
-        return F.cross_entropy(shifted, y)
+        return F.cross_entropy(shifted, y, label_smoothing=self.label_smoothing)
 
 
 class CrossEntropy(AdjustedCrossEntropy):
@@ -75,11 +76,12 @@ def make_loss(
     name: str,
     class_counts: Sequence[int] | np.ndarray | torch.Tensor,
     la_tau: float = 1.0,
+    label_smoothing: float = 0.0,
 ) -> nn.Module:
     """The training loss of expert ``name``; its forward(logits [N, C], y [N]) returns a scalar.
 
     ``class_counts`` are the train images per class (each at least 1); ``la_tau`` is LogitAdjust's
-    tau and is ignored by the other losses.
+    tau and is ignored by the other losses; ``label_smoothing`` smooths the targets of any of them.
     """
     if name not in EXPERTS:
         raise ValueError(f"expert loss must be one of {', '.join(EXPERTS)}; got {name!r}.")
@@ -97,10 +99,13 @@ def make_loss(
             f"class_counts must be at least 1 for every class; classes {empty[:10]} have none."
         )
     if name == "ce":
-        return CrossEntropy(counts.numel())
-    if name == "logitadjust":
-        return LogitAdjustLoss(counts, tau=la_tau)
-    return BalancedSoftmaxLoss(counts)
+        loss = CrossEntropy(counts.numel())
+    elif name == "logitadjust":
+        loss = LogitAdjustLoss(counts, tau=la_tau)
+    else:
+        loss = BalancedSoftmaxLoss(counts)
+    loss.label_smoothing = float(label_smoothing)
+    return loss
 
 
 def posterior_shift(
