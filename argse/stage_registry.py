@@ -98,7 +98,7 @@ class Stage:
     entry_point: str  # `mlflow run . -e <entry_point>`
     step: Optional[str]  # the pipeline's --start-from / --stop-at name; None for the pipeline itself
     reads: tuple[Input, ...] = ()
-    tags: tuple[str, ...] = ()  # stage-specific tags it writes (beside argse.stage, argse.dataset, ...)
+    tags: tuple[str, ...] = ()  # stage-specific tags it writes (beside argse.stage, argse.dataset, argse.upstream.*, ...)
     artifacts: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()  # the values of --mode, each tagged TAG_GATING_MODE; the first is the default
 
@@ -137,7 +137,8 @@ ARGSE_STAGE = Stage(
     "argse", command="fit", entry_point="argse", step="argse",
     reads=(Input("gating", "gating-selective", option="gating_run"), Input("experts", "experts"),
            Input("splits", "splits")),
-    tags=(TAG_REGISTERED_MODEL, TAG_CHAMPION_DECISION), artifacts=(MODEL, RULE, EG_HISTORY))
+    tags=(TAG_REGISTERED_MODEL, TAG_CHAMPION_DECISION, TAG_VERSION_RUN, TAG_VERSION_RISK),
+    artifacts=(MODEL, RULE, EG_HISTORY))
 EVALUATE_STAGE = Stage(
     "evaluate", command="evaluate", entry_point="evaluate", step="eval",
     reads=(Input("argse", "argse", option="model_uri"), Input("gating", "gating-selective"),
