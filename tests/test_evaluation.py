@@ -24,6 +24,7 @@ from argse.selective.compare import (
     check_coverages,
     compare,
     matched_aurc,
+    matched_aurc_gap,
     metric_dict,
     metric_key,
     table_columns,
@@ -431,3 +432,22 @@ def test_matched_aurc_prefers_the_true_posterior(data):
     true = matched_aurc(eta, labels, weights, CLASS_TO_GROUP, "worst", split="val", fit_options=FIT)
     biased = matched_aurc(head_biased, labels, weights, CLASS_TO_GROUP, "worst", split="val", fit_options=FIT)
     assert true < biased
+
+
+def test_matched_aurc_gap_and_its_interval_equal_a_per_resample_recomputation(data):
+    # The paired interval, recomputed by hand: each resample of the test split reweights the test
+    # samples by how often they are drawn; the rules (fitted on tunev / val) stay fixed, so
+    # matched_aurc with those weights is that resample's area.
+    from argse.selective.compare import CI_LEVEL, _resample_counts
+
+    eta, head_biased, _, labels, weights = data
+    gap, lo, hi = matched_aurc_gap(eta, head_biased, labels, weights, CLASS_TO_GROUP, "worst", split="test",
+                                   fit_options=FIT, n_boot=6, seed=3)
+    area = lambda e, w: matched_aurc(e, labels, {**weights, "test": w}, CLASS_TO_GROUP, "worst",  # noqa: E731
+                                     split="test", fit_options=FIT)
+    assert gap == pytest.approx(area(eta, weights["test"]) - area(head_biased, weights["test"]), abs=1e-12)
+    counts = _resample_counts(len(labels["test"]), 6, 3)
+    gaps = [area(eta, weights["test"] * c) - area(head_biased, weights["test"] * c) for c in counts]
+    expected = np.quantile(gaps, [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2])
+    assert (lo, hi) == pytest.approx(tuple(expected), abs=1e-12)
+    assert gap < 0 and hi < 0  # the true posterior is better beyond noise

@@ -318,18 +318,53 @@ def test_uniform_start_replaces_a_gate_that_is_worse_than_plain_averaging(splits
     assert torch.allclose(weights, torch.full_like(weights, 1 / 3))
 
 
-def test_uniform_start_keeps_a_gate_that_beats_plain_averaging(splits):
-    # Here a per-sample gate pays (each expert is confident on one group): selective rounds from the
-    # uniform start find one well below it, and a second call must keep that gate.
-    gate = _gate_on_expert_m(splits)
-    trained = _selective(gate, splits, rounds=2, select_by="aurc", uniform_start=True)
-    assert trained.best_round >= 1
-    assert trained.history[trained.best_round]["val_worst_aurc"] < trained.history[0]["val_worst_aurc"] - 0.02
-    before = gate_weights(gate, splits[2])
-    result = _selective(gate, splits, rounds=0, select_by="aurc", uniform_start=True)
+def _one_good_expert(seed):
+    """Posteriors [N, 3, C]: expert 0 is right 90% of the time, experts 1 and 2 are confidently wrong
+    on every sample, so plain averaging is far worse than listening to expert 0."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(C).repeat_interleave(torch.as_tensor(COUNTS) * 4)
+    n = y.shape[0]
+
+    def peaked(target):
+        p = torch.full((n, C), 0.05 / (C - 1))
+        p[torch.arange(n), target] = 0.95
+        return p
+
+    wrong = lambda: (y + 1 + torch.randint(0, C - 1, (n,), generator=g)) % C  # noqa: E731
+    good = torch.where(torch.rand(n, generator=g) < 0.9, y, wrong())
+    return torch.stack([peaked(good), peaked(wrong()), peaked(wrong())], dim=1), y
+
+
+def test_uniform_start_keeps_a_gate_that_beats_plain_averaging():
+    probs_fit, y_fit = _one_good_expert(0)
+    probs_val, y_val = _one_good_expert(1)
+    gate = GatingNet(3)
+    gate.set_standardisation(gating_features(probs_fit))
+    with torch.no_grad():
+        gate.mlp[-1].bias.copy_(torch.tensor([8.0, -8.0, -8.0]))
+    before = gate_weights(gate, probs_val)
+    result = _selective(gate, (probs_fit, y_fit, probs_val, y_val), rounds=0, select_by="aurc", uniform_start=True)
     assert result.history[0]["start_uniform"] == 0.0
     assert result.history[0]["val_worst_aurc"] == result.history[0]["val_worst_aurc_given"]
-    assert torch.equal(gate_weights(gate, splits[2]), before)
+    assert not result.kept_uniform and result.uniform_gap[2] < 0  # better beyond val's noise
+    assert torch.equal(gate_weights(gate, probs_val), before)
+
+
+def test_a_gain_over_the_uniform_mixture_within_val_noise_is_not_taken(splits):
+    # A gate a hair away from uniform: whichever of the two wins round 0 on val, the difference is
+    # far inside the bootstrap interval, so the gate returned is the uniform mixture itself.
+    gate = GatingNet(3)
+    gate.set_standardisation(gating_features(splits[0]))
+    with torch.no_grad():
+        gate.mlp[-1].bias.copy_(torch.tensor([0.02, 0.0, -0.02]))
+    result = _selective(gate, splits, rounds=0, select_by="aurc", uniform_start=True)
+    assert result.kept_uniform
+    if result.uniform_gap is not None:
+        assert result.uniform_gap[1] <= 0 <= result.uniform_gap[2]
+    weights = gate_weights(gate, splits[2])
+    assert torch.allclose(weights, torch.full_like(weights, 1 / 3))
+    assert result.chosen["val_worst_aurc"] == pytest.approx(
+        min(result.history[0]["val_worst_aurc"], result.history[0]["val_worst_aurc_given"]), abs=0.05)
 
 
 def test_select_by_aurc_keeps_the_round_with_the_lowest_val_aurc_and_that_is_the_gate_returned(splits):

@@ -422,6 +422,29 @@ def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch
     return row, op
 
 
+def _matched_areas(
+    etas: Sequence[Mapping[str, Any]], labels: Mapping[str, Any], weights: Optional[Mapping[str, Any]],
+    class_to_group: Any, objective: str, split: str, coverages: Sequence[float], fit_options: FitOptions,
+    n_boot: int = 0, seed: int = 0,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The coverage-matched AURC of the objective's error of the plug-in on each posterior of `etas`,
+    measured on `split`: [M]; and, when `n_boot` > 0, on that many bootstrap resamples of the split,
+    the same for every posterior, with every operating point fixed: [M, B] (else None)."""
+    methods = [Method(f"plugin{i}", "plugin", eta, objective) for i, eta in enumerate(etas)]
+    data, checked = _check_inputs(methods, labels, weights, class_to_group, split)
+    taus = check_coverages(coverages)
+    y, w, c2g = data.y[split], data.w[split], data.class_to_group
+    counts = _resample_counts(y.shape[0], n_boot, seed) if n_boot else None
+    points, boots = [], []
+    for m in methods:  # a loop over (two) posteriors
+        matched = _coverage_matched(m, checked[m.name], data, split, taus, fit_options)
+        column = 2 if objective == "worst" else 1  # _errors: group, balanced, worst
+        points.append(trapezoid(taus, _errors(*_group_masses(matched, y, w, c2g, data.n_groups))[column]))
+        if counts is not None:
+            boots.append(trapezoid(taus, _errors(*_group_masses(matched, y, w, c2g, data.n_groups, counts))[column]))
+    return torch.stack(points), (torch.stack(boots) if boots else None)
+
+
 def matched_aurc(
     eta: Mapping[str, Any],
     labels: Mapping[str, Any],
@@ -436,13 +459,33 @@ def matched_aurc(
     """The coverage-matched AURC of the `objective`'s error (balanced or worst-group) of the plug-in
     rule on posteriors `eta` (split -> [N, C]), measured on `split`: the number `compare` reports for
     such a method, without the table or the intervals. For choosing between posteriors on val."""
-    method = Method("plugin", "plugin", eta, objective)
-    data, checked = _check_inputs([method], labels, weights, class_to_group, split)
-    taus = check_coverages(coverages)
-    matched = _coverage_matched(method, checked[method.name], data, split, taus, fit_options)
-    _, balanced, worst = _errors(*_group_masses(matched, data.y[split], data.w[split], data.class_to_group,
-                                                data.n_groups))
-    return float(trapezoid(taus, worst if objective == "worst" else balanced))
+    return float(_matched_areas([eta], labels, weights, class_to_group, objective, split, coverages, fit_options)[0][0])
+
+
+def matched_aurc_gap(
+    eta: Mapping[str, Any],
+    reference: Mapping[str, Any],
+    labels: Mapping[str, Any],
+    weights: Optional[Mapping[str, Any]],
+    class_to_group: Any,
+    objective: str,
+    *,
+    split: str = SEL_SPLIT,
+    coverages: Sequence[float] = COVERAGES,
+    fit_options: FitOptions = FitOptions(),
+    n_boot: int = 200,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """`matched_aurc` of `eta` minus that of `reference` on `split`, with the 95% percentile interval
+    of the difference over `n_boot` paired bootstrap resamples of the split (operating points fixed,
+    the same resamples for both): (gap, lo, hi). A negative `hi` says `eta` is better beyond the
+    split's sampling noise."""
+    if int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be an integer >= 1; got {n_boot!r}.")
+    point, boot = _matched_areas([eta, reference], labels, weights, class_to_group, objective, split, coverages,
+                                 fit_options, int(n_boot), seed)
+    lo, hi = np.quantile((boot[0] - boot[1]).numpy(), [(1.0 - CI_LEVEL) / 2.0, (1.0 + CI_LEVEL) / 2.0]).tolist()
+    return float(point[0] - point[1]), lo, hi
 
 
 def compare(

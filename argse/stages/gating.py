@@ -160,14 +160,20 @@ def _selective(cfg: GatingConfig, experts: ExpertSet, pretrain_run_id: str) -> d
         rounds=cfg.rounds, epochs_per_round=cfg.epochs_per_round, batch_size=cfg.batch_size, lr=cfg.lr,
         weights_fit=experts.weights("tunev", cfg.test_prior), weights_val=experts.weights("val", cfg.test_prior),
         seed=cfg.seed, on_round=on_round,
-        # Rounds are chosen by what evaluate ranks by, and the uniform mixture competes as a start:
-        # on fashion-mnist-lt the pretrained gate was worse on val than plain averaging (README, Evaluate).
+        # Rounds are chosen by what evaluate ranks by; the uniform mixture competes as the start and
+        # stays unless the gate beats it beyond val's noise (README, gating; issue 12's finding).
         select_by="aurc", uniform_start=True,
     )
-    best = result.history[result.best_round]
-    final = {"best_round": float(result.best_round), "val_balanced_error": float(best["val_balanced_error"]),
-             "val_worst_error": float(best["val_worst_error"]), **_mixture_metrics(gate, experts)}
+    best = result.chosen
+    final = {"best_round": float(result.best_round), "kept_uniform": float(result.kept_uniform),
+             "val_balanced_error": float(best["val_balanced_error"]), "val_worst_error": float(best["val_worst_error"]),
+             f"val_{cfg.objective}_aurc": float(best[f"val_{cfg.objective}_aurc"]), **_mixture_metrics(gate, experts)}
+    if result.uniform_gap is not None:
+        gap, lo, hi = result.uniform_gap
+        final.update({"gate_minus_uniform_val_aurc": gap, "gate_minus_uniform_val_aurc_lo": lo,
+                      "gate_minus_uniform_val_aurc_hi": hi})
     mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})
     mlflow.log_dict(result.rule.to_dict(), GATE_RULE)
-    log_gate(gate, experts, {"mode": "selective", "best_round": result.best_round, "pretrain_run": pretrain_run_id})
+    log_gate(gate, experts, {"mode": "selective", "best_round": result.best_round, "kept_uniform": result.kept_uniform,
+                             "pretrain_run": pretrain_run_id})
     return final

@@ -20,7 +20,7 @@ import torch
 from argse.models.gating import GatingNet, gating_features, mix, mixture_metrics
 from argse.selective import PluginRule, selective_errors
 from argse.selective import _validate as check
-from argse.selective.compare import COVERAGES, matched_aurc
+from argse.selective.compare import COVERAGES, matched_aurc, matched_aurc_gap
 from argse.selective.fit import FitOptions, fit_rule
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -40,9 +40,13 @@ class PretrainResult:
 class SelectiveResult:
     """What `train_selective` found; the gate itself is restored to the best round's state."""
 
-    best_round: int  #: the round whose state the gate holds (0: the starting gate was never beaten)
+    best_round: int  #: the best round on val (0: the starting gate was never beaten)
     history: list[dict[str, Any]]  #: one row per round, 0 (the starting gate) first; see `train_selective`
-    rule: PluginRule  #: the plug-in rule fitted on the best round's mixture
+    rule: PluginRule  #: the plug-in rule fitted on the returned gate's mixture
+    chosen: dict[str, Any]  #: the val row of the gate returned (the best round's, or the uniform mixture's)
+    kept_uniform: bool = False  #: the gate returned is the uniform mixture (see `uniform_start`)
+    #: the best round's val AURC minus the uniform mixture's, with its 95% paired-bootstrap interval
+    uniform_gap: Optional[tuple[float, float, float]] = None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -296,6 +300,7 @@ def train_selective(
     select_by: str = "risk",
     coverages: Optional[Sequence[float]] = None,
     uniform_start: bool = False,
+    n_boot: int = 200,
     on_round: Optional[Callable[[int, dict[str, Any]], None]] = None,
 ) -> SelectiveResult:
     """Train `gate` (pretrained: its standardisation is kept) in selective mode for the L2R objective.
@@ -316,7 +321,11 @@ def train_selective(
     the number the evaluate stage ranks by. With `uniform_start`, round 0 also evaluates the uniform
     mixture (the gate with its last layer at zero, a member of the gate family) and starts from it
     when it is better on the criterion (row 0 then has start_uniform 1 and the starting gate's value
-    in val_<criterion>_given). `select_by="error"` selects on the val selective error instead (max_k e_k for
+    in val_<criterion>_given); and, with `select_by="aurc"`, a best round that is not the uniform
+    mixture is kept only if it beats it beyond val's sampling noise: the 95% paired-bootstrap interval
+    of the AURC difference (`matched_aurc_gap`, `n_boot` resamples) lies below zero. Otherwise the gate
+    returned is the uniform mixture (`kept_uniform`). Val also chose the rounds, the rules' thresholds
+    and the exponentiated gradient, so a val gain is optimistic; a gain inside the noise is not taken. `select_by="error"` selects on the val selective error instead (max_k e_k for
     "worst", mean_k e_k for "balanced"), which then is the quantity guaranteed not to worsen.
 
     Each history row, also handed to `on_round(round, row)`: round, val_balanced_error,
@@ -398,7 +407,8 @@ def train_selective(
             with torch.no_grad():
                 last.weight.zero_()
                 last.bias.zero_()
-            uniform_row = evaluate(0, {}, record=False)[0]
+            uniform_row, uniform_rule, _ = evaluate(0, {}, record=False)
+            uniform_state = _state(gate)
             if not uniform_row[criterion] < given_row[criterion]:
                 gate.load_state_dict(given)
             extra = {"start_uniform": float(uniform_row[criterion] < given_row[criterion]),
@@ -427,4 +437,18 @@ def train_selective(
                 best_round, best_value, best_rule, best_state = r, row[criterion], rule, _state(gate)
     gate.load_state_dict(best_state)
     gate.eval()
-    return SelectiveResult(best_round=best_round, history=history, rule=best_rule)
+    chosen, gap, kept_uniform = history[best_round], None, best_round == 0 and bool(extra.get("start_uniform"))
+    if uniform_start and select_by == "aurc" and not kept_uniform:
+        eta = {"tunev": mix(p_fit, _eval_weights(gate, f_fit)), "val": mix(p_val, _eval_weights(gate, f_val))}
+        uniform = {"tunev": p_fit.mean(dim=1), "val": p_val.mean(dim=1)}
+        gap = matched_aurc_gap(
+            {k: v.double().cpu() for k, v in eta.items()}, {k: v.double().cpu() for k, v in uniform.items()},
+            {"tunev": y_fit_t.cpu(), "val": y_val_t.cpu()}, {"tunev": w_fit.double().cpu(), "val": w_val.double().cpu()},
+            c2g, objective, split="val", coverages=COVERAGES if coverages is None else coverages,
+            fit_options=options, n_boot=n_boot, seed=seed)
+        if not gap[2] < 0:
+            gate.load_state_dict(uniform_state)
+            gate.eval()
+            chosen, best_rule, kept_uniform = uniform_row, uniform_rule, True
+    return SelectiveResult(best_round=best_round, history=history, rule=best_rule, chosen=chosen,
+                           kept_uniform=kept_uniform, uniform_gap=gap)
