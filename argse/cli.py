@@ -86,6 +86,8 @@ def click_option(opt: Option, *, name: str | None = None, default=dataclasses.MI
         kind = {int: click.INT, float: click.FLOAT}.get(opt.kind, click.STRING)
     else:
         kind = OptionValue(opt, unset=default is None)
+    if opt.required:
+        return click.option(flag, name, type=kind, required=True, metavar=opt.metavar, help=help)
     return click.option(flag, name, type=kind, default=default, show_default=default is not None,
                         metavar=opt.metavar, help=help)
 

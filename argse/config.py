@@ -145,7 +145,7 @@ NOT_GIVEN = ("", "none", "preset")  # how MLproject's -P (and a logged param) sp
 
 def option(default: Any = None, *, help: str, preset: str | None = None, choices: tuple | None = None,
            hashed: bool = True, pipeline: bool | str = True, mode: str | None = None,
-           parse: Callable[[str], Any] | None = None, metavar: str | None = None) -> Any:
+           parse: Callable[[str], Any] | None = None, metavar: str | None = None, required: bool = False) -> Any:
     """Declare a stage option as a dataclass field; everything else about the option derives from this.
 
     ``default``: its value when not given; ``None`` with ``preset`` set means the dataset preset's
@@ -157,13 +157,16 @@ def option(default: Any = None, *, help: str, preset: str | None = None, choices
     stage, a name when the pipeline names it otherwise (the stages' fields named alike that mean
     different things), ``False`` when the pipeline sets the field itself. ``mode``: the stage mode
     the option only matters in (the pipeline passes it to that mode's run only). ``parse``: how a
-    value given as text is read when the type alone does not say.
+    value given as text is read when the type alone does not say. ``required``: the command wants it
+    spelled out (``argse gating --mode``; MLproject gives the parameter no default), though the
+    dataclass keeps ``default`` for code that builds the config.
     """
     if preset is not None and default is not None:
         raise TypeError("an option has a default or a preset key, not both")
     return dataclasses.field(default=default, metadata={
         "help": help, "preset": preset, "choices": tuple(choices) if choices is not None else None,
-        "hashed": hashed, "pipeline": pipeline, "mode": mode, "parse": parse, "metavar": metavar})
+        "hashed": hashed, "pipeline": pipeline, "mode": mode, "parse": parse, "metavar": metavar,
+        "required": required})
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ class Option:
     mode: str | None
     parse_text: Callable[[str], Any] | None
     metavar: str | None
+    required: bool = False
 
     @property
     def flag(self) -> str:
@@ -239,7 +243,7 @@ def options(cls: type) -> tuple[Option, ...]:
             continue  # not an option (PipelineConfig's internal fields)
         m = f.metadata
         out.append(Option(f.name, _kind(hints[f.name]), f.default, m["help"], m["preset"], m["choices"],
-                          m["hashed"], m["pipeline"], m["mode"], m["parse"], m["metavar"]))
+                          m["hashed"], m["pipeline"], m["mode"], m["parse"], m["metavar"], m["required"]))
     return tuple(out)
 
 
@@ -379,7 +383,7 @@ class ExpertsConfig(StageConfig):
 class GatingConfig(StageConfig):
     STAGE: ClassVar[str] = "gating"
 
-    mode: str = option(stage_registry.GATING_STAGE.modes[0], choices=stage_registry.GATING_STAGE.modes,
+    mode: str = option(stage_registry.GATING_STAGE.modes[0], choices=stage_registry.GATING_STAGE.modes, required=True,
                        help="pretrain: mixture NLL; selective: from a pretrain run, on the L2R risk.")
     experts_run: str = option("latest", help="latest, an `--expert all` run id, or the three expert run ids separated by commas.")
     pretrain_run: str = option("latest", mode="selective", help="The pretrain run to start from.")

@@ -36,12 +36,13 @@ def default_text(opt: Option, default) -> str:
     return show_value(default)
 
 
-def entry_parameters(stage: stage_registry.Stage) -> list[tuple[str, str]]:
-    """``[(parameter, default text)]`` of a stage's entry point, in the order of its command's options."""
+def entry_parameters(stage: stage_registry.Stage) -> list[tuple[str, str | None]]:
+    """``[(parameter, default text)]`` of a stage's entry point, in the order of its command's options;
+    ``None`` for a required one (no default: ``mlflow run`` asks for it)."""
     if stage is stage_registry.PIPELINE_STAGE:
         params = [(o.name, default_text(o, o.default)) for o in options(PipelineConfig)]
         return params + [(p.name, default_text(p.option, p.default)) for p in pipeline_options()]
-    return [(o.name, default_text(o, o.default)) for o in options(STAGE_CONFIGS[stage.name])]
+    return [(o.name, None if o.required else default_text(o, o.default)) for o in options(STAGE_CONFIGS[stage.name])]
 
 
 def render() -> str:
@@ -50,7 +51,8 @@ def render() -> str:
     for stage in stage_registry.STAGES.values():
         params = entry_parameters(stage)
         out.append(f"  {stage.entry_point}:\n    parameters:\n")
-        out += [f"      {name}: {{type: string, default: {json.dumps(value)}}}\n" for name, value in params]
+        out += [f"      {name}: {{type: string}}\n" if value is None else
+                f"      {name}: {{type: string, default: {json.dumps(value)}}}\n" for name, value in params]
         command = " ".join([f"python -m argse {stage.command}"]
                            + [f"--{name.replace('_', '-')} {{{name}}}" for name, _ in params])
         lines = textwrap.wrap(command, width=110, break_on_hyphens=False, break_long_words=False)
