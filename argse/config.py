@@ -376,6 +376,8 @@ class ExpertsConfig(StageConfig):
             raise ArgseUsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if cfg.checkpoint_every < 1:
             raise ArgseUsageError("--checkpoint-every must be >= 1")
+        if not 0 <= cfg.label_smoothing < 1:
+            raise ArgseUsageError(f"--label-smoothing {cfg.label_smoothing:g} must lie in [0, 1) (0: none)")
         return cfg
 
 

@@ -149,3 +149,20 @@ def test_champion_is_never_a_version_whose_run_did_not_finish_and_a_rerun_repair
     client.set_registered_model_alias(name, "champion", better.version)
     assert crown(name).startswith(f"moved {name}@champion to v{worse.version}")
     assert client.get_model_version_by_alias(name, "champion").version == worse.version
+
+
+def test_fit_latest_gating_run_is_the_newest_selective_one_not_a_later_pretrain(chain_store, cli):
+    # A pretrain gating run made after the selective one must not become the fit's gate.
+    _, ids = chain_store
+    assert cli("gating", "--dataset", "digits-lt", "--mode", "pretrain", "--epochs", "2").code == 0
+    newest = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()], "tags.`argse.stage` = 'gating'",
+        order_by=["attributes.start_time DESC"])[0]
+    assert newest.data.tags["argse.gating_mode"] == "pretrain"
+    from argse.stages.argse import resolve_inputs
+
+    gating_run, _ = resolve_inputs(ArgseConfig(dataset="digits-lt").resolve(), None)
+    assert gating_run.info.run_id == ids["selective"]
+    # Naming a pretrain run explicitly is refused in one line that says which command makes a selective one.
+    result = cli("fit", "--dataset", "digits-lt", "--gating-run", newest.info.run_id, "--dry-run")
+    assert result.code != 0 and len(result.err.strip().splitlines()) == 1 and "selective" in result.err

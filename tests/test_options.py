@@ -270,3 +270,8 @@ def test_seed_fit_resume_with_nothing_to_resume_says_so_in_one_line(store, capsy
     err = capsys.readouterr().err
     assert exit_.value.code == 1
     assert err.startswith("error: --resume: nothing to resume: no FINISHED gating run for digits-lt") and err.count("\n") == 1, err
+
+
+def test_label_smoothing_outside_zero_one_is_a_usage_error(cli):
+    result = cli("experts", "--dataset", "digits-lt", "--label-smoothing", "1", "--dry-run")
+    assert result.code == 2 and "--label-smoothing 1 must lie in [0, 1)" in result.err

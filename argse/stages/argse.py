@@ -104,7 +104,8 @@ def operating_point(rule: PluginRule, eta: torch.Tensor, y: torch.Tensor, w: tor
 
 def resolve_inputs(cfg: ArgseConfig, experiment: str | None):
     """The gating run ``cfg.gating_run`` names and its experts, ``{expert: run_id}``."""
-    gating_run = tracking.resolve_upstream("gating", cfg.gating_run, dataset=cfg.dataset, experiment=experiment)
+    gating_run = tracking.resolve_upstream("gating", cfg.gating_run, dataset=cfg.dataset, experiment=experiment,
+                                           lineage={TAG_GATING_MODE: "selective"})
     ids = split_expert_runs(gating_run.data.tags.get(tracking.TAG_UPSTREAM + "experts", ""))
     if ids is None:
         raise ArgseError(f"gating run {gating_run.info.run_id} records no expert runs; rerun the gating stage")
