@@ -12,6 +12,7 @@ import urllib.request
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from argse.config import ArgseConfig
@@ -166,3 +167,14 @@ def test_fit_latest_gating_run_is_the_newest_selective_one_not_a_later_pretrain(
     # Naming a pretrain run explicitly is refused in one line that says which command makes a selective one.
     result = cli("fit", "--dataset", "digits-lt", "--gating-run", newest.info.run_id, "--dry-run")
     assert result.code != 0 and len(result.err.strip().splitlines()) == 1 and "selective" in result.err
+
+
+def test_expert_posteriors_under_another_prior_equal_loading_them_for_that_prior(chain_store):
+    _, ids = chain_store
+    run_ids = {n: ids[n] for n in ("ce", "logitadjust", "balsoftmax")}
+    lt, balanced = load_experts(run_ids, "lt"), load_experts(run_ids, "balanced")
+    for split in ("tunev", "val", "test"):
+        assert torch.allclose(lt.under("balanced")[split], balanced.probs[split], atol=1e-12)
+        assert torch.allclose(lt.own_probs[split], balanced.own_probs[split])
+    # LogitAdjust at tau = 1 already gives the balanced posterior: under the balanced prior it is unshifted.
+    assert torch.allclose(balanced.probs["val"][:, 1], balanced.own_probs["val"][:, 1], atol=1e-9)

@@ -32,7 +32,7 @@ class ExpertSet:
     labels: dict[str, torch.Tensor]  # split -> [N]
     prior: str  # the target label prior the posteriors are for (lt, balanced)
     shifts: torch.Tensor  # [E, C] added to each expert's calibrated logits before the softmax
-    own_probs: dict[str, torch.Tensor]  # split -> [N, E, C] softmax of the calibrated logits, unshifted
+    logits: dict[str, torch.Tensor]  # split -> [N, E, C] calibrated logits, as each expert logged them
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -46,12 +46,17 @@ class ExpertSet:
     def weights(self, split: str, prior: str) -> torch.Tensor:
         return torch.as_tensor(self.splits.weights(split, prior), dtype=torch.float64)
 
+    @property
+    def own_probs(self) -> dict[str, torch.Tensor]:
+        """Each expert's posterior as it was trained (no shift): what Chow's rule takes."""
+        return {split: torch.softmax(z, dim=2) for split, z in self.logits.items()}
+
     def under(self, prior: str) -> dict[str, torch.Tensor]:
         """The posteriors [N, E, C] per split under another target prior (`probs` when it is this one)."""
         if prior == self.prior:
             return self.probs
         shifts = expert_shifts(self.run_ids, self.splits, prior)
-        return {split: torch.softmax(p.clamp_min(1e-300).log() + shifts[None], dim=2) for split, p in self.own_probs.items()}
+        return {split: torch.softmax(z + shifts[None], dim=2) for split, z in self.logits.items()}
 
 
 def _experts_of_parent(run: Run) -> dict[str, str]:
@@ -131,7 +136,7 @@ def load_experts(run_ids: dict[str, str], prior: str = "lt") -> ExpertSet:
     splits_run_id = client.get_run(next(iter(run_ids.values()))).data.tags[tracking.TAG_UPSTREAM + "splits"]
     splits = load_splits(splits_run_id)
     shifts = expert_shifts(run_ids, splits, prior)
-    probs, own, labels = {}, {}, {}
+    probs, logits, labels = {}, {}, {}
     for split in EVAL_SPLITS:
         per_expert = []
         for name, run_id in run_ids.items():
@@ -139,8 +144,7 @@ def load_experts(run_ids: dict[str, str], prior: str = "lt") -> ExpertSet:
             if not np.array_equal(data["indices"], splits.indices[split]):
                 raise ArgseError(f"the {name} expert's {split} logits do not match splits run {splits_run_id}; retrain it")
             per_expert.append(torch.from_numpy(data["logits"]).double())
-        logits = torch.stack(per_expert, dim=1)
-        probs[split] = torch.softmax(logits + shifts[None], dim=2)
-        own[split] = torch.softmax(logits, dim=2)
+        logits[split] = torch.stack(per_expert, dim=1)
+        probs[split] = torch.softmax(logits[split] + shifts[None], dim=2)
         labels[split] = torch.as_tensor(splits.labels[split], dtype=torch.long)
-    return ExpertSet(dict(run_ids), splits_run_id, splits, probs, labels, prior, shifts, own)
+    return ExpertSet(dict(run_ids), splits_run_id, splits, probs, labels, prior, shifts, logits)

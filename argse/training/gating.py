@@ -363,7 +363,12 @@ def train_selective(
     f_fit, f_val = gating_features(p_fit), gating_features(p_val)
     history: list[dict[str, Any]] = []
 
-    def evaluate(r: int, extra: dict[str, Any], record: bool = True) -> tuple[dict[str, Any], PluginRule, torch.Tensor]:
+    def record(row: dict[str, Any]) -> None:
+        history.append(row)
+        if on_round is not None:
+            on_round(row["round"], row)
+
+    def evaluate(r: int, extra: dict[str, Any]) -> tuple[dict[str, Any], PluginRule, torch.Tensor]:
         weights_val_gate = _eval_weights(gate, f_val)
         mix_fit = mix(p_fit, _eval_weights(gate, f_fit)).to(torch.float64)
         mix_val = mix(p_val, weights_val_gate).to(torch.float64)
@@ -391,31 +396,29 @@ def train_selective(
                 {"tunev": mix_fit, "val": mix_val}, {"tunev": y_fit_t.cpu(), "val": y_val_t.cpu()},
                 {"tunev": w_fit.double().cpu(), "val": w_val.double().cpu()}, c2g, objective, split="val",
                 coverages=COVERAGES if coverages is None else coverages, fit_options=options)
-        if record:
-            history.append(row)
-            if on_round is not None:
-                on_round(r, row)
         return row, rule, mix_fit
 
     with _rng(device):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
+        row, rule, mix_fit = evaluate(0, {})
+        extra: dict[str, Any] = {}
         if uniform_start:
-            given = _state(gate)
-            given_row = evaluate(0, {}, record=False)[0]
+            given_state, given = _state(gate), (row, rule, mix_fit)
             last = gate.mlp[-1]
             with torch.no_grad():
                 last.weight.zero_()
                 last.bias.zero_()
-            uniform_row, uniform_rule, _ = evaluate(0, {}, record=False)
+            uniform_row, uniform_rule, uniform_fit = evaluate(0, {})
             uniform_state = _state(gate)
-            if not uniform_row[criterion] < given_row[criterion]:
-                gate.load_state_dict(given)
-            extra = {"start_uniform": float(uniform_row[criterion] < given_row[criterion]),
-                     f"{criterion}_given": given_row[criterion]}
-        else:
-            extra = {}
-        row, rule, mix_fit = evaluate(0, extra)
+            extra = {"start_uniform": float(uniform_row[criterion] < row[criterion]), f"{criterion}_given": row[criterion]}
+            if extra["start_uniform"]:
+                row, rule, mix_fit = uniform_row, uniform_rule, uniform_fit
+            else:
+                gate.load_state_dict(given_state)
+                row, rule, mix_fit = given
+            row.update(extra)
+        record(row)
         best_round, best_value, best_rule, best_state = 0, row[criterion], rule, _state(gate)
         for r in range(1, rounds + 1):
             scale = _surrogate_scale(mix_fit, rule, temperature)
@@ -433,6 +436,7 @@ def train_selective(
                     batch_mass = float(w_fit[idx].sum())
                     total, mass = total + float(loss.detach()) * batch_mass, mass + batch_mass
             row, rule, mix_fit = evaluate(r, {"loss": total / mass, "scale": scale})
+            record(row)
             if row[criterion] < best_value:
                 best_round, best_value, best_rule, best_state = r, row[criterion], rule, _state(gate)
     gate.load_state_dict(best_state)
