@@ -47,7 +47,8 @@ def test_table_equals_the_logged_metrics_on_every_split(chain_store, cli, split)
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "figures")}
     assert artifacts == {"figures/rc_balanced.png", "figures/rc_worst.png", "figures/group_coverage.png"}
     points = pd.read_csv(tracking.download(run.info.run_id, "results/coverage_points.csv"))
-    assert list(points.columns) == ["method", "target_coverage", "coverage", "balanced_error", "worst_error"]
+    assert list(points.columns) == ["method", "target_coverage", "coverage", "balanced_error", "worst_error",
+                                    "thin_group"]
     assert len(points) == 5 * len(table) and points["coverage"].between(0, 1).all()
     assert sorted(points["target_coverage"].unique()) == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert {"results/table.csv", "results/table.md", "results/coverage_points.csv",

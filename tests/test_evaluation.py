@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from argse.selective import fit_group_thresholds, fit_worst, selective_errors
+from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from argse.selective.compare import (
     COVERAGES,
     POINT_COLUMNS,
@@ -274,9 +275,32 @@ def test_bootstrap_interval_equals_a_per_resample_recomputation(data):
         assert row[f"aurc_{risk}_hi"] == pytest.approx(hi, abs=1e-9)
 
 
+def test_accepted_counts_and_thin_points_equal_a_recount_of_each_rule(comparison, methods, data):
+    # Each plug-in point's accepted images per group, recounted from its rule on the test split; a
+    # point is thin when some group has fewer than MIN_GROUP_ACCEPTED (or than all of its images).
+    labels = data[3]
+    y = torch.as_tensor(labels["test"])
+    groups = comparison.group_points
+    for m in methods:
+        if m.kind != "plugin":
+            continue
+        thin = 0
+        for tau, rule in zip(comparison.coverages, comparison.coverage_rules[m.name]):
+            accept = rule.predict(m.eta["test"]).accept
+            mine = groups[(groups["method"] == m.name) & (groups["target_coverage"] == tau)]
+            short = False
+            for k, name in enumerate(GROUP_NAMES):
+                in_group = CLASS_TO_GROUP[y] == k
+                count = int((accept & in_group).sum())
+                assert int(mine.loc[mine["group"] == name, "accepted"].iloc[0]) == count
+                short |= count < min(MIN_GROUP_ACCEPTED, int(in_group.sum()))
+            thin += short
+        assert comparison.table.set_index("method").loc[m.name, "thin_group_points"] == thin
+
+
 def test_empty_groups_are_counted_per_method(comparison):
     groups = comparison.group_points
-    assert set(groups.columns) == {"method", "target_coverage", "group", "coverage", "error"}
+    assert set(groups.columns) == {"method", "target_coverage", "group", "coverage", "error", "accepted"}
     for name, mine in groups.groupby("method"):
         empty = mine[mine["coverage"] <= 0]
         assert np.all(empty["error"] == 1.0)

@@ -378,5 +378,5 @@ def test_select_by_aurc_keeps_the_round_with_the_lowest_val_aurc_and_that_is_the
         gate.eval()
         eta = {"tunev": gated_mixture(gate, probs_fit).double(), "val": gated_mixture(gate, probs_val).double()}
     again = matched_aurc(eta, {"tunev": y_fit, "val": y_val}, None, CLASS_TO_GROUP, "worst", split="val",
-                         fit_options=FitOptions(rounds=4, n_starts=6))
+                         fit_options=FitOptions(rounds=4, n_starts=6), judged=True)
     assert again == pytest.approx(values[result.best_round], rel=1e-6)

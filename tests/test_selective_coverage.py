@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from argse.selective import fit_at_coverage, fit_balanced, selective_errors
+from argse.selective import PluginRule, fit_at_coverage, fit_balanced, selective_errors
+from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from test_selective_fit import easy, hard_tail, one_thread, sample  # noqa: F401 (fixtures)
 
 
@@ -52,7 +53,7 @@ TAUS = (0.3, 0.5, 0.7, 0.9)
 def test_balanced_fit_at_coverage_is_within_001_of_the_exhaustive_optimum(easy):
     rows, c2g, cells = easy
     eta, y, w = rows
-    rules = fit_at_coverage(eta, y, eta, y, c2g, TAUS, weights_fit=w, weights_sel=w)
+    rules = fit_at_coverage(eta, y, eta, y, c2g, TAUS, weights_fit=w, weights_sel=w, evidence=None)
     for tau, rule in zip(TAUS, rules):
         errors = errors_of(rule, rows, c2g)
         assert errors.coverage == pytest.approx(tau, abs=0.01)
@@ -63,8 +64,8 @@ def test_balanced_fit_at_coverage_is_within_001_of_the_exhaustive_optimum(easy):
 def test_worst_fit_at_coverage_is_near_the_exhaustive_optimum_on_a_hard_tail(hard_tail):
     rows, c2g, cells = hard_tail
     eta, y, w = rows
-    rules = fit_at_coverage(eta, y, eta, y, c2g, TAUS, objective="worst", weights_fit=w, weights_sel=w)
-    balanced = fit_at_coverage(eta, y, eta, y, c2g, TAUS, weights_fit=w, weights_sel=w)
+    rules = fit_at_coverage(eta, y, eta, y, c2g, TAUS, objective="worst", weights_fit=w, weights_sel=w, evidence=None)
+    balanced = fit_at_coverage(eta, y, eta, y, c2g, TAUS, weights_fit=w, weights_sel=w, evidence=None)
     for tau, rule, other in zip(TAUS, rules, balanced):
         errors = errors_of(rule, rows, c2g)
         optimum = exhaustive_at_coverage(cells, c2g, tau, "worst")
@@ -90,13 +91,14 @@ def test_fit_at_coverage_beats_a_cost_rule_shifted_to_a_far_coverage(hard_tail):
     re-thresholded to tau, is worse at tau than the rule fitted for tau."""
     rows, c2g, _ = hard_tail
     eta, y, w = rows
-    far = fit_balanced(eta, y, eta, y, c2g, 0.05, weights_fit=w, weights_sel=w)  # low cost: high coverage
+    far = fit_balanced(eta, y, eta, y, c2g, 0.05, weights_fit=w, weights_sel=w, evidence=None)  # high coverage
     decision = far.predict(eta)
     margin, order = decision.margin.sort(descending=True)
     cum = w[order].cumsum(0)
     cut = margin[int((cum < 0.4).sum())]
     shifted = selective_errors(decision.pred, decision.margin >= cut, y, c2g, weights=w)
-    fitted = errors_of(fit_at_coverage(eta, y, eta, y, c2g, 0.4, weights_fit=w, weights_sel=w)[0], rows, c2g)
+    fitted = errors_of(fit_at_coverage(eta, y, eta, y, c2g, 0.4, weights_fit=w, weights_sel=w, evidence=None)[0],
+                       rows, c2g)
     assert fitted.balanced_error <= shifted.balanced_error + 1e-9
 
 
@@ -112,3 +114,28 @@ def test_bad_coverage_fit_arguments_are_one_sentence(bad, message):
     coverages = kwargs.pop("coverages")
     with pytest.raises(ValueError, match=message):
         fit_at_coverage(eta, y, eta, y, c2g, coverages, **kwargs)
+
+
+def test_a_rule_that_starves_a_group_gets_per_group_thresholds_that_accept_a_share_of_each():
+    # A head-favouring rule (the tail's coefficient 0.2 of the head's, mu_tail = -2, which lowers the
+    # margin of every sample with tail mass) at coverage 0.5 accepts 3 tail samples of the selection split; the floor gives each predicted group its own threshold, accepting
+    # its top half there, and that rule is kept because the tail then has evidence.
+    from argse.selective.fit import _group_floor, _prepare_problem
+
+    eta, y, c2g = sample(4000, 21)
+    problem = _prepare_problem(eta[:2000], y[:2000], eta[2000:], y[2000:], c2g, None, None)
+    coef, mu = torch.tensor([1.0, 0.2], dtype=torch.float64), torch.tensor([0.0, -2.0], dtype=torch.float64)
+    beta = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    rule = PluginRule(alpha=2 * beta / coef, mu=mu, beta=beta, cost=0.0, class_to_group=c2g)
+    margin = rule.predict(eta[2000:]).margin
+    shift = float(margin.sort(descending=True).values[999])  # accept the top half of the 2,000 samples
+    single = PluginRule(alpha=rule.alpha, mu=mu - shift + 1e-12, beta=beta, cost=0.0, class_to_group=c2g)
+    tail = c2g[y[2000:]] == 1
+    assert int((single.predict(eta[2000:]).accept & tail).sum()) < MIN_GROUP_ACCEPTED
+    thresholds = _group_floor(problem, "worst", single.coef, single.mu, beta, 0.5)
+    assert thresholds is not None
+    out = single.with_thresholds(thresholds).predict(eta[2000:])
+    for k in (0, 1):
+        predicted = out.group == k
+        assert 0.5 <= float(out.accept[predicted].double().mean()) <= 0.5 + 1 / int(predicted.sum()) + 1e-12
+    assert int((out.accept & tail).sum()) >= MIN_GROUP_ACCEPTED

@@ -6,7 +6,9 @@ densities (means on a circle), a long-tailed prior (imbalance 100, an exponentia
 classes 0-3 and tail = classes 4-9. The plane is cut into a grid of cells; each (cell, class) pair is a
 row with the true posterior of the cell and weight p(cell, class). Weighted risks on these rows are the
 population risks (up to the grid), so the fit and the exhaustive search are compared without sampling
-noise.
+noise; fitted on the population itself, the fit judges errors as measured (`evidence=None`: there is
+no sampling noise to allow for). Fitted on samples drawn from it, with the default judgement (each
+group error by its upper confidence bound), the rule must still come close to the population optimum.
 """
 
 import math
@@ -109,8 +111,28 @@ def best_chow(rows, c2g, cost, kind):
 
 
 def fit_on_population(fit, rows, c2g, cost, **options):
+    """The fit with the population rows as both splits: errors judged as measured (no sampling noise)."""
     eta, y, w = rows
-    return fit(eta, y, eta, y, c2g, cost, weights_fit=w, weights_sel=w, **options)
+    return fit(eta, y, eta, y, c2g, cost, weights_fit=w, weights_sel=w, evidence=None, **options)
+
+
+def draw_from(cells, n, seed):
+    """n samples (eta [n, C], y [n]) drawn from the population's cells: a cell and a class by p(cell, class)."""
+    eta, joint = cells
+    index = torch.multinomial(joint.flatten(), n, replacement=True, generator=torch.Generator().manual_seed(seed))
+    return eta[index // joint.shape[1]], index % joint.shape[1]
+
+
+@pytest.mark.parametrize("fit, kind, tolerance", [(fit_balanced, "balanced", 0.01), (fit_worst, "worst", 0.015)])
+def test_a_fit_on_samples_judged_by_the_bound_comes_close_to_the_population_optimum(easy, fit, kind, tolerance):
+    # The default fit (each error judged by its upper bound) on 4,000 + 4,000 samples: its population
+    # risk against the exhaustive optimum of the population.
+    rows, c2g, cells = easy
+    eta_fit, y_fit = draw_from(cells, 4000, 0)
+    eta_sel, y_sel = draw_from(cells, 4000, 1)
+    rule = fit(eta_fit, y_fit, eta_sel, y_sel, c2g, 0.3)
+    risk, _ = l2r_risk(rule, rows, c2g, kind)
+    assert risk <= exhaustive_search(cells, c2g, 0.3, kind) + tolerance
 
 
 # -------------------------------------------------------------------------- against the optimum
@@ -146,6 +168,7 @@ def test_fit_worst_lowers_the_worst_group_error_when_the_tail_is_hard(hard_tail)
 
 # ------------------------------------------------------------------------------ worst-group rounds
 def test_fit_worst_history_records_the_exponentiated_gradient(easy):
+    # On the population, errors are judged as measured: the history's errors are the ones beta moved by.
     rows, c2g, _ = easy
     rule = fit_on_population(fit_worst, rows, c2g, 0.3, rounds=6, step=3.0)
     h = rule.history
@@ -199,14 +222,16 @@ def test_unit_weights_give_the_unweighted_fit():
     assert torch.allclose(a.alpha, b.alpha, rtol=1e-12) and torch.allclose(a.mu, b.mu, rtol=1e-12)
 
 
-def test_integer_weights_equal_duplicated_samples():
+def test_integer_weights_equal_duplicated_samples_when_errors_are_judged_as_measured():
+    # (With the default judgement they differ, as they should: a weight of 3 is not three samples'
+    # evidence; see test_selective_metrics.py::test_error_bound_counts_weighted_samples_by_their_effective_number.)
     eta, y, c2g = sample(2000, 2)
     w = torch.randint(1, 4, (2000,), generator=torch.Generator().manual_seed(0))
     rep = torch.repeat_interleave(torch.arange(2000), w)
     first, second = rep[rep < 1000], rep[rep >= 1000]
     a = fit_balanced(eta[:1000], y[:1000], eta[1000:], y[1000:], c2g, 0.2,
-                     weights_fit=w[:1000], weights_sel=w[1000:])
-    b = fit_balanced(eta[first], y[first], eta[second], y[second], c2g, 0.2)
+                     weights_fit=w[:1000], weights_sel=w[1000:], evidence=None)
+    b = fit_balanced(eta[first], y[first], eta[second], y[second], c2g, 0.2, evidence=None)
     assert torch.allclose(a.alpha, b.alpha, rtol=1e-9) and torch.allclose(a.mu, b.mu, rtol=1e-6, atol=1e-9)
     test_eta = sample(2000, 3)[0]
     assert torch.equal(a.predict(test_eta).accept, b.predict(test_eta).accept)
@@ -238,7 +263,7 @@ def test_cost_sweep_refits_per_cost_and_integrates_the_points(easy):
     sweep = cost_sweep(eta, y, eta, y, eta, y, c2g, costs, weights_fit=w, weights_sel=w, weights_test=w)
     assert sweep.costs.tolist() == costs and len(sweep.rules) == 4
     for i, cost in enumerate(costs):
-        rule = fit_on_population(fit_balanced, rows, c2g, cost)
+        rule = fit_balanced(eta, y, eta, y, c2g, cost, weights_fit=w, weights_sel=w)  # the sweep's own judgement
         assert torch.equal(sweep.rules[i].alpha, rule.alpha) and torch.equal(sweep.rules[i].mu, rule.mu)
         _, errors = l2r_risk(rule, rows, c2g, "balanced")
         assert sweep.coverage[i].item() == pytest.approx(errors.coverage)
@@ -309,9 +334,39 @@ def test_cost_sweep_rejects_an_unknown_objective():
 def test_fit_balanced_threshold_is_the_best_on_the_selection_split():
     # The fitted rule, read as a confidence (its margin), cannot be improved on S2 by moving the threshold.
     eta, y, c2g = sample(4000, 11)  # a sample where the best fixed-point iterate alone misses it by 0.004
-    rule = fit_balanced(eta[:2000], y[:2000], eta[2000:], y[2000:], c2g, 0.25)
+    rule = fit_balanced(eta[:2000], y[:2000], eta[2000:], y[2000:], c2g, 0.25, evidence=None)
     out = rule.predict(eta[2000:])
     curve = risk_coverage(out.margin, out.pred, y[2000:], c2g)
     best_shift = float((curve.balanced + 0.25 * (1 - curve.coverage)).min())
     risk, _ = l2r_risk(rule, (eta[2000:], y[2000:], None), c2g, "balanced")
     assert risk == pytest.approx(best_shift, abs=1e-12)
+
+
+def wilson_upper(errors, n, z=1.6448536269514722):
+    """Wilson's upper bound, written out: (p + z^2/2n + z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)."""
+    p = errors / n
+    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
+def test_fit_threshold_is_the_best_on_the_selection_split_with_each_error_judged_by_its_bound():
+    # The same, with the default judgement: every cut of S2's margins scored by a hand loop that counts
+    # the accepted images and errors per group and applies Wilson's bound; the fit's threshold is the best.
+    eta, y, c2g = sample(1200, 12)
+    rule = fit_balanced(eta[:600], y[:600], eta[600:], y[600:], c2g, 0.25)
+    out = rule.predict(eta[600:])
+    margin, order = out.margin.sort(descending=True)
+    group, wrong = c2g[y[600:]][order].tolist(), (out.pred != y[600:])[order].tolist()
+    seen, errs, scores = [0, 0], [0, 0], []
+    for i in range(len(group)):  # accept the i + 1 largest margins
+        seen[group[i]] += 1
+        errs[group[i]] += wrong[i]
+        if i + 1 < len(group) and margin[i + 1] == margin[i]:
+            continue
+        bound = [wilson_upper(errs[k], seen[k]) if seen[k] else 1.0 for k in (0, 1)]
+        scores.append(sum(bound) / 2 + 0.25 * (1 - (i + 1) / len(group)))
+    accepted = out.accept[order].tolist()
+    n = sum(accepted)
+    group_acc = [sum(1 for g, a in zip(group, accepted) if a and g == k) for k in (0, 1)]
+    group_err = [sum(1 for g, a, e in zip(group, accepted, wrong) if a and e and g == k) for k in (0, 1)]
+    chosen = sum(wilson_upper(group_err[k], group_acc[k]) if group_acc[k] else 1.0 for k in (0, 1)) / 2
+    assert chosen + 0.25 * (1 - n / len(group)) == pytest.approx(min(scores), abs=1e-12)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from argse.selective import aurc, bootstrap_ci, chow, ece, risk_coverage, selective_errors
+from argse.selective.metrics import error_bound
 
 C2G = [0, 0, 1, 1]  # four classes, two groups
 Y = [0, 1, 2, 3, 0, 2]
@@ -251,3 +252,46 @@ def test_bootstrap_resamples_rows_of_all_arrays_together():
 def test_bad_inputs_raise_a_sentence_naming_the_argument(call, argument):
     with pytest.raises(ValueError, match=argument):
         call()
+
+
+# ------------------------------------------------------------------------------- error bound
+Z95 = 1.6448536269514722  # the one-sided 95% normal quantile
+
+
+def bound(errors, accepted, weights=None):
+    """error_bound of one group from per-sample weights (all ones by default)."""
+    w = torch.ones(accepted, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    wrong = torch.zeros_like(w)
+    wrong[:errors] = 1.0
+    return float(error_bound(w.sum(), (w * wrong).sum(), (w * w).sum()))
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 100, 1000])
+def test_error_bound_of_an_error_free_group_is_z2_over_n_plus_z2(n):
+    # With no error, Wilson's upper end has the closed form z^2 / (n + z^2): one image 0.73, ten 0.21.
+    assert bound(0, n) == pytest.approx(Z95 ** 2 / (n + Z95 ** 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("errors, n", [(1, 10), (3, 40), (50, 200), (999, 1000)])
+def test_error_bound_is_the_upper_root_of_wilsons_equation(errors, n):
+    # The upper end u of Wilson's interval solves (u - p)^2 = z^2 u (1 - u) / n with u > p.
+    p, u = errors / n, bound(errors, n)
+    assert u > p
+    assert (u - p) ** 2 == pytest.approx(Z95 ** 2 * u * (1 - u) / n, rel=1e-9)
+
+
+def test_error_bound_of_an_empty_group_is_one_and_falls_to_the_error_as_evidence_grows():
+    assert float(error_bound(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0))) == 1.0
+    bounds = [bound(n // 10, n) for n in (10, 100, 1000, 100000)]
+    assert all(a > b for a, b in zip(bounds, bounds[1:])) and bounds[-1] == pytest.approx(0.1, abs=0.002)
+
+
+def test_error_bound_counts_weighted_samples_by_their_effective_number():
+    # One sample of weight 3 is one sample's evidence, not three; scaling every weight changes nothing;
+    # unequal weights count as (sum w)^2 / sum w^2 samples.
+    assert bound(0, 1, [3.0]) == pytest.approx(bound(0, 1))
+    assert bound(0, 3) < bound(0, 1, [3.0])
+    assert bound(1, 4, [2.0] * 4) == pytest.approx(bound(1, 4))
+    unequal = [4.0, 1.0, 1.0, 1.0, 1.0]
+    n_eff = sum(unequal) ** 2 / sum(w * w for w in unequal)  # 3.2
+    assert bound(0, 5, unequal) == pytest.approx(Z95 ** 2 / (n_eff + Z95 ** 2), rel=1e-12)

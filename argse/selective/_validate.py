@@ -135,6 +135,19 @@ def cost(x: Any, name: str = "cost") -> float:
     return c
 
 
+def evidence(x: Any) -> Optional[float]:
+    """The one-sided confidence of an error bound: a number strictly between 0.5 and 1, or None."""
+    if x is None:
+        return None
+    try:
+        level = float(x)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"evidence must be a confidence in (0.5, 1) or None; got {x!r}.") from exc
+    if not 0.5 < level < 1.0:
+        raise ValueError(f"evidence must be a confidence in (0.5, 1) or None; got {level}.")
+    return level
+
+
 def objective(x: Any) -> str:
     """What a plug-in rule is fitted for: one of OBJECTIVES ("balanced", "worst")."""
     if x not in OBJECTIVES:

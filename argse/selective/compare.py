@@ -18,7 +18,10 @@ Protocol, for every method on the evaluated split (all metrics weighted by the s
   Their 95% percentile-bootstrap intervals resample the split's samples with every operating point
   fixed; every method sees the same resamples. `balanced_error_at<tau>` / `worst_error_at<tau>` read
   the points at tau = 1, 0.8 and 0.6 (those in the grid). A group with no accepted sample has error
-  1.0 by convention; `empty_group_points` counts the taus where that happens to a method.
+  1.0 by convention; `empty_group_points` counts the taus where that happens to a method, and
+  `thin_group_points` those where a group has fewer than `MIN_GROUP_ACCEPTED` accepted samples on the
+  split (or fewer than all of its samples, where it has fewer than that): there its error is
+  measured on too few images to mean much. `group_points` carries each group's accepted count.
 * Threshold sweep (secondary, `*_threshold` columns): the full-range area under the risk-coverage
   curve of the method's confidence (Chow: the max posterior; plug-in: the operating rule's margin).
   A plug-in margin ranks the confident samples of one group before any of another, so at low
@@ -61,7 +64,7 @@ from argse.selective import (
     selective_errors,
 )
 from argse.selective import _validate as check
-from argse.selective.metrics import weighted_coverage
+from argse.selective.metrics import MIN_GROUP_ACCEPTED, error_bound, weighted_coverage
 from argse.selective.fit import FitOptions, _group_errors, fit_rule, top_share_cut
 
 #: The splits a method carries; the rules are fitted on FIT_SPLIT (S1) and selected on SEL_SPLIT (S2).
@@ -77,7 +80,7 @@ CI_LEVEL = 0.95
 #: The default ranking of the table: ascending in these columns, in this order of precedence.
 RANK_BY = ("aurc_worst", "aurc_balanced")
 #: The columns of `Comparison.coverage_points`, in order.
-POINT_COLUMNS = ("method", "target_coverage", "coverage", "balanced_error", "worst_error")
+POINT_COLUMNS = ("method", "target_coverage", "coverage", "balanced_error", "worst_error", "thin_group")
 
 
 @dataclass
@@ -125,7 +128,7 @@ def table_columns(group_names: Sequence[str], coverages: Sequence[float] = COVER
         "aurc_balanced", "aurc_balanced_lo", "aurc_balanced_hi",
         "aurc_worst", "aurc_worst_lo", "aurc_worst_hi",
         *[readout_column(risk, tau) for tau in readout for risk in ("balanced", "worst")],
-        "empty_group_points",
+        "empty_group_points", "thin_group_points",
         "aurc_balanced_threshold", "aurc_worst_threshold",
         "coverage", "coverage_val", "balanced_error", "worst_error", "error", "balanced_l2r", "worst_l2r",
         *[f"coverage_{g}" for g in group_names],
@@ -139,7 +142,7 @@ class Comparison:
 
     table: pd.DataFrame  #: one row per method, `method` first, sorted best first (see the module doc)
     coverage_points: pd.DataFrame  #: POINT_COLUMNS: one row per method and target coverage
-    group_points: pd.DataFrame  #: method, target_coverage, group, coverage, error: per group and target
+    group_points: pd.DataFrame  #: method, target_coverage, group, coverage, error, accepted (count): per group and target
     coverage_rules: dict[str, list[PluginRule]]  #: plug-in method -> its rule at each target coverage
     group_coverage: dict[str, np.ndarray]  #: method -> [K] coverage per group at the operating point
     rules: dict[str, PluginRule]  #: plug-in method -> the rule of its operating point
@@ -341,30 +344,48 @@ def _coverage_matched(m: Method, eta: dict[str, torch.Tensor], data: _Data, spli
         eta[FIT_SPLIT], data.y[FIT_SPLIT], eta[SEL_SPLIT], data.y[SEL_SPLIT], data.class_to_group, taus,
         objective=m.objective, weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT],
         rounds=options.rounds, step=options.step, n_starts=options.n_starts, max_iter=options.max_iter,
+        evidence=options.evidence,
     )
     decisions = [rule.predict(eta[split]) for rule in rules]  # a loop over target coverages
     return _Matched(pred=torch.stack([d.pred for d in decisions]), accept=torch.stack([d.accept for d in decisions]),
                     rules=rules)
 
 
+@dataclass(frozen=True)
+class _GroupTally:
+    """Per target and group [T, K] (or per resample [B, T, K]): accepted weight, accepted-and-wrong
+    weight, accepted squared weight and accepted sample count."""
+
+    accepted: torch.Tensor
+    wrong: torch.Tensor
+    accepted_sq: torch.Tensor
+    count: torch.Tensor
+
+
 def _group_masses(matched: _Matched, y: torch.Tensor, w: torch.Tensor, c2g: torch.Tensor, n_groups: int,
-                  counts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accepted and accepted-and-wrong weight per target and group, [T, K]; with `counts` [B, N] (how
-    often each sample is drawn in each of B resamples), per resample as well: [B, T, K]."""
+                  counts: Optional[torch.Tensor] = None) -> _GroupTally:
+    """The `_GroupTally` of the decisions per target, [T, K]; with `counts` [B, N] (how often each sample
+    is drawn in each of B resamples), per resample: [B, T, K] (a sample drawn c times counts c times)."""
     t, n = matched.accept.shape
-    by_group = torch.nn.functional.one_hot(c2g[y], n_groups).to(torch.float64) * w[:, None]  # [N, K]
-    accepted = matched.accept.to(torch.float64)[..., None] * by_group  # [T, N, K]
-    wrong = accepted * (matched.pred != y).to(torch.float64)[..., None]
+    member = torch.nn.functional.one_hot(c2g[y], n_groups).to(torch.float64)  # [N, K]
+    taken = matched.accept.to(torch.float64)[..., None] * member  # [T, N, K]
+    wrong = (matched.pred != y).to(torch.float64)[..., None]
+    parts = (taken * w[:, None], taken * w[:, None] * wrong, taken * (w * w)[:, None], taken)
     if counts is None:
-        return accepted.sum(dim=1), wrong.sum(dim=1)
+        return _GroupTally(*(part.sum(dim=1) for part in parts))
     flat = lambda x: x.permute(1, 0, 2).reshape(n, -1)  # noqa: E731  [N, T*K]
     shape = (counts.shape[0], t, n_groups)
-    return (counts @ flat(accepted)).view(shape), (counts @ flat(wrong)).view(shape)
+    return _GroupTally(*((counts @ flat(part)).view(shape) for part in parts))
 
 
-def _errors(accepted: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group errors (1.0 where nothing is accepted), balanced and worst error, from `_group_masses`."""
-    group_error = _group_errors(accepted, wrong)
+def _errors(tally: _GroupTally, evidence: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group errors (1.0 where nothing is accepted), balanced and worst error, from `_group_masses`;
+    with `evidence`, each group error is its upper confidence bound at that one-sided confidence
+    (`error_bound`), as a choice judges it."""
+    if evidence is not None:
+        group_error = error_bound(tally.accepted, tally.wrong, tally.accepted_sq, evidence)
+    else:
+        group_error = _group_errors(tally.accepted, tally.wrong)
     return group_error, group_error.mean(dim=-1), group_error.max(dim=-1).values
 
 
@@ -425,11 +446,13 @@ def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch
 def _matched_areas(
     etas: Sequence[Mapping[str, Any]], labels: Mapping[str, Any], weights: Optional[Mapping[str, Any]],
     class_to_group: Any, objective: str, split: str, coverages: Sequence[float], fit_options: FitOptions,
-    n_boot: int = 0, seed: int = 0,
+    n_boot: int = 0, seed: int = 0, judged: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The coverage-matched AURC of the objective's error of the plug-in on each posterior of `etas`,
     measured on `split`: [M]; and, when `n_boot` > 0, on that many bootstrap resamples of the split,
-    the same for every posterior, with every operating point fixed: [M, B] (else None)."""
+    the same for every posterior, with every operating point fixed: [M, B] (else None). `judged`:
+    the group errors by their upper confidence bounds at `fit_options.evidence` (`_errors`)."""
+    evidence = fit_options.evidence if judged else None
     methods = [Method(f"plugin{i}", "plugin", eta, objective) for i, eta in enumerate(etas)]
     data, checked = _check_inputs(methods, labels, weights, class_to_group, split)
     taus = check_coverages(coverages)
@@ -439,9 +462,10 @@ def _matched_areas(
     for m in methods:  # a loop over (two) posteriors
         matched = _coverage_matched(m, checked[m.name], data, split, taus, fit_options)
         column = 2 if objective == "worst" else 1  # _errors: group, balanced, worst
-        points.append(trapezoid(taus, _errors(*_group_masses(matched, y, w, c2g, data.n_groups))[column]))
+        points.append(trapezoid(taus, _errors(_group_masses(matched, y, w, c2g, data.n_groups), evidence)[column]))
         if counts is not None:
-            boots.append(trapezoid(taus, _errors(*_group_masses(matched, y, w, c2g, data.n_groups, counts))[column]))
+            boots.append(trapezoid(taus, _errors(_group_masses(matched, y, w, c2g, data.n_groups, counts),
+                                                 evidence)[column]))
     return torch.stack(points), (torch.stack(boots) if boots else None)
 
 
@@ -455,11 +479,15 @@ def matched_aurc(
     split: str = SEL_SPLIT,
     coverages: Sequence[float] = COVERAGES,
     fit_options: FitOptions = FitOptions(),
+    judged: bool = False,
 ) -> float:
     """The coverage-matched AURC of the `objective`'s error (balanced or worst-group) of the plug-in
     rule on posteriors `eta` (split -> [N, C]), measured on `split`: the number `compare` reports for
-    such a method, without the table or the intervals. For choosing between posteriors on val."""
-    return float(_matched_areas([eta], labels, weights, class_to_group, objective, split, coverages, fit_options)[0][0])
+    such a method, without the table or the intervals. For choosing between posteriors on val, pass
+    `judged=True`: each group error then enters as its upper confidence bound (`error_bound`), so
+    that posteriors whose rules accept a group on a handful of val images are not preferred for it."""
+    return float(_matched_areas([eta], labels, weights, class_to_group, objective, split, coverages, fit_options,
+                                judged=judged)[0][0])
 
 
 def matched_aurc_gap(
@@ -475,15 +503,16 @@ def matched_aurc_gap(
     fit_options: FitOptions = FitOptions(),
     n_boot: int = 200,
     seed: int = 0,
+    judged: bool = False,
 ) -> tuple[float, float, float]:
-    """`matched_aurc` of `eta` minus that of `reference` on `split`, with the 95% percentile interval
-    of the difference over `n_boot` paired bootstrap resamples of the split (operating points fixed,
-    the same resamples for both): (gap, lo, hi). A negative `hi` says `eta` is better beyond the
-    split's sampling noise."""
+    """`matched_aurc` of `eta` minus that of `reference` on `split` (both `judged` or both not), with
+    the 95% percentile interval of the difference over `n_boot` paired bootstrap resamples of the split
+    (operating points fixed, the same resamples for both): (gap, lo, hi). A negative `hi` says `eta`
+    is better beyond the split's sampling noise."""
     if int(n_boot) != n_boot or n_boot < 1:
         raise ValueError(f"n_boot must be an integer >= 1; got {n_boot!r}.")
     point, boot = _matched_areas([eta, reference], labels, weights, class_to_group, objective, split, coverages,
-                                 fit_options, int(n_boot), seed)
+                                 fit_options, int(n_boot), seed, judged)
     lo, hi = np.quantile((boot[0] - boot[1]).numpy(), [(1.0 - CI_LEVEL) / 2.0, (1.0 + CI_LEVEL) / 2.0]).tolist()
     return float(point[0] - point[1]), lo, hi
 
@@ -544,7 +573,9 @@ def compare(
 
     y, w, c2g = data.y[split], data.w[split], data.class_to_group
     counts = _resample_counts(y.shape[0], int(n_boot), seed)  # the same resamples for every method
-    group_mass = (torch.nn.functional.one_hot(c2g[y], data.n_groups).to(torch.float64) * w[:, None]).sum(dim=0)
+    member = torch.nn.functional.one_hot(c2g[y], data.n_groups).to(torch.float64)
+    group_mass = (member * w[:, None]).sum(dim=0)
+    floor = member.sum(dim=0).clamp(max=MIN_GROUP_ACCEPTED)  # [K] the accepted count a point needs
     q = [(1.0 - CI_LEVEL) / 2.0, (1.0 + CI_LEVEL) / 2.0]
     rows, point_frames, group_frames = [], [], []
     coverage_rules: dict[str, list[PluginRule]] = {}
@@ -553,11 +584,12 @@ def compare(
         matched = _coverage_matched(m, eta[m.name], data, split, taus, fit_options)
         if matched.rules is not None:
             coverage_rules[m.name] = matched.rules
-        accepted, wrong = _group_masses(matched, y, w, c2g, data.n_groups)
-        group_error, balanced, worst = _errors(accepted, wrong)
+        tally = _group_masses(matched, y, w, c2g, data.n_groups)
+        accepted = tally.accepted
+        group_error, balanced, worst = _errors(tally)
         coverage = accepted.sum(dim=1) / w.sum()
         row: dict[str, Any] = {"method": m.name}
-        boot_group, boot_balanced, boot_worst = _errors(*_group_masses(matched, y, w, c2g, data.n_groups, counts))
+        boot_group, boot_balanced, boot_worst = _errors(_group_masses(matched, y, w, c2g, data.n_groups, counts))
         for risk, point, boot in (("balanced", balanced, boot_balanced), ("worst", worst, boot_worst)):
             row[f"aurc_{risk}"] = float(trapezoid(taus, point))
             row[f"aurc_{risk}_lo"], row[f"aurc_{risk}_hi"] = np.quantile(trapezoid(taus, boot).numpy(), q).tolist()
@@ -567,6 +599,8 @@ def compare(
                 row[readout_column("balanced", tau)] = float(balanced[at[0]])
                 row[readout_column("worst", tau)] = float(worst[at[0]])
         row["empty_group_points"] = int((accepted <= 0).any(dim=1).sum())
+        thin = (tally.count < floor).any(dim=1)
+        row["thin_group_points"] = int(thin.sum())
         op_row, op = _operating_point(m, rules.get(m.name), eta[m.name], data, split, cost, reference_coverage)
         row.update(op_row)
         row.update({f"coverage_{name}": value for name, value in zip(group_labels, op.group_coverage.tolist())})
@@ -574,7 +608,7 @@ def compare(
         group_coverage[m.name] = op.group_coverage.numpy()
         point_frames.append(pd.DataFrame({"method": m.name, "target_coverage": list(taus),
                                           "coverage": coverage.numpy(), "balanced_error": balanced.numpy(),
-                                          "worst_error": worst.numpy()}))
+                                          "worst_error": worst.numpy(), "thin_group": thin.numpy()}))
         group_share = accepted / group_mass.clamp_min(1e-300)
         group_frames.append(pd.DataFrame({
             "method": m.name,
@@ -582,6 +616,7 @@ def compare(
             "group": group_labels * len(taus),
             "coverage": group_share.reshape(-1).numpy(),
             "error": group_error.reshape(-1).numpy(),
+            "accepted": tally.count.reshape(-1).numpy().round().astype(np.int64),
         }))
 
     table = pd.DataFrame(rows, columns=columns)

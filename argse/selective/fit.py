@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from argse.selective import _validate as check
-from argse.selective.metrics import _ratio, l2r_risk
+from argse.selective.metrics import EVIDENCE_LEVEL, MIN_GROUP_ACCEPTED, _ratio, error_bound, l2r_risk
 from argse.selective.rule import GroupStats, PluginRule, WorstFitHistory, group_stats, margins
 
 #: Initial "head/tail" tilts of the starts: alpha_k proportional to P(y in G_k) ** tilt.
@@ -27,12 +27,16 @@ ALPHA_FLOOR = 1e-6
 @dataclass(frozen=True)
 class FitOptions:
     """The fitting options shared by `fit_rule` and `fit_at_coverage` (`rounds` and `step`, of the
-    exponentiated gradient, apply to the worst-group objective only)."""
+    exponentiated gradient, apply to the worst-group objective only). `evidence` is the one-sided
+    confidence of the upper bound that every choice on the selection split judges a group's error by
+    (`argse.selective.metrics.error_bound`); None judges the errors as measured, which is right only
+    when the weighted rows are a whole population rather than a sample of one."""
 
     rounds: int = 20
     step: float = 2.0
     n_starts: int = 12
     max_iter: int = 30
+    evidence: Optional[float] = EVIDENCE_LEVEL
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,16 @@ class _Split:
     wrong: torch.Tensor  # [K, N] bool: the top class of group k is not the label
     by_group: torch.Tensor  # [N, W] float64: w_i * [g(y_i) == k] (W = K, or 2K for a stacked pair)
     weight: torch.Tensor  # [N] float64
+
+    @property
+    def members(self) -> torch.Tensor:
+        """[N, W] 1.0 where sample i counts in mass column k (its group, with a positive weight)."""
+        return (self.by_group > 0).to(torch.float64)
+
+    @property
+    def by_group_sq(self) -> torch.Tensor:
+        """[N, W] w_i^2 * [g(y_i) == k]: what the effective accepted count of a group needs."""
+        return self.by_group * self.weight[:, None]
 
     @property
     def prior(self) -> torch.Tensor:
@@ -80,34 +94,63 @@ def _stack(fit: _Split, sel: _Split) -> _Split:
 
 @dataclass(frozen=True)
 class _Problem:
-    """The fitting split S1, the selection split S2, both stacked, and the groups."""
+    """The fitting split S1, the selection split S2, both stacked, the groups, and the confidence the
+    errors measured on S2 are judged at (`FitOptions.evidence`)."""
 
     fit: _Split
     sel: _Split
     both: _Split
     class_to_group: torch.Tensor
     n_groups: int
+    evidence: Optional[float] = EVIDENCE_LEVEL
 
 
 def _prepare_problem(
     eta_fit: Any, y_fit: Any, eta_sel: Any, y_sel: Any, class_to_group: Any, weights_fit: Any, weights_sel: Any,
+    evidence: Optional[float] = EVIDENCE_LEVEL,
 ) -> _Problem:
     device = eta_fit.device if isinstance(eta_fit, torch.Tensor) else None
     c2g, n_groups = check.class_to_group(class_to_group, device)
     fit = _prepare(eta_fit, y_fit, weights_fit, ("eta_fit", "y_fit", "weights_fit"), c2g, n_groups, device)
     sel = _prepare(eta_sel, y_sel, weights_sel, ("eta_sel", "y_sel", "weights_sel"), c2g, n_groups,
                    fit.weight.device)
-    return _Problem(fit=fit, sel=sel, both=_stack(fit, sel), class_to_group=c2g, n_groups=n_groups)
+    return _Problem(fit=fit, sel=sel, both=_stack(fit, sel), class_to_group=c2g, n_groups=n_groups,
+                    evidence=check.evidence(evidence))
 
 
-def _masses(split: _Split, accept: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accepted mass and accepted-and-wrong mass per mass column, both [S, W], for S decisions [S, N]."""
+@dataclass(frozen=True)
+class _Tally:
+    """What S decisions accept, per mass column, all [S, W]: the accepted weight, the accepted-and-wrong
+    weight and the accepted squared weight (for the effective count of `error_bound`)."""
+
+    accepted: torch.Tensor
+    wrong: torch.Tensor
+    accepted_sq: torch.Tensor
+
+    def columns(self, which: slice) -> "_Tally":
+        return _Tally(self.accepted[:, which], self.wrong[:, which], self.accepted_sq[:, which])
+
+    def errors(self) -> torch.Tensor:
+        """e_k as measured: P(wrong | accept, y in G_k); 1.0 for a group with no accepted mass."""
+        return _group_errors(self.accepted, self.wrong)
+
+    def judged(self, evidence: Optional[float]) -> torch.Tensor:
+        """e_k as a choice judges it: the upper confidence bound of `error_bound` at one-sided
+        confidence `evidence` (None: as measured)."""
+        if evidence is None:
+            return self.errors()
+        return error_bound(self.accepted, self.wrong, self.accepted_sq, evidence)
+
+
+def _masses(split: _Split, accept: torch.Tensor, wrong: torch.Tensor) -> _Tally:
+    """The `_Tally` of S decisions [S, N] (accept masks, and the `wrong` flags of their predictions)."""
+    s = accept.shape[0]
     flags = torch.cat([accept, accept & wrong]).view(torch.uint8).to(torch.float64)
     both = flags @ split.by_group
-    return both[: accept.shape[0]], both[accept.shape[0]:]
+    return _Tally(both[:s], both[s:], flags[:s] @ split.by_group_sq)
 
 
-def _evaluate(split: _Split, coef: torch.Tensor, mu: torch.Tensor, cost: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _evaluate(split: _Split, coef: torch.Tensor, mu: torch.Tensor, cost: float) -> _Tally:
     """`_masses` of S rules (coef, mu [S, K]) with a single cost."""
     _, margin, wrong = margins(split.stats, coef, mu, split.wrong)
     return _masses(split, margin >= -cost, wrong)
@@ -118,11 +161,12 @@ def _group_errors(accepted: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
     return _ratio(wrong, accepted, 1.0)
 
 
-def _fixed_point(accepted: torch.Tensor, wrong: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the map: alpha_k = K * P(accept, y in G_k), mu_k = K * beta_k * e_k / alpha_k."""
-    n_groups = accepted.shape[1]
-    alpha = (n_groups * accepted).clamp_min(ALPHA_FLOOR)
-    mu = n_groups * beta * _group_errors(accepted, wrong) / alpha
+def _fixed_point(tally: _Tally, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the map on the fitting split: alpha_k = K * P(accept, y in G_k), mu_k = K * beta_k *
+    e_k / alpha_k (the errors as measured: this is the paper's first-order condition, not a choice)."""
+    n_groups = tally.accepted.shape[1]
+    alpha = (n_groups * tally.accepted).clamp_min(ALPHA_FLOOR)
+    mu = n_groups * beta * tally.errors() / alpha
     return alpha, mu
 
 
@@ -140,7 +184,7 @@ def _starts(split: _Split, beta: torch.Tensor, n_starts: int) -> tuple[torch.Ten
     coef = beta / split.prior.clamp_min(1e-12)[None, :] ** tilts[:, None]
     _, margin, wrong = margins(split.stats, coef, torch.zeros_like(coef), split.wrong)
     accept = _accept_top(margin[which], split.weight, schedule[:, 0])
-    return _fixed_point(*_masses(split, accept, wrong[which]), beta)
+    return _fixed_point(_masses(split, accept, wrong[which]), beta)
 
 
 def top_share_cut(values: torch.Tensor, weight: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -172,23 +216,27 @@ def _descending_order(values: torch.Tensor) -> torch.Tensor:
 class _Fit:
     alpha: torch.Tensor  # [K]
     mu: torch.Tensor  # [K]
-    group_error: torch.Tensor  # [K] on S2
+    group_error: torch.Tensor  # [K] on S2, as measured
+    judged_error: torch.Tensor  # [K] on S2, as the choice judged it (`error_bound`)
     coverage: float  # on S2
-    risk: float  # sum_k beta_k e_k + cost * P(reject) on S2
+    risk: float  # sum_k beta_k e_k + cost * P(reject) on S2, with the judged errors
 
 
-def _line_search(sel: _Split, beta: torch.Tensor, cost: float, alpha: torch.Tensor, mu: torch.Tensor) -> _Fit:
+def _line_search(problem: _Problem, beta: torch.Tensor, cost: float, alpha: torch.Tensor, mu: torch.Tensor) -> _Fit:
     """Exact line search on S2 over a common shift of mu, which moves every margin by the same amount
     (the rows of eta sum to 1): the acceptance count, among those a threshold can realise, with the
-    lowest risk sum_k beta_k e_k + cost * P(reject). Returns the rule with mu shifted to it."""
+    lowest risk sum_k beta_k e_k + cost * P(reject), each e_k judged by its upper bound
+    (`error_bound`). Returns the rule with mu shifted to it."""
+    sel = problem.sel
     coef = alpha.shape[0] * beta / alpha
     _, margin, wrong = margins(sel.stats, coef[None], mu[None], sel.wrong)
     margin, order = margin[0].sort(descending=True, stable=True)
     mass = sel.by_group[order]
-    accepted = mass.cumsum(dim=0)
-    errors = _group_errors(accepted, (mass * wrong[0, order, None]).cumsum(dim=0))
-    coverage = accepted.sum(dim=1)
-    risk = l2r_risk(errors @ beta, coverage, cost)
+    tally = _Tally(mass.cumsum(dim=0), (mass * wrong[0, order, None]).cumsum(dim=0),
+                   sel.by_group_sq[order].cumsum(dim=0))
+    errors, judged = tally.errors(), tally.judged(problem.evidence)
+    coverage = tally.accepted.sum(dim=1)
+    risk = l2r_risk(judged @ beta, coverage, cost)
     run_end = torch.ones_like(margin, dtype=torch.bool)
     run_end[:-1] = margin[1:] != margin[:-1]
     n = int(torch.where(run_end, risk, torch.full_like(risk, math.inf)).argmin())
@@ -196,8 +244,8 @@ def _line_search(sel: _Split, beta: torch.Tensor, cost: float, alpha: torch.Tens
         threshold = margin[n] - 1e-9 * (1.0 + margin[n].abs())
     else:
         threshold = (margin[n] + margin[n + 1]) / 2
-    return _Fit(alpha=alpha, mu=mu - cost - threshold, group_error=errors[n], coverage=float(coverage[n]),
-                risk=float(risk[n]))
+    return _Fit(alpha=alpha, mu=mu - cost - threshold, group_error=errors[n], judged_error=judged[n],
+                coverage=float(coverage[n]), risk=float(risk[n]))
 
 
 def _fit_cost_sensitive(
@@ -205,7 +253,8 @@ def _fit_cost_sensitive(
     init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> _Fit:
     """Joint (alpha, mu) fixed point on S1 from several starts, keeping the iterate with the lowest
-    L2R risk sum_k beta_k e_k + cost * P(reject) on S2; then the exact threshold line search on S2.
+    L2R risk sum_k beta_k e_k + cost * P(reject) on S2 (each e_k judged by its upper bound,
+    `error_bound`); then the exact threshold line search on S2.
 
     The map is deterministic, so a state met before (a converged start, a cycle, two starts that
     merged) has nothing new to offer and is dropped."""
@@ -224,14 +273,14 @@ def _fit_cost_sensitive(
         seen.update(keys)
         if len(fresh) < len(keys):
             alpha, mu = alpha[fresh], mu[fresh]
-        accepted, wrong = _evaluate(problem.both, k * beta / alpha, mu, cost)
-        errors = _group_errors(accepted[:, k:], wrong[:, k:])
-        risk = l2r_risk(errors @ beta, accepted[:, k:].sum(dim=1), cost)
+        tally = _evaluate(problem.both, k * beta / alpha, mu, cost)
+        sel = tally.columns(slice(k, None))
+        risk = l2r_risk(sel.judged(problem.evidence) @ beta, sel.accepted.sum(dim=1), cost)
         i = int(risk.argmin())
         if float(risk[i]) < best_risk:
             best_alpha, best_mu, best_risk = alpha[i], mu[i], float(risk[i])
-        alpha, mu = _fixed_point(accepted[:, :k], wrong[:, :k], beta)
-    return _line_search(problem.sel, beta, cost, best_alpha, best_mu)
+        alpha, mu = _fixed_point(tally.columns(slice(None, k)), beta)
+    return _line_search(problem, beta, cost, best_alpha, best_mu)
 
 
 def _check_options(n_starts: int, max_iter: int, rounds: int = 1, step: float = 0.0) -> None:
@@ -274,6 +323,7 @@ def fit_balanced(
     beta: Optional[check.ArrayLike] = None,
     n_starts: int = 12,
     max_iter: int = 30,
+    evidence: Optional[float] = EVIDENCE_LEVEL,
 ) -> PluginRule:
     """The plug-in rejector for the balanced (or, with `beta`, the beta-weighted) L2R risk.
 
@@ -285,10 +335,12 @@ def fit_balanced(
     threshold on the selection split. `beta=None` is uniform (1/K each), i.e. the balanced error.
     Start i accepts the top share q_i of S1 ranked by the rule with alpha ~ P(y in G_k) ** tilt_i and
     mu = 0 (`start_schedule`). Weights are normalised per split; all statistics are weighted.
+    Each e_k that a choice on the selection split reads is judged by its upper confidence bound at
+    one-sided confidence `evidence` (`argse.selective.metrics.error_bound`; see `FitOptions`).
     """
     _check_options(n_starts, max_iter)
     cost = check.cost(cost)
-    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel, evidence)
     b = _check_beta(beta, problem.n_groups, problem.fit.weight.device)
     return _balanced(problem, cost, b, int(n_starts), int(max_iter))
 
@@ -300,10 +352,10 @@ def _worst(problem: _Problem, cost: float, rounds: int, step: float, n_starts: i
     init = None
     for _ in range(rounds):
         result = _fit_cost_sensitive(problem, beta, cost, n_starts, max_iter, init)
-        worst = l2r_risk(float(result.group_error.max()), result.coverage, cost)
+        worst = l2r_risk(float(result.judged_error.max()), result.coverage, cost)
         rows.append((beta, result, worst))
         init = (result.alpha, result.mu)
-        beta = beta * torch.exp(step * result.group_error)
+        beta = beta * torch.exp(step * result.judged_error)
         beta = beta / beta.sum()
     risks = torch.tensor([row[2] for row in rows], dtype=torch.float64)
     best = int(risks.argmin())
@@ -315,6 +367,7 @@ def _worst(problem: _Problem, cost: float, rounds: int, step: float, n_starts: i
         coverage=torch.tensor([row[1].coverage for row in rows], dtype=torch.float64),
         worst_risk=risks,
         best_round=best,
+        judged_error=torch.stack([row[1].judged_error for row in rows]).cpu(),
     )
     beta_best, chosen, _ = rows[best]
     return PluginRule(alpha=chosen.alpha.cpu(), mu=chosen.mu.cpu(), beta=beta_best.cpu(), cost=cost,
@@ -335,6 +388,7 @@ def fit_worst(
     step: float = 2.0,
     n_starts: int = 12,
     max_iter: int = 30,
+    evidence: Optional[float] = EVIDENCE_LEVEL,
 ) -> PluginRule:
     """The plug-in rejector for the worst-group L2R risk max_k e_k + cost * P(reject).
 
@@ -345,13 +399,17 @@ def fit_worst(
     rule, selection on the selection split), measure its group errors e_k on the selection split, and
     update beta_k <- beta_k * exp(step * e_k), normalised. After `rounds` rounds, return the round whose
     rule has the lowest worst-group L2R risk max_k e_k + cost * P(reject) on the selection split.
+    Wherever a choice is made on the selection split (the iterate, the threshold, the round) and in the
+    update of beta, e_k is judged by its upper confidence bound at one-sided confidence `evidence`
+    (`argse.selective.metrics.error_bound`; see `FitOptions`), so a group accepted on a handful of
+    samples never looks better than one with real evidence.
 
     The returned `PluginRule` carries the per-round record in `rule.history` (a `WorstFitHistory`:
-    beta, alpha, mu, group errors, coverage and worst risk per round on the selection split, and
-    `best_round`); `rule.history.rows()` gives plain dicts for logging.
+    beta, alpha, mu, group errors as measured and as judged, coverage and worst risk per round on the
+    selection split, and `best_round`); `rule.history.rows()` gives plain dicts for logging.
     """
     return fit_rule("worst", eta_fit, y_fit, eta_sel, y_sel, class_to_group, cost, weights_fit=weights_fit,
-                    weights_sel=weights_sel, options=FitOptions(rounds, step, n_starts, max_iter))
+                    weights_sel=weights_sel, options=FitOptions(rounds, step, n_starts, max_iter, evidence))
 
 
 def _fit_objective(problem: _Problem, objective: str, cost: float, options: FitOptions) -> PluginRule:
@@ -382,7 +440,8 @@ def fit_rule(
     objective = check.objective(objective)
     _check_options(options.n_starts, options.max_iter, *((options.rounds, options.step) if objective == "worst" else ()))
     cost = check.cost(cost)
-    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel,
+                               options.evidence)
     return _fit_objective(problem, objective, cost, options)
 
 
@@ -436,11 +495,12 @@ def fit_group_thresholds(
 class _LevelFit:
     alpha: torch.Tensor  # [T, K]
     mu: torch.Tensor  # [T, K]
-    group_error: torch.Tensor  # [T, K] on S2, at the level
-    risk: torch.Tensor  # [T] sum_k beta_k e_k on S2, at the level
+    group_error: torch.Tensor  # [T, K] on S2, at the level, as measured
+    judged_error: torch.Tensor  # [T, K] on S2, at the level, as the choice judged it (`error_bound`)
+    risk: torch.Tensor  # [T] sum_k beta_k e_k on S2, at the level, with the judged errors
 
 
-def _at_level(split: _Split, coef: torch.Tensor, mu: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _at_level(split: _Split, coef: torch.Tensor, mu: torch.Tensor, level: torch.Tensor) -> _Tally:
     """`_masses` of S rules (coef, mu [S, K]), each accepting the top share level[s] of the split."""
     _, margin, wrong = margins(split.stats, coef, mu, split.wrong)
     return _masses(split, _accept_top(margin, split.weight, level), wrong)
@@ -453,8 +513,9 @@ def _fit_at_levels(
     """T coverage-constrained fits at once (beta [T, K], level [T]): the joint (alpha, mu) fixed point
     on S1 with the acceptance set held at the top share level[t] of S1 (the threshold, hence the
     common shift of mu, is set by the level, not by a cost), from several starts (plus `init`, [T, K]
-    each); each problem keeps the iterate with the lowest sum_k beta_k e_k on S2, where S2's threshold
-    is likewise set to accept the top share level[t].
+    each); each problem keeps the iterate with the lowest sum_k beta_k e_k on S2 (each e_k judged by
+    its upper bound, `error_bound`), where S2's threshold is likewise set to accept the top share
+    level[t].
 
     As in `_fit_cost_sensitive`, a state met before has nothing new to offer and is dropped, so the
     batch shrinks as starts converge or merge."""
@@ -470,6 +531,7 @@ def _fit_at_levels(
     alpha, mu = alpha.reshape(t * s, k), mu.reshape(t * s, k)
     best_alpha, best_mu = alpha.view(t, s, k)[:, 0].clone(), mu.view(t, s, k)[:, 0].clone()
     best_error = torch.ones(t, k, dtype=torch.float64, device=beta.device)
+    best_judged = torch.ones(t, k, dtype=torch.float64, device=beta.device)
     best_risk = torch.full((t,), math.inf, dtype=torch.float64, device=beta.device)
     seen: set[bytes] = set()
     for _ in range(max_iter):
@@ -482,15 +544,17 @@ def _fit_at_levels(
             alpha, mu, owner = alpha[fresh], mu[fresh], owner[fresh]
         beta_rows, level_rows = beta[owner], level[owner]
         coef = k * beta_rows / alpha
-        errors = _group_errors(*_at_level(problem.sel, coef, mu, level_rows))
-        risk = (errors * beta_rows).sum(dim=1)
+        tally = _at_level(problem.sel, coef, mu, level_rows)
+        errors, judged = tally.errors(), tally.judged(problem.evidence)
+        risk = (judged * beta_rows).sum(dim=1)
         lowest = torch.full_like(best_risk, math.inf).scatter_reduce(0, owner, risk, "amin")
         for i in (risk == lowest[owner]).nonzero().flatten().tolist():  # at most a few rows per problem
             j = int(owner[i])
             if float(risk[i]) < float(best_risk[j]):
-                best_alpha[j], best_mu[j], best_error[j], best_risk[j] = alpha[i], mu[i], errors[i], risk[i]
-        alpha, mu = _fixed_point(*_at_level(problem.fit, coef, mu, level_rows), beta_rows)
-    return _LevelFit(alpha=best_alpha, mu=best_mu, group_error=best_error, risk=best_risk)
+                best_alpha[j], best_mu[j], best_risk[j] = alpha[i], mu[i], risk[i]
+                best_error[j], best_judged[j] = errors[i], judged[i]
+        alpha, mu = _fixed_point(_at_level(problem.fit, coef, mu, level_rows), beta_rows)
+    return _LevelFit(alpha=best_alpha, mu=best_mu, group_error=best_error, judged_error=best_judged, risk=best_risk)
 
 
 def _threshold_at_level(margin: torch.Tensor, weight: torch.Tensor, level: float) -> float:
@@ -519,6 +583,7 @@ def fit_at_coverage(
     step: float = 2.0,
     n_starts: int = 12,
     max_iter: int = 30,
+    evidence: Optional[float] = EVIDENCE_LEVEL,
 ) -> list[PluginRule]:
     """One plug-in rule per target coverage tau, fitted *for* that coverage (DESIGN.md §4).
 
@@ -528,8 +593,17 @@ def fit_at_coverage(
     coverage tau there too) is kept. For `objective="worst"` beta follows the exponentiated gradient
     of `fit_worst` (beta_k <- beta_k * exp(step * e_k)), and the round with the lowest max_k e_k on the
     selection split is kept (its record is `rule.history`, with `coverage` the selection split's).
+    Every e_k that a choice or the update of beta reads is judged by its upper confidence bound on the
+    selection split at one-sided confidence `evidence` (`argse.selective.metrics.error_bound`; see
+    `FitOptions`): at a low coverage the rule that accepts one tail sample, correctly, is not mistaken
+    for one with a perfect tail.
     Finally mu is shifted by a common amount so that the rule, with cost 0, accepts exactly the top
-    share tau of the selection split (samples tied at the threshold are accepted together).
+    share tau of the selection split (samples tied at the threshold are accepted together). Where
+    that rule accepts fewer than `MIN_GROUP_ACCEPTED` samples of a group that has them on the
+    selection split, the same rule with one threshold per predicted group, each accepting the top
+    share tau of its group there (`fit_group_thresholds`' family), competes with it, judged the same
+    way; that rule always accepts a share of every group, so the fit reaches the coverage without
+    emptying a group wherever another rule of the family can.
 
     `coverages` is one tau or a sequence, each in (0, 1]; the result is a list in the same order.
     """
@@ -538,7 +612,7 @@ def fit_at_coverage(
     taus = [coverages] if isinstance(coverages, (int, float)) else list(coverages)
     if not taus or any(not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0 for v in taus):
         raise ValueError(f"coverages must be one or more numbers in (0, 1]; got {coverages!r}.")
-    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel)
+    problem = _prepare_problem(eta_fit, y_fit, eta_sel, y_sel, class_to_group, weights_fit, weights_sel, evidence)
     device, k = problem.fit.weight.device, problem.n_groups
     level = torch.tensor([float(v) for v in taus], dtype=torch.float64, device=device)
     beta = torch.full((len(taus), k), 1.0 / k, dtype=torch.float64, device=device)
@@ -549,18 +623,19 @@ def fit_at_coverage(
         result = _fit_at_levels(problem, beta, level, int(n_starts), int(max_iter), init)
         fits.append((beta, result))
         init = (result.alpha, result.mu)
-        beta = beta * torch.exp(float(step) * result.group_error)
+        beta = beta * torch.exp(float(step) * result.judged_error)
         beta = beta / beta.sum(dim=1, keepdim=True)
 
     rules = []
     for j, tau in enumerate(level.tolist()):  # a loop over target coverages
-        worst = torch.stack([f.group_error[j].max() for _, f in fits])
+        worst = torch.stack([f.judged_error[j].max() for _, f in fits])
         best = int(worst.argmin())
         beta_j, chosen = fits[best][0][j], fits[best][1]
         alpha, mu = chosen.alpha[j], chosen.mu[j]
         coef = k * beta_j / alpha
         _, margin, _ = margins(problem.sel.stats, coef[None], mu[None])
         mu = mu - _threshold_at_level(margin[0], problem.sel.weight, tau)
+        thresholds = _group_floor(problem, objective, coef, mu, beta_j, tau)
         history = None
         if objective == "worst":
             history = WorstFitHistory(
@@ -571,7 +646,35 @@ def fit_at_coverage(
                 coverage=torch.full((len(fits),), tau, dtype=torch.float64),
                 worst_risk=worst.cpu(),
                 best_round=best,
+                judged_error=torch.stack([f.judged_error[j] for _, f in fits]).cpu(),
             )
         rules.append(PluginRule(alpha=alpha.cpu(), mu=mu.cpu(), beta=beta_j.cpu(), cost=0.0,
-                                class_to_group=problem.class_to_group.cpu(), history=history))
+                                class_to_group=problem.class_to_group.cpu(), history=history,
+                                thresholds=None if thresholds is None else thresholds.cpu()))
     return rules
+
+
+def _group_floor(problem: _Problem, objective: str, coef: torch.Tensor, mu: torch.Tensor, beta: torch.Tensor,
+                 tau: float) -> Optional[torch.Tensor]:
+    """Per-group thresholds [K] for the rule (coef, mu) at coverage tau when they judge better on the
+    selection split than its single threshold 0, else None. They are tried only where the single
+    threshold accepts fewer than `MIN_GROUP_ACCEPTED` samples of a group that has at least that many
+    there: each predicted group then accepts its own top share tau (by margin), so no group that the
+    rule predicts is left empty, and the overall coverage stays tau."""
+    sel = problem.sel
+    group, margin, _ = margins(sel.stats, coef[None], mu[None])
+    group, margin = group[0], margin[0]
+    counts = (margin >= 0).to(torch.float64) @ sel.members
+    present = sel.members.sum(dim=0)
+    if not bool((counts < torch.clamp(present, max=MIN_GROUP_ACCEPTED)).any()):
+        return None
+    thresholds = torch.zeros(problem.n_groups, dtype=torch.float64, device=margin.device)
+    for g in range(problem.n_groups):  # a loop over groups, not samples
+        members = group == g
+        if bool(members.any()) and float(sel.weight[members].sum()) > 0:
+            thresholds[g] = _threshold_at_level(margin[members], sel.weight[members], tau)
+    _, _, wrong = margins(sel.stats, coef[None], mu[None], sel.wrong)
+    accept = torch.stack([margin >= 0, margin >= thresholds[group]])
+    judged = _masses(sel, accept, wrong.expand(2, -1)).judged(problem.evidence)
+    score = judged.max(dim=1).values if objective == "worst" else judged @ beta
+    return thresholds if float(score[1]) < float(score[0]) else None

@@ -8,6 +8,7 @@ accepted), so rejecting a whole group is never rewarded with a zero error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -49,6 +50,36 @@ def weighted_coverage(accept: torch.Tensor, weights: torch.Tensor) -> float:
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, empty: float) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, empty))
+
+
+#: The one-sided confidence of the bound a group's error is judged by wherever a rule, an iterate, a
+#: threshold or a gate is chosen on a split (`error_bound`).
+EVIDENCE_LEVEL = 0.95
+#: A group with fewer accepted samples than this on a split has an error that the split cannot tell:
+#: tables count such operating points (`thin_group_points`) and figures mark them.
+MIN_GROUP_ACCEPTED = 10
+
+
+def error_bound(accepted: torch.Tensor, wrong: torch.Tensor, accepted_sq: torch.Tensor,
+                level: float = EVIDENCE_LEVEL) -> torch.Tensor:
+    """The upper end of Wilson's one-sided `level` interval of each group error, from the accepted
+    weight, the accepted-and-wrong weight and the accepted squared weight of the group (any matching
+    shapes). The sample size is the accepted samples' effective count n = (sum w)^2 / sum w^2 (the
+    count itself with unit weights), so weighted samples are not mistaken for more evidence than they
+    are. A group with one error-free sample is judged about 0.73, with ten 0.21, with 100 0.026; an
+    empty group 1.0; the bound falls to the measured error as the count grows.
+
+    This is how a group's error is judged when a choice is made on a split: an error measured on a
+    handful of samples never looks better than one measured on many (the winner's curse of choosing
+    the rule whose tail happened to be right on the one tail sample it accepted)."""
+    z2 = NormalDist().inv_cdf(float(level)) ** 2
+    p = _ratio(wrong, accepted, 1.0)
+    n = _ratio(accepted * accepted, accepted_sq, 0.0)
+    safe = n.clamp_min(1e-300)
+    centre = p + z2 / (2 * safe)
+    spread = (z2 * (p * (1 - p) / safe + z2 / (4 * safe * safe))).sqrt()
+    bound = ((centre + spread) / (1 + z2 / safe)).clamp(max=1.0)
+    return torch.where(n > 0, bound, torch.ones_like(bound))
 
 
 def selective_errors(

@@ -84,28 +84,37 @@ class WorstFitHistory:
     """One row per round of `fit_worst`; errors and risks are measured on the selection split S2.
 
     Round t fits the cost-sensitive rule for `beta[t]`; `best_round` is the round that `fit_worst`
-    returned (lowest `worst_risk`).
+    returned (lowest `worst_risk`). The choice and the update of beta read each e_k as judged, by its
+    upper confidence bound (`judged_error`; equal to `group_error` when the fit judged errors as
+    measured, and for histories recorded before the bound existed).
     """
 
     beta: torch.Tensor  #: [R, K] the group weights of each round
     alpha: torch.Tensor  #: [R, K] the fitted alpha of each round
     mu: torch.Tensor  #: [R, K] the fitted mu of each round
-    group_error: torch.Tensor  #: [R, K] e_k on S2
+    group_error: torch.Tensor  #: [R, K] e_k on S2, as measured
     coverage: torch.Tensor  #: [R] P(accept) on S2
-    worst_risk: torch.Tensor  #: [R] max_k e_k + cost * P(reject) on S2
+    worst_risk: torch.Tensor  #: [R] max_k e_k + cost * P(reject) on S2, e_k as judged
     best_round: int
+    judged_error: Optional[torch.Tensor] = None  #: [R, K] e_k on S2 as the fit judged it
+
+    def __post_init__(self) -> None:
+        if self.judged_error is None:
+            object.__setattr__(self, "judged_error", self.group_error)
 
     @property
     def rounds(self) -> int:
         return int(self.worst_risk.shape[0])
 
     def rows(self) -> list[dict[str, Any]]:
-        """One plain dict per round (round, beta, group_error, coverage, worst_risk), e.g. for logging."""
+        """One plain dict per round (round, beta, group_error, judged_error, coverage, worst_risk), e.g.
+        for logging."""
         return [
             {
                 "round": t,
                 "beta": self.beta[t].tolist(),
                 "group_error": self.group_error[t].tolist(),
+                "judged_error": self.judged_error[t].tolist(),
                 "coverage": float(self.coverage[t]),
                 "worst_risk": float(self.worst_risk[t]),
             }
@@ -113,7 +122,7 @@ class WorstFitHistory:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        names = ("beta", "alpha", "mu", "group_error", "coverage", "worst_risk")
+        names = ("beta", "alpha", "mu", "group_error", "coverage", "worst_risk", "judged_error")
         d: dict[str, Any] = {name: getattr(self, name).tolist() for name in names}
         d["best_round"] = self.best_round
         return d
@@ -125,7 +134,9 @@ class WorstFitHistory:
         if missing:
             raise ValueError(f"the history dict must have the keys {list(names) + ['best_round']}; missing {missing}.")
         values = {name: torch.tensor(d[name], dtype=torch.float64) for name in names}
-        return cls(**values, best_round=int(d["best_round"]))
+        judged = d.get("judged_error")
+        return cls(**values, best_round=int(d["best_round"]),
+                   judged_error=None if judged is None else torch.tensor(judged, dtype=torch.float64))
 
 
 @dataclass(frozen=True, eq=False)

@@ -166,6 +166,7 @@ def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule,
             flat = {"eg_worst_risk": float(row["worst_risk"]), "eg_coverage": float(row["coverage"])}
             flat.update({f"eg_beta_{names[k]}": float(v) for k, v in enumerate(row["beta"])})
             flat.update({f"eg_error_{names[k]}": float(v) for k, v in enumerate(row["group_error"])})
+            flat.update({f"eg_judged_error_{names[k]}": float(v) for k, v in enumerate(row["judged_error"])})
             mlflow.log_metrics(flat, step=step)
         mlflow.log_dict(rule.history.to_dict(), EG_HISTORY)
     if cfg.group_thresholds_mode == "per-group":

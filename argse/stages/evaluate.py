@@ -26,6 +26,7 @@ from argse.data.loaders import load_source
 from argse.models.gating import balanced_accuracy, gated_mixture
 from argse.selective import PluginRule
 from argse.selective.compare import Comparison, FitOptions, Method, compare, metric_dict
+from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from argse.serving import predict_frame
 from argse.stage_registry import EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI
 from argse.stages.argse import resolve_inputs
@@ -34,7 +35,7 @@ from argse.stages.gating import load_gate
 
 SUMMARY_COLUMNS = ("method", "aurc_balanced", "aurc_worst", "balanced_error_at1", "worst_error_at1",
                    "balanced_error_at0.8", "worst_error_at0.8", "balanced_error_at0.6", "worst_error_at0.6",
-                   "empty_group_points")
+                   "empty_group_points", "thin_group_points")
 
 
 def resolve_model(cfg: EvaluateConfig, experiment: str | None) -> tuple[mlflow.entities.Run, str]:
@@ -141,7 +142,7 @@ def summary_markdown(table) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|"]
     for _, row in table[columns].iterrows():  # a loop over methods
         cells = [str(row[c]) if c == "method" else
-                 str(int(row[c])) if c == "empty_group_points" else f"{float(row[c]):.4f}" for c in columns]
+                 str(int(row[c])) if c.endswith("_points") else f"{float(row[c]):.4f}" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -170,7 +171,9 @@ def log_comparison(comparison: Comparison, cfg: EvaluateConfig, group_names) -> 
     for risk, label in (("balanced", "balanced error"), ("worst", "worst-group error")):
         curves = {name: (points.loc[points["method"] == name, "coverage"].to_numpy(),
                          points.loc[points["method"] == name, f"{risk}_error"].to_numpy()) for name in order}
-        fig = figures.risk_coverage_curves(curves, label, f"{cfg.dataset} {cfg.split}: {label} at matched coverage")
+        thin = {name: points.loc[points["method"] == name, "thin_group"].to_numpy(dtype=bool) for name in order}
+        fig = figures.risk_coverage_curves(curves, label, f"{cfg.dataset} {cfg.split}: {label} at matched coverage",
+                                           thin, f"a group with < {MIN_GROUP_ACCEPTED} accepted images")
         mlflow.log_figure(fig, f"figures/rc_{risk}.png")
         figures.close(fig)
     fig = figures.bars_by_group({name: comparison.group_coverage[name] for name in order}, group_names,

@@ -318,7 +318,8 @@ def train_selective(
     earliest on ties) is restored into the gate and its rule returned, so the result is never worse on
     val than round 0. `select_by="aurc"` selects on the val coverage-matched AURC of the objective's
     error over `coverages` (default: the comparison's grid; `argse.selective.compare.matched_aurc`),
-    the number the evaluate stage ranks by. With `uniform_start`, round 0 also evaluates the uniform
+    the number the evaluate stage ranks by, with each group error judged by its upper confidence
+    bound on val (`judged=True`), so that no gate is kept for a tail that val saw on a few images. With `uniform_start`, round 0 also evaluates the uniform
     mixture (the gate with its last layer at zero, a member of the gate family) and starts from it
     when it is better on the criterion (row 0 then has start_uniform 1 and the starting gate's value
     in val_<criterion>_given); and, with `select_by="aurc"`, a best round that is not the uniform
@@ -395,7 +396,7 @@ def train_selective(
             row[criterion] = matched_aurc(
                 {"tunev": mix_fit, "val": mix_val}, {"tunev": y_fit_t.cpu(), "val": y_val_t.cpu()},
                 {"tunev": w_fit.double().cpu(), "val": w_val.double().cpu()}, c2g, objective, split="val",
-                coverages=COVERAGES if coverages is None else coverages, fit_options=options)
+                coverages=COVERAGES if coverages is None else coverages, fit_options=options, judged=True)
         return row, rule, mix_fit
 
     with _rng(device):
@@ -449,7 +450,7 @@ def train_selective(
             {k: v.double().cpu() for k, v in eta.items()}, {k: v.double().cpu() for k, v in uniform.items()},
             {"tunev": y_fit_t.cpu(), "val": y_val_t.cpu()}, {"tunev": w_fit.double().cpu(), "val": w_val.double().cpu()},
             c2g, objective, split="val", coverages=COVERAGES if coverages is None else coverages,
-            fit_options=options, n_boot=n_boot, seed=seed)
+            fit_options=options, n_boot=n_boot, seed=seed, judged=True)
         if not gap[2] < 0:
             gate.load_state_dict(uniform_state)
             gate.eval()
