@@ -342,6 +342,10 @@ class SplitsConfig(StageConfig):
         return cfg
 
 
+#: ``--at-once``: how the experts stage trains several experts (see :func:`argse.stages.experts.choose_mode`).
+AT_ONCE = ("auto", "yes", "no")
+
+
 @dataclass
 class ExpertsConfig(StageConfig):
     STAGE: ClassVar[str] = "experts"
@@ -362,6 +366,10 @@ class ExpertsConfig(StageConfig):
     splits_run: str = option("latest", help="The splits run: latest, a run id or runs:/<id>/splits.")
     resume: str | None = option(hashed=False, pipeline=False, metavar="RUN_ID",
                                 help="Continue this expert run (or --expert all run) from its last checkpoint.")
+    at_once: str = option("auto", choices=AT_ONCE, hashed=False,
+                          help="Train the experts at once, one process each (yes), one after another (no), or "
+                               "at once where that is faster (auto: a CPU with two or more free cores and at "
+                               "least 100,000 training images per expert); the results are the same.")
 
     def experts(self) -> tuple[str, ...]:
         return EXPERTS if self.expert == "all" else (self.expert,)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,20 +49,24 @@ from argse.stage_registry import (
 from argse.stages.splits import load_splits
 from argse.training import utils as training_utils
 from argse.training.calibration import fit_temperature, nll
+from argse.training.experts import (
+    CHECKPOINT_KEYS,
+    EVAL_BATCH,
+    ExpertTraining,
+    accuracy_metrics,
+    predict_logits,
+    train,
+)
 from argse.training.losses import make_loss
 from argse.training.utils import (
     autocast_context,
-    capture_rng_state,
     make_optimizer_and_scheduler,
     on_terminal,
     resolve_device,
-    restore_rng_state,
     seed_everything,
 )
 
 log = logging.getLogger(__name__)
-
-EVAL_BATCH = 1024
 
 
 @dataclasses.dataclass
@@ -109,40 +115,6 @@ def load_data(splits: Splits, splits_run_id: str, cfg: ExpertsConfig, device: to
                 {split: holder(split, "none") for split in EVAL_SPLITS})
 
 
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: DeviceImages, device: torch.device) -> torch.Tensor:
-    """Raw logits of every image, in order (float32 on the CPU). Computed in float32 even when training
-    uses bf16, so the logged logits are what the logged model computes."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for x, _ in images.eval_batches(EVAL_BATCH):
-        out.append(model(x).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, class_to_group: np.ndarray,
-                     group_names: tuple[str, ...]) -> dict[str, float]:
-    """Accuracy, balanced (mean per-class) accuracy and per-group accuracy (mean over the group's classes)."""
-    labels = labels.cpu()
-    correct = (logits.argmax(1) == labels).double()
-    num_classes = len(class_to_group)
-    per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, correct)
-    per_class /= torch.bincount(labels, minlength=num_classes).clamp_min(1).double()
-    out = {"acc": float(correct.mean()), "balanced_acc": float(per_class.mean())}
-    for k, name in enumerate(group_names):
-        out[f"acc_{name}"] = float(per_class[torch.as_tensor(class_to_group == k)].mean())
-    return out
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, generator, config: dict) -> None:
-    torch.save({
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "rng": capture_rng_state(generator), "config": config,
-    }, path)
-
-
 def load_checkpoint(run_id: str) -> dict | None:
     """The run's ``checkpoints/last.pt``, ``None`` when it has none; a corrupt file is an error that no
     resume can fix (:class:`tracking.RunBroken`: the run is then replaced, not resumed again)."""
@@ -152,7 +124,7 @@ def load_checkpoint(run_id: str) -> dict | None:
     path = tracking.download(run_id, CHECKPOINT)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "rng", "config") if k not in state]
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
         problem = f"missing {', '.join(missing)}" if missing else ""
     except Exception as exc:
         problem = type(exc).__name__
@@ -168,8 +140,10 @@ def training_mode(cfg: ExpertsConfig, device: torch.device) -> tuple[bool, bool]
 
 
 def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,
-                 resume: dict | None, run_id: str | None) -> ExpertModel:
-    """Train one expert, logging per-epoch metrics (rank 0); return the calibrated model."""
+                 resume: dict | None, run_id: str | None, position: int = 0) -> ExpertModel:
+    """Set up one expert (its seed, backbone, loss, optimizer), train it with
+    :func:`argse.training.experts.train`, logging per-epoch metrics and checkpoints (rank 0); return
+    the model, uncalibrated. ``position``: the line of its progress bar on a terminal."""
     splits = data.splits
     seed_everything(cfg.seed + EXPERTS.index(name))
     backbone = build_backbone(cfg.dataset, splits.num_classes).to(device)
@@ -184,68 +158,54 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
             backbone, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    criterion = make_loss(name, splits.train_counts, la_tau=cfg.la_tau, label_smoothing=cfg.label_smoothing).to(device)
     local_batch = cfg.batch_size // ddp.world_size
     steps = data.train.num_batches(local_batch, drop_last=False, world_size=ddp.world_size)
     optimizer, scheduler = make_optimizer_and_scheduler(
         backbone, lr=cfg.lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
         steps_per_epoch=steps, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs))
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + EXPERTS.index(name))
-    start_epoch = 0
+    state = ExpertTraining(
+        backbone=backbone, model=model,
+        criterion=make_loss(name, splits.train_counts, la_tau=cfg.la_tau, label_smoothing=cfg.label_smoothing).to(device),
+        optimizer=optimizer, scheduler=scheduler,
+        generator=torch.Generator().manual_seed(cfg.seed * 1000 + EXPERTS.index(name)))
     if resume is not None:
-        backbone.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        restore_rng_state(resume["rng"], generator)
-        start_epoch = int(resume["epoch"])
+        state.restore(resume)
         if ddp.main:
-            click.echo(f"{name}: resuming run {run_id} after epoch {start_epoch}/{cfg.epochs}")
+            click.echo(f"{name}: resuming run {run_id} after epoch {state.epoch}/{cfg.epochs}")
 
     val = data.evaluation["val"]
-    tmp = Path(tempfile.mkdtemp(prefix="argse-ckpt-"))
     # On a terminal: one bar per expert over all its steps. Elsewhere (files, CI): one line per epoch.
     bars = ddp.main and on_terminal()
-    bar = tqdm(total=(cfg.epochs - start_epoch) * steps, desc=name, leave=False, dynamic_ncols=True,
-               disable=not bars)
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        total_loss, seen = torch.zeros((), device=device), 0
-        batches = data.train.batches(local_batch, shuffle=True, generator=generator, augment=True,
-                                     drop_last=False, rank=ddp.rank, world_size=ddp.world_size)
-        for x, y in batches:
-            with autocast_context(device, enabled=bf16, cpu_bf16=bf16):
-                loss = criterion(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.detach() * len(y)
-            seen += len(y)
-            bar.update()
-        seconds = time.perf_counter() - started
-        if not ddp.main:
-            continue
-        logits = predict_logits(backbone, val, device)
-        metrics = {f"val_{k}": v for k, v in accuracy_metrics(logits, val.labels, splits.class_to_group,
-                                                                splits.group_names).items()}
-        metrics.update(train_loss=float(total_loss) / max(seen, 1), lr=scheduler.get_last_lr()[0],
-                       epoch_seconds=seconds, images_per_second=seen * ddp.world_size / seconds)
-        mlflow.log_metrics(metrics, step=epoch)
-        progress = (f"epoch {epoch}/{cfg.epochs}: loss {fmt_number(metrics['train_loss'])}, val acc "
-                    f"{fmt_number(metrics['val_acc'])}, balanced {fmt_number(metrics['val_balanced_acc'])}")
-        bar.set_postfix_str(f"epoch {epoch}/{cfg.epochs}, val balanced acc {fmt_number(metrics['val_balanced_acc'])}",
+    bar = tqdm(total=(cfg.epochs - state.epoch) * steps, desc=name, leave=False, dynamic_ncols=True,
+               disable=not bars, position=position)
+
+    def evaluate() -> dict[str, float]:
+        logits = predict_logits(backbone, val)
+        return {f"val_{k}": v for k, v in accuracy_metrics(logits, val.labels, splits.class_to_group,
+                                                             splits.group_names).items()}
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        mlflow.log_metrics(row, step=epoch)
+        progress = (f"epoch {epoch}/{cfg.epochs}: loss {fmt_number(row['train_loss'])}, val acc "
+                    f"{fmt_number(row['val_acc'])}, balanced {fmt_number(row['val_balanced_acc'])}")
+        bar.set_postfix_str(f"epoch {epoch}/{cfg.epochs}, val balanced acc {fmt_number(row['val_balanced_acc'])}",
                             refresh=False)
         if not bars:
-            click.echo(f"{name} {progress} ({seconds:.1f} s)")
+            click.echo(f"{name} {progress} ({row['epoch_seconds']:.1f} s)")
         elif cfg.verbose:
-            tqdm.write(f"{name} {progress} ({seconds:.1f} s)")
-        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-            local = tmp / CHECKPOINT
+            tqdm.write(f"{name} {progress} ({row['epoch_seconds']:.1f} s)")
+
+    with tempfile.TemporaryDirectory(prefix="argse-ckpt-") as tmp:
+        def on_checkpoint(epoch: int) -> None:
+            local = Path(tmp) / CHECKPOINT
             local.parent.mkdir(exist_ok=True)
-            save_checkpoint(local, backbone, optimizer, scheduler, epoch, generator, cfg.params())
+            torch.save(state.checkpoint(cfg.params()), local)
             mlflow.log_artifact(str(local), local.parent.name)
             tracking.failpoint("experts:checkpoint")
+
+        train(state, data.train, epochs=cfg.epochs, batch_size=local_batch, device=device, bf16=bf16,
+              checkpoint_every=cfg.checkpoint_every, rank=ddp.rank, world_size=ddp.world_size,
+              evaluate=evaluate, on_step=bar.update, on_epoch=on_epoch, on_checkpoint=on_checkpoint)
     bar.close()
     return ExpertModel(backbone, data.train.mean, data.train.std)
 
@@ -254,7 +214,7 @@ def calibrate_and_log(name: str, expert: ExpertModel, data: Data, device: torch.
     """Fit the temperature on val, log logits of every evaluation split, and the model."""
     splits = data.splits
     backbone = expert.backbone.to(device)
-    raw = {split: predict_logits(backbone, data.evaluation[split], device) for split in EVAL_SPLITS}
+    raw = {split: predict_logits(backbone, data.evaluation[split]) for split in EVAL_SPLITS}
     labels = {split: torch.as_tensor(splits.labels[split]) for split in EVAL_SPLITS}
     temperature = fit_temperature(raw["val"], labels["val"])
     expert.temperature.fill_(temperature)
@@ -328,6 +288,8 @@ def dry_run(cfg: ExpertsConfig, experiment: str | None) -> None:
         device = resolve_device(cfg.device)
     except ValueError as exc:
         raise ArgseUsageError(str(exc)) from None
+    n_experts = len(cfg.experts())
+    click.echo(f"  mode: {describe_mode(cfg, n_experts, device, Dist.from_env(), n_train)}")
     click.echo("  " + estimate(cfg, splits, device))
 
 
@@ -374,7 +336,7 @@ def estimate(cfg: ExpertsConfig, splits: Splits, device: torch.device, steps: in
                                mean=[0.5] * c, std=[0.25] * c, augmentation="none", device=device,
                                channels_last=channels_last)
     started = time.perf_counter()
-    predict_logits(backbone, eval_images, device)
+    predict_logits(backbone, eval_images)
     sync()
     eval_seconds = (time.perf_counter() - started) / len(eval_images)
 
@@ -412,6 +374,8 @@ def run(cfg: ExpertsConfig, *, experiment: str | None = None) -> dict[str, str]:
     ddp = Dist.from_env()
     if ddp.world_size > 1 and cfg.resume:
         raise ArgseUsageError("--resume is not supported under torchrun; resume on one process")
+    if not cfg.resume:  # a resumed run's experts are known once its run is read
+        check_at_once(cfg, ddp)
     if cfg.dry_run:
         if ddp.main:
             dry_run(cfg, experiment)
@@ -460,28 +424,237 @@ def _run(cfg: ExpertsConfig, device: torch.device, ddp: Dist, experiment: str | 
         upstream = EXPERTS_STAGE.upstream(splits=splits_run_id)
         tracking.set_upstream("experts", cfg.params(), upstream)
         splits, _ = _shared_splits(ddp, splits_run_id)
-        data = load_data(splits, splits_run_id, cfg, device)
         if single:
+            data = load_data(splits, splits_run_id, cfg, device)
             tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
             _train_and_log(label, cfg, data, device, ddp, None, outer.info.run_id)
             return {label: outer.info.run_id}
-        ids = {}
-        for name in cfg.experts():
-            child_cfg = dataclasses.replace(cfg, expert=name)
-            with tracking.stage_run("experts", cfg.dataset, child_cfg.params(), upstream=upstream,
-                                    run_name=f"expert-{name}", tags={tracking.TAG_EXPERT: name}) as child:
-                tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
-                _train_and_log(name, cfg, data, device, ddp, None, child.info.run_id)
-                ids[name] = child.info.run_id
-        mlflow.set_tags({expert_run_tag(n): i for n, i in ids.items()})
-        _log_summary(ids, splits)
+        ids = _train_all(cfg, plan(cfg, []), splits, splits_run_id, upstream, device, ddp)
         click.echo(f"experts run {outer.info.run_id}: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
         return {**ids, "all": outer.info.run_id}
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What the stage does with one expert of an ``--expert all`` run."""
+
+    name: str
+    action: str  # "skip": its run FINISHED; "resume": continue its run from its checkpoint; "start": a new run
+    run_id: str | None = None  # the run to skip or resume (None for start)
+
+
+def plan(cfg: ExpertsConfig, children: list) -> list[Job]:
+    """The one place that decides, per expert, whether to skip (its run FINISHED), resume (a run of it
+    exists: from its checkpoint, or from the start in the same run when it has none) or start.
+    ``children``: the child runs of the ``--expert all`` run (none for a new one), newest first."""
+    jobs = []
+    for name in cfg.experts():
+        child = next((c for c in children if c.data.tags.get(tracking.TAG_EXPERT) == name), None)
+        if child is None:
+            jobs.append(Job(name, "start"))
+        else:
+            jobs.append(Job(name, "skip" if child.info.status == "FINISHED" else "resume", child.info.run_id))
+    return jobs
+
+
+#: Below this many training images per expert (images x epochs), starting three processes (each
+#: imports torch and MLflow and reads the data, a few seconds) costs about what training at once
+#: saves: digits-lt's experts see 9,000, fashion-mnist-lt's 300,000 (bench/experts_at_once.py).
+AT_ONCE_MIN_IMAGES = 100_000
+
+
+def free_cores() -> tuple[int, float]:
+    """(cores this process may use, of which free): the affinity set less the 1-minute load average."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, max(0.0, cores - os.getloadavg()[0])
+
+
+def at_once_impossible(cfg: ExpertsConfig, ddp: Dist) -> str | None:
+    """Why this stage can never train its experts at once, or None."""
+    if len(cfg.experts()) < 2:
+        return f"--expert {cfg.expert} trains one expert"
+    if ddp.world_size > 1:
+        return f"under torchrun the {ddp.world_size} processes already train each expert together"
+    if free_cores()[0] < 2:
+        return "this process may use 1 CPU core"
+    return None
+
+
+def check_at_once(cfg: ExpertsConfig, ddp: Dist) -> None:
+    """``--at-once yes`` where at once can never run: a usage error, one line, before any run starts."""
+    why = at_once_impossible(cfg, ddp) if cfg.at_once == "yes" else None
+    if why is not None:
+        raise ArgseUsageError(f"--at-once yes cannot run here: {why}; drop it or pass --at-once no")
+
+
+def choose_mode(cfg: ExpertsConfig, n_train: int, device: torch.device, ddp: Dist,
+                train_images: int) -> tuple[bool, str]:
+    """Whether the stage trains its ``n_train`` experts at once (one process each) or one after another,
+    and why, in a phrase (:func:`check_at_once` has refused ``--at-once yes`` where it can never run)."""
+    cores, free = free_cores()
+    if cfg.at_once == "no":
+        return False, "--at-once no"
+    impossible = at_once_impossible(cfg, ddp)
+    if impossible is not None:
+        return False, impossible
+    if n_train < 2:
+        return False, f"{n_train} expert left to train"
+    if cfg.at_once == "yes":
+        return True, f"--at-once yes ({cores} cores, {free:.1f} free)"
+    if device.type != "cpu":
+        return False, f"on {device.type} the experts would share one device (at once not measured there)"
+    if train_images * cfg.epochs < AT_ONCE_MIN_IMAGES:
+        return False, (f"{train_images * cfg.epochs:,} training images per expert: too little work to pay for "
+                       f"starting {n_train} processes")
+    if free < 1.5:
+        return False, f"{free:.1f} of {cores} cores free (load {os.getloadavg()[0]:.1f}): at once would be no faster"
+    return True, f"{cores} cores, {free:.1f} free"
+
+
+def describe_mode(cfg: ExpertsConfig, n_experts: int, device: torch.device, ddp: Dist, train_images: int) -> str:
+    """:func:`choose_mode` in words: ``at once, 3 processes of 1 thread(s) (2 cores, 2.0 free)``."""
+    at_once, why = choose_mode(cfg, n_experts, device, ddp, train_images)
+    how = f"at once, {n_experts} processes of {worker_threads(cfg, n_experts)} thread(s)" if at_once else "one after another"
+    return f"{how} ({why})"
+
+
+def worker_threads(cfg: ExpertsConfig, n_workers: int) -> int:
+    """Torch threads per expert process: the preset's choice (one, where it found more threads slower
+    on a shared machine), else an equal share of the cores."""
+    return preset(cfg.dataset).cpu_threads or max(1, free_cores()[0] // n_workers)
+
+
+def _train_all(cfg: ExpertsConfig, jobs: list[Job], splits: Splits, splits_run_id: str, upstream: dict,
+               device: torch.device, ddp: Dist) -> dict[str, str]:
+    """Train the experts ``jobs`` asks for, at once or one after another (:func:`choose_mode`), inside
+    the active ``--expert all`` run; tag it with the expert runs and log its summary."""
+    todo = [job for job in jobs if job.action != "skip"]
+    for job in jobs:
+        if job.action == "skip":
+            click.echo(f"{job.name}: run {job.run_id} already FINISHED")
+    at_once, _ = choose_mode(cfg, len(todo), device, ddp, len(splits.indices["train"]))
+    if todo:
+        click.echo(f"experts: training {', '.join(job.name for job in todo)} "
+                   f"{describe_mode(cfg, len(todo), device, ddp, len(splits.indices['train']))}")
+    ids = {job.name: job.run_id for job in jobs if job.action == "skip"}
+    if at_once:
+        ids.update(_train_at_once(cfg, todo, splits_run_id, upstream))
+    elif todo:
+        data = load_data(splits, splits_run_id, cfg, device)
+        for job in todo:
+            kwargs = {"resume_run_id": job.run_id} if job.action == "resume" else {"run_name": f"expert-{job.name}"}
+            with tracking.stage_run("experts", cfg.dataset, dataclasses.replace(cfg, expert=job.name).params(),
+                                    upstream=upstream, tags={tracking.TAG_EXPERT: job.name}, **kwargs) as active:
+                state = load_checkpoint(active.info.run_id) if job.action == "resume" else None
+                if job.action == "start":
+                    tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
+                _train_and_log(job.name, cfg, data, device, ddp, state, active.info.run_id)
+                ids[job.name] = active.info.run_id
+    ids = {name: ids[name] for name in cfg.experts()}
+    mlflow.set_tags({expert_run_tag(n): i for n, i in ids.items()})
+    _log_summary(ids, splits)
+    return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerJob:
+    """What one expert process needs: everything travels by value (the process is spawned)."""
+
+    job: Job  # resume or start, with the run it works in
+    cfg: ExpertsConfig
+    splits_run_id: str
+    upstream: dict
+    tracking_uri: str
+    threads: int
+    position: int
+
+
+def _train_at_once(cfg: ExpertsConfig, todo: list[Job], splits_run_id: str, upstream: dict) -> dict[str, str]:
+    """One spawned process per expert, each in its own child run of the active run (created here, so
+    that a killed stage leaves them under their parent to be resumed); wait for all. A process that
+    fails or dies leaves its run FAILED and the stage fails with one line naming it, after the others
+    finished (their runs are reused by the next attempt)."""
+    import multiprocessing
+
+    client = mlflow.MlflowClient()
+    parent = mlflow.active_run()
+    jobs = []
+    for job in todo:
+        if job.action == "start":
+            run = client.create_run(parent.info.experiment_id, run_name=f"expert-{job.name}",
+                                    tags={"mlflow.parentRunId": parent.info.run_id, tracking.TAG_EXPERT: job.name})
+            job = Job(job.name, "start", run.info.run_id)
+        jobs.append(job)
+    threads = worker_threads(cfg, len(jobs))
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_expert_process, name=f"argse-expert-{job.name}", args=(
+        WorkerJob(job, cfg, splits_run_id, dict(upstream), mlflow.get_tracking_uri(), threads, i),))
+        for i, job in enumerate(jobs)]
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+    except BaseException:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=30)
+        raise
+    failed = []
+    for job, process in zip(jobs, processes):
+        run = client.get_run(job.run_id)
+        if run.info.status == "FINISHED":
+            continue
+        reason = run.data.tags.get(tracking.TAG_FAILURE) or f"its process ended with exit code {process.exitcode}"
+        if run.info.status == "RUNNING":  # it died without ending its run
+            client.set_tag(job.run_id, tracking.TAG_FAILURE, reason[:1000])
+            client.set_terminated(job.run_id, "FAILED")
+        failed.append(f"{job.name} (run {job.run_id}): {reason}")
+    if failed:
+        raise ArgseError("expert training failed: " + "; ".join(failed) + "; rerun the command to resume")
+    return {job.name: job.run_id for job in jobs}
+
+
+def _exit_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so that killing the stage, even
+    with SIGKILL, stops its expert processes too."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _expert_process(work: WorkerJob) -> None:
+    """The body of one expert process: train, calibrate and log one expert in its run."""
+    _exit_with_parent()
+    torch.set_num_threads(work.threads)
+    tracking.configure(work.tracking_uri)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    job, cfg = work.job, work.cfg
+    try:
+        with tracking.stage_run("experts", cfg.dataset, dataclasses.replace(cfg, expert=job.name).params(),
+                                upstream=work.upstream, resume_run_id=job.run_id, tags={tracking.TAG_EXPERT: job.name}):
+            device = resolve_device(cfg.device)
+            splits = load_splits(work.splits_run_id)
+            state = load_checkpoint(job.run_id) if job.action == "resume" else None
+            if job.action == "start":
+                tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
+            data = load_data(splits, work.splits_run_id, cfg, device)
+            _train_and_log(job.name, cfg, data, device, Dist(), state, job.run_id, work.position)
+    except BaseException as exc:  # recorded on the run; the stage reports it in one line
+        log.debug("the %s expert failed: %s", job.name, exc, exc_info=True)
+        sys.exit(1)
+
+
 def _train_and_log(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,
-                   resume: dict | None, run_id: str) -> None:
-    expert = train_expert(name, cfg, data, device, ddp, resume, run_id)
+                   resume: dict | None, run_id: str, position: int = 0) -> None:
+    expert = train_expert(name, cfg, data, device, ddp, resume, run_id, position)
     metrics = calibrate_and_log(name, expert, data, device)
     groups = data.splits.group_names
     click.echo(f"{name}: run {run_id}, val balanced acc {fmt_number(metrics['final_val_balanced_acc'])} ("
@@ -537,35 +710,17 @@ def _resume(cfg: ExpertsConfig, device: torch.device, experiment: str | None) ->
 
 def _resume_all(parent, cfg: ExpertsConfig, device: torch.device, experiment: str | None) -> dict[str, str]:
     """Resume a ``--expert all`` parent: finished experts stay, a killed one continues from its
-    checkpoint, a missing one starts."""
+    checkpoint, a missing one starts (:func:`plan`), at once or one after another."""
     client = mlflow.MlflowClient()
     cfg = dataclasses.replace(_config_from_run(parent, cfg), expert="all").resolve()
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         order_by=["attributes.start_time DESC"])
     upstream = EXPERTS_STAGE.upstream(splits=cfg.splits_run)
-    ids = {}
     with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream=upstream,
                             resume_run_id=parent.info.run_id, tags={tracking.TAG_EXPERT: "all"}):
         splits = load_splits(cfg.splits_run)
-        data = load_data(splits, cfg.splits_run, cfg, device)
-        for name in cfg.experts():
-            child = next((c for c in children if c.data.tags.get(tracking.TAG_EXPERT) == name), None)
-            child_cfg = dataclasses.replace(cfg, expert=name)
-            if child is not None and child.info.status == "FINISHED":
-                ids[name] = child.info.run_id
-                click.echo(f"{name}: run {child.info.run_id} already FINISHED")
-                continue
-            kwargs = {"resume_run_id": child.info.run_id} if child is not None else {"run_name": f"expert-{name}"}
-            with tracking.stage_run("experts", cfg.dataset, child_cfg.params(), upstream=upstream,
-                                    tags={tracking.TAG_EXPERT: name}, **kwargs) as active:
-                state = load_checkpoint(active.info.run_id) if child is not None else None
-                if child is None:
-                    tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
-                _train_and_log(name, cfg, data, device, Dist(), state, active.info.run_id)
-                ids[name] = active.info.run_id
-        mlflow.set_tags({expert_run_tag(n): i for n, i in ids.items()})
-        _log_summary(ids, splits)
+        ids = _train_all(cfg, plan(cfg, children), splits, cfg.splits_run, upstream, device, Dist())
     return {**ids, "all": parent.info.run_id}
 
 

@@ -1,0 +1,138 @@
+"""Training one expert: the epoch loop, pure torch (no MLflow, no click, no config).
+
+`ExpertTraining` holds what one expert carries from epoch to epoch and what its checkpoint stores:
+the model, the loss, the optimizer and its schedule, the batch generator and the last finished epoch.
+`train` runs the remaining epochs on the on-device training images; the caller learns of each epoch
+through `on_epoch(epoch, row)` (train loss, learning rate, seconds, images per second, and whatever
+`evaluate()` returns) and of each checkpoint through `on_checkpoint(epoch)`, and logs them as it
+likes. Under DistributedDataParallel every rank calls `train`; only the main rank evaluates and gets
+the callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from argse.data.device import DeviceImages
+from argse.training.utils import autocast_context, capture_rng_state, restore_rng_state
+
+#: The parts a checkpoint of `ExpertTraining.checkpoint` holds.
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config")
+EVAL_BATCH = 1024
+
+
+@dataclass
+class ExpertTraining:
+    """One expert's training state. `backbone` is the module whose weights are saved; `model` is what
+    the steps call (the backbone itself, or its DistributedDataParallel / compiled wrapper)."""
+
+    backbone: nn.Module
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    epoch: int = 0  #: the last finished epoch
+
+    def checkpoint(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Everything a resume needs to continue exactly, with the run's `config` beside it."""
+        return {"model": self.backbone.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "rng": capture_rng_state(self.generator), "config": config}
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from a `checkpoint` (model, optimizer, schedule, random state and epoch)."""
+        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+        if missing:
+            raise ValueError(f"the checkpoint misses {', '.join(missing)}.")
+        self.backbone.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng_state(checkpoint["rng"], self.generator)
+        self.epoch = int(checkpoint["epoch"])
+
+
+def train(
+    state: ExpertTraining,
+    data: DeviceImages,
+    *,
+    epochs: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool = False,
+    checkpoint_every: int = 5,
+    rank: int = 0,
+    world_size: int = 1,
+    evaluate: Optional[Callable[[], dict[str, float]]] = None,
+    on_step: Optional[Callable[[], None]] = None,
+    on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
+    on_checkpoint: Optional[Callable[[int], None]] = None,
+) -> ExpertTraining:
+    """Train from `state.epoch + 1` to `epochs`: each epoch one shuffled pass over `data` in batches of
+    `batch_size` (this rank's share of the global batch), with the data's augmentation, bf16 autocast
+    when `bf16`, and one optimizer and schedule step per batch. After each epoch the main rank (rank 0)
+    calls `evaluate()` and `on_epoch(epoch, row)`; every `checkpoint_every` epochs and after the last
+    one it calls `on_checkpoint(epoch)` (with `state.epoch` already at that epoch). `on_step()` is
+    called after every step, on every rank. Returns `state`."""
+    main = rank == 0
+    for epoch in range(state.epoch + 1, epochs + 1):
+        state.model.train()
+        started = time.perf_counter()
+        total_loss, seen = torch.zeros((), device=device), 0
+        batches = data.batches(batch_size, shuffle=True, generator=state.generator, augment=True,
+                               drop_last=False, rank=rank, world_size=world_size)
+        for x, y in batches:
+            with autocast_context(device, enabled=bf16, cpu_bf16=bf16):
+                loss = state.criterion(state.model(x).float(), y)
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            state.scheduler.step()
+            total_loss += loss.detach() * len(y)
+            seen += len(y)
+            if on_step is not None:
+                on_step()
+        seconds = time.perf_counter() - started
+        state.epoch = epoch
+        if not main:
+            continue
+        row = {"train_loss": float(total_loss) / max(seen, 1), "lr": state.scheduler.get_last_lr()[0],
+               "epoch_seconds": seconds, "images_per_second": seen * world_size / seconds}
+        if evaluate is not None:
+            row.update(evaluate())
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if on_checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
+            on_checkpoint(epoch)
+    return state
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: DeviceImages) -> torch.Tensor:
+    """Raw logits of every image, in order (float32 on the CPU). Computed in float32 even when training
+    uses bf16, so the logged logits are what the logged model computes."""
+    was_training = model.training
+    model.eval()
+    out = [model(x).float().cpu() for x, _ in images.eval_batches(EVAL_BATCH)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, class_to_group: np.ndarray,
+                     group_names: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy, balanced (mean per-class) accuracy and per-group accuracy (mean over the group's classes)."""
+    labels = labels.cpu()
+    correct = (logits.argmax(1) == labels).double()
+    num_classes = len(class_to_group)
+    per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, correct)
+    per_class /= torch.bincount(labels, minlength=num_classes).clamp_min(1).double()
+    out = {"acc": float(correct.mean()), "balanced_acc": float(per_class.mean())}
+    for k, name in enumerate(group_names):
+        out[f"acc_{name}"] = float(per_class[torch.as_tensor(class_to_group == k)].mean())
+    return out

@@ -1,0 +1,198 @@
+"""The original benchmark at its real size, offline: CIFAR-100-LT end to end on a generated folder.
+
+    python bench/cifar_full_size.py [--epochs 3] [--data-dir /tmp/argse-cifar100-full] [--device auto]
+
+Writes a CIFAR-100-format folder of the real sizes (the `cifar-100-python` pickles torchvision reads:
+50,000 train and 10,000 test 32x32 colour images, 100 classes) whose images carry a learnable class
+signal (each class a smooth colour pattern of its own, under heavy per-image noise and a random
+shift), unless the folder is there already. Then runs `argse pipeline --dataset cifar100-lt` on it
+through the real loader with ResNet-32 for `--epochs` epochs (splits at imbalance factor 100: 10,847
+train images; experts; gating; fit; evaluate with 100 classes; registration), serves the champion
+with `mlflow models serve` and sends it one request. Prints the wall time of each stage, the peak
+resident memory of the pipeline and its processes, and the projected time of the preset's 200 epochs
+on this machine (the measured per-epoch time of the experts stage, with the rest of the pipeline as
+measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+N_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 500, 100
+STAGES = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
+
+
+def write_folder(root: Path, seed: int = 0) -> Path:
+    """The `cifar-100-python/{train,test,meta}` pickles at CIFAR-100's sizes, with a class signal: class
+    c's images are its 8x8 random colour pattern, upsampled to 32x32, shifted by up to 6 pixels, at
+    30% contrast under Gaussian noise of standard deviation 64 (of 255)."""
+    folder = root / "cifar-100-python"
+    if (folder / "meta").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    patterns = rng.uniform(-1.0, 1.0, size=(N_CLASSES, 3, 8, 8)).repeat(4, axis=2).repeat(4, axis=3)  # [C, 3, 32, 32]
+    for name, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        labels = np.repeat(np.arange(N_CLASSES), per_class)
+        rng.shuffle(labels)
+        data = np.empty((len(labels), 3 * 32 * 32), dtype=np.uint8)
+        for start in range(0, len(labels), 5000):  # in chunks, to keep the float arrays small
+            y = labels[start:start + 5000]
+            shift = rng.integers(-6, 7, size=(len(y), 2))
+            images = np.stack([np.roll(patterns[c], tuple(s), axis=(1, 2)) for c, s in zip(y, shift)])
+            images = 128 + 0.3 * 127 * images + rng.normal(0, 64, size=images.shape)
+            data[start:start + len(y)] = np.clip(images, 0, 255).astype(np.uint8).reshape(len(y), -1)
+        batch = {"data": data, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(),
+                 "filenames": [f"img_{i}.png" for i in range(len(labels))], "batch_label": name}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({"fine_label_names": [f"class_{c:02d}" for c in range(N_CLASSES)],
+                     "coarse_label_names": [f"super_{c:02d}" for c in range(20)]}, fh)
+    return folder
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage_times(client, pipeline_id: str) -> dict[str, float]:
+    """Wall seconds of each stage run of the pipeline (its child runs, by run name)."""
+    run = client.get_run(pipeline_id)
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{pipeline_id}'")
+    out = {}
+    for child in children:
+        name = child.data.tags.get("mlflow.runName", "")
+        out[name] = (child.info.end_time - child.info.start_time) / 1000
+    return out
+
+
+def experts_epoch_wall(client, experts_parent: str) -> tuple[float, int]:
+    """The experts stage's wall seconds per epoch once training runs (the slowest expert's time from its
+    first to its last logged epoch, divided by the epochs between), and the epochs trained."""
+    parent = client.get_run(experts_parent)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{experts_parent}'")
+    per_epoch, epochs = 0.0, 0
+    for child in children:
+        history = sorted(client.get_metric_history(child.info.run_id, "val_acc"), key=lambda m: m.step)
+        epochs = len(history)
+        if len(history) >= 2:
+            per_epoch = max(per_epoch, (history[-1].timestamp - history[0].timestamp) / 1000 / (len(history) - 1))
+        else:
+            per_epoch = max(per_epoch, child.data.metrics.get("epoch_seconds", 0.0))
+    return per_epoch, epochs
+
+
+def serve_one_request(env: dict[str, str], model_uri: str, image: np.ndarray) -> str:
+    """`mlflow models serve` the model, send one image, stop the server; the answer."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"inputs": image[None].tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        return urllib.request.urlopen(request, timeout=60).read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "argse-cifar100-full"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    from mlflow.tracking import MlflowClient
+
+    data_dir = Path(args.data_dir)
+    started = time.perf_counter()
+    write_folder(data_dir)
+    print(f"{cpu_name()}, {os.cpu_count()} cores; CIFAR-100-format folder {data_dir} "
+          f"({time.perf_counter() - started:.0f} s to write or find)")
+    with tempfile.TemporaryDirectory(prefix="argse-cifar-") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MPLBACKEND": "Agg",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+            env.pop(key, None)
+        cmd = [sys.executable, "-m", "argse", "pipeline", "--dataset", "cifar100-lt", "--data-dir", str(data_dir),
+               "--epochs", str(args.epochs), "--device", args.device]
+        print("$ " + " ".join(cmd[2:]), flush=True)
+        started = time.perf_counter()
+        done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
+        if done.returncode != 0:
+            sys.exit(f"the pipeline failed ({wall:.0f} s):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        print(done.stdout[-4000:])
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        exps = [e.experiment_id for e in client.search_experiments()]
+        pipeline = client.search_runs(exps, "tags.\"argse.stage\" = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
+        runs = client.search_runs(exps, "tags.\"argse.stage\" != 'pipeline'")
+        assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_id, r.info.status) for r in runs]
+        times = stage_times(client, pipeline.info.run_id)
+        experts_parent = client.search_runs(exps, "tags.\"argse.expert\" = 'all'")[0].info.run_id
+        per_epoch, epochs = experts_epoch_wall(client, experts_parent)
+
+        source_images = pickle.load(open(data_dir / "cifar-100-python" / "test", "rb"))["data"][:1]
+        image = source_images.reshape(1, 3, 32, 32).transpose(0, 2, 3, 1)[0]
+        answer = serve_one_request(env, "models:/ar-gse-cifar100-lt@champion", image)
+
+    print("| stage | wall |")
+    print("|:---|---:|")
+    for name in STAGES:
+        seconds = next((v for k, v in times.items() if k.startswith(name)), None)
+        print(f"| {name} | {'-' if seconds is None else f'{seconds:.0f} s'} |")
+    print(f"| pipeline (process) | {wall:.0f} s |")
+    print(f"\nall {len(runs)} stage runs FINISHED; peak resident memory of one process: {peak:.2f} GiB")
+    print(f"served models:/ar-gse-cifar100-lt@champion, one request: {answer}")
+    experts_wall = next(v for k, v in times.items() if k.startswith("experts"))
+    projected_experts = experts_wall + (200 - epochs) * per_epoch
+    projected = wall - experts_wall + projected_experts
+    print(f"experts stage: {per_epoch:.1f} s per epoch of the three experts ({epochs} epochs trained); "
+          f"projected for the preset's 200 epochs: experts {projected_experts / 3600:.2f} h, "
+          f"pipeline {projected / 3600:.2f} h on this machine")
+
+
+if __name__ == "__main__":
+    main()

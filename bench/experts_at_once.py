@@ -1,0 +1,101 @@
+"""The experts stage at once (one process per expert) against one after another, interleaved.
+
+    python bench/experts_at_once.py [--epochs 20] [--repeats 1] [--data-dir /usr/share/datasets/fashion-mnist]
+
+On fashion-mnist-lt (Debian's `dataset-fashion-mnist`; the preset's 14,886 train images, bf16 on CPUs
+with bf16 units, one torch thread per expert), in a temporary MLflow store: one splits run, then
+`argse experts --at-once no` and `--at-once yes` as fresh processes (what the pipeline starts),
+alternating which goes first in each repeat, each timed from start to exit. Prints the wall times,
+their ratio (one after another / at once) and each expert's final val accuracy in both modes, at the
+same seed. Run it on an idle machine: the point is how the stage uses the cores it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EXPERTS = ("ce", "logitadjust", "balsoftmax")
+
+
+def argse(args: list[str], env: dict[str, str], cwd: Path) -> float:
+    """Run ``python -m argse ARGS``; its wall time in seconds (it must succeed)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "argse", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"argse {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per expert (the preset's: 20)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (else Debian's folder)")
+    args = parser.parse_args()
+
+    from mlflow.tracking import MlflowClient
+
+    from argse.stage_registry import expert_run_tag
+
+    with tempfile.TemporaryDirectory(prefix="argse-bench-") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MPLBACKEND": "Agg",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+            env.pop(key, None)
+        common = ["--dataset", "fashion-mnist-lt", "--data-dir", args.data_dir]
+        argse(["splits", *common], env, work)
+        print(f"{cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} before; "
+              f"fashion-mnist-lt experts, {args.epochs} epochs each")
+        times: dict[str, list[float]] = {"no": [], "yes": []}
+        parents: dict[str, list[str]] = {"no": [], "yes": []}
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        for repeat in range(args.repeats):
+            for mode in (("no", "yes") if repeat % 2 == 0 else ("yes", "no")):
+                seconds = argse(["experts", *common, "--epochs", str(args.epochs), "--at-once", mode], env, work)
+                times[mode].append(seconds)
+                exps = [e.experiment_id for e in client.search_experiments()]
+                newest = client.search_runs(exps, "tags.\"argse.expert\" = 'all'", order_by=["attributes.start_time DESC"])
+                parents[mode].append(newest[0].info.run_id)
+                print(f"  repeat {repeat + 1}, --at-once {mode}: {seconds:.1f} s", flush=True)
+
+        def accuracies(parent_id: str) -> dict[str, float]:
+            tags = client.get_run(parent_id).data.tags
+            return {name: client.get_run(tags[expert_run_tag(name)]).data.metrics["final_val_acc"] for name in EXPERTS}
+
+        serial, at_once = statistics.median(times["no"]), statistics.median(times["yes"])
+        print()
+        print("| mode | wall (median) | " + " | ".join(f"{name} val acc" for name in EXPERTS) + " |")
+        print("|:---|---:|" + "---:|" * len(EXPERTS))
+        for mode, label, seconds in (("no", "one after another", serial), ("yes", "at once", at_once)):
+            acc = accuracies(parents[mode][0])
+            print(f"| {label} | {seconds:.1f} s | " + " | ".join(f"{acc[name]:.4f}" for name in EXPERTS) + " |")
+        gap = max(abs(accuracies(parents["no"][0])[n] - accuracies(parents["yes"][0])[n]) for n in EXPERTS)
+        print(f"\nratio (one after another / at once): {serial / at_once:.2f}x; largest val accuracy difference "
+              f"between the modes: {gap * 100:.2f} points")
+
+
+if __name__ == "__main__":
+    main()
