@@ -18,6 +18,8 @@ import click
 from argse import ArgseError, ArgseUsageError, __version__
 from argse.config import (
     EVAL_SPLITS,
+    BenchmarkConfig,
+    benchmark_pass_through,
     BOOLEAN_WORDS,
     NOT_GIVEN,
     PRESETS,
@@ -294,6 +296,26 @@ def pipeline(**kwargs):
     option left at its default leaves each stage at its own default."""
     given = {p.name: kwargs.pop(p.name) for p in pipeline_options()}
     _run(PipelineConfig, "pipeline", kwargs, stage_options=given)
+
+
+def benchmark_options(f):
+    """The pipeline options ``argse benchmark`` passes to each pipeline (:func:`argse.config.benchmark_pass_through`)."""
+    for p in reversed(benchmark_pass_through()):
+        f = click_option(p.option, name=p.name, default=p.default, help=_pass_through_help(p))(f)
+    return f
+
+
+@cli.command()
+@config_options(BenchmarkConfig)
+@benchmark_options
+@tracking_options
+def benchmark(**kwargs):
+    """Run the pipeline for several seeds (and test priors) side by side; summarise them in one run.
+
+    Every pipeline option reaches each pipeline as `argse pipeline` takes it; a pipeline that finished
+    with the same options is reused."""
+    given = {p.name: kwargs.pop(p.name) for p in benchmark_pass_through()}
+    _run(BenchmarkConfig, "benchmark", kwargs, stage_options=given)
 
 
 def _one_line(exc: BaseException) -> str:

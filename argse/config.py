@@ -599,8 +599,103 @@ class PipelineConfig(StageConfig):
         return out
 
 
+def parse_seeds(text: str | tuple[int, ...]) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``: distinct non-negative integers, at least one."""
+    if isinstance(text, tuple):
+        values = list(text)
+    else:
+        parts = [v.strip() for v in str(text).split(",")]
+        if not any(parts):
+            raise ArgseUsageError("it is empty: give one or more seeds, e.g. 0,1,2")
+        bad = [v for v in parts if not v.isdigit()]
+        if bad:
+            raise ArgseUsageError(f"{bad[0]!r} is not a non-negative integer: give seeds like 0,1,2")
+        values = [int(v) for v in parts]
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ArgseUsageError(f"seed {repeated[0]} is given twice: give each seed once")
+    if any(v < 0 for v in values):
+        raise ArgseUsageError("seeds are non-negative integers, e.g. 0,1,2")
+    return tuple(values)
+
+
+def parse_priors(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    """``"lt,balanced"`` -> ``("lt", "balanced")``: known target priors, each once."""
+    values = list(text) if isinstance(text, tuple) else [v.strip() for v in str(text).split(",") if v.strip()]
+    unknown = [v for v in values if v not in PRIORS]
+    if not values or unknown:
+        raise ArgseUsageError(f"{text!r}: choose one or more of {', '.join(PRIORS)}, separated by commas")
+    if len(set(values)) < len(values):
+        raise ArgseUsageError(f"{text!r} names a prior twice")
+    return tuple(values)
+
+
+#: The pipeline options the benchmark sets itself for each pipeline it starts, in place of the
+#: pipeline's own: one pipeline per seed (``--seeds``) and test prior (``--test-prior``, a list here).
+BENCHMARK_OWN = ("test_prior",)
+
+
+def benchmark_pass_through() -> tuple[PassThrough, ...]:
+    """The pipeline options ``argse benchmark`` passes to every pipeline as ``argse pipeline`` takes them."""
+    return tuple(p for p in pipeline_options() if p.name not in BENCHMARK_OWN)
+
+
+@dataclass
+class BenchmarkConfig(StageConfig):
+    """``argse benchmark``: the pipeline over several seeds (and test priors), side by side, and one
+    summary run. Its own options, and the pipeline options given to it (``stage_options``), which reach
+    every pipeline as ``argse pipeline`` takes them (:func:`benchmark_pass_through`)."""
+
+    STAGE: ClassVar[str] = "benchmark"
+
+    seed: int = 0  # not an option here: --seeds
+    seeds: tuple[int, ...] = option("0,1,2", parse=parse_seeds, metavar="S[,S...]",
+                                    help="The seeds, one pipeline each (splits, initialisation, batches).")
+    test_prior: tuple[str, ...] = option("lt", parse=parse_priors, metavar="PRIOR[,PRIOR...]",
+                                         help=f"The target label priors, one pipeline each per seed ({', '.join(PRIORS)}).")
+    workers: int | None = option(hashed=False, help="Pipelines run side by side (default: what the machine's "
+                                                   "cores and memory fit; --dry-run says which).")
+    force: bool = option(False, hashed=False, help="Rerun every pipeline even when an identical one finished.")
+    stage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def resolve(self) -> "BenchmarkConfig":
+        cfg = self._resolved()
+        if cfg.workers is not None and cfg.workers < 1:
+            raise ArgseUsageError(f"--workers {cfg.workers} must be >= 1 (or left out: what the machine fits)")
+        known = {p.name for p in benchmark_pass_through()}
+        unknown = sorted(set(cfg.stage_options) - known)
+        if unknown:
+            raise ArgseUsageError(f"argse benchmark has no option --{unknown[0].replace('_', '-')}")
+        for seed in cfg.seeds:  # every pipeline's options are checked before anything runs
+            for prior in cfg.test_prior:
+                cfg.pipeline_config(seed, prior)
+        return cfg
+
+    def pipeline_config(self, seed: int, prior: str) -> "PipelineConfig":
+        """The resolved config of the pipeline of one seed and prior."""
+        given = {k: v for k, v in self.stage_options.items() if v is not None}
+        return PipelineConfig(dataset=self.dataset, data_dir=self.data_dir, seed=seed, device=self.device,
+                              verbose=self.verbose, stage_options={**given, "test_prior": prior}).resolve()
+
+    def pipeline_args(self, seed: int, prior: str) -> list[str]:
+        """``argse pipeline`` arguments that give :meth:`pipeline_config`."""
+        cfg = self.pipeline_config(seed, prior)
+        args = ["--dataset", cfg.dataset, "--data-dir", cfg.data_dir, "--seed", str(seed), "--device", cfg.device]
+        for name, value in cfg.stage_options.items():
+            args += ["--" + name.replace("_", "-"), show_value(value)]
+        return args + (["--verbose"] if self.verbose else [])
+
+    def params(self) -> dict[str, Any]:
+        out = super().params()
+        for name, value in self.stage_options.items():
+            if value is not None:
+                out[name] = show_value(value)
+        return out
+
+
 __all__ = [
     "DATASETS", "EXPERTS", "OBJECTIVES", "DatasetPreset", "PRESETS", "preset", "option", "options", "Option",
     "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig",
     "EvaluateConfig", "PipelineConfig", "PassThrough", "pipeline_options", "STAGE_CONFIGS", "PIPELINE_STEPS",
+    "BenchmarkConfig", "benchmark_pass_through", "parse_seeds", "parse_priors",
 ]

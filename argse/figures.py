@@ -68,11 +68,13 @@ def bars_by_group(values: dict[str, np.ndarray], group_names, ylabel: str, title
 
 
 def risk_coverage_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ylabel: str, title: str,
-                         thin: dict[str, np.ndarray] | None = None, thin_label: str = "a group thinly accepted"):
+                         thin: dict[str, np.ndarray] | None = None, thin_label: str = "a group thinly accepted",
+                         bands: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, xlabel: str = "coverage"):
     """One line per method: risk against coverage, markers on the measured points; each method has its
     own colour, line style and marker, so coinciding curves stay distinguishable. `thin` maps a method
     to a boolean per point: those points are ringed in black (`thin_label` in the legend), for points
-    whose error rests on a group with too few accepted samples."""
+    whose error rests on a group with too few accepted samples. `bands` maps a method to the (low,
+    high) risk at each point, shaded in its colour (e.g. the range over seeds)."""
     fig, ax = plt.subplots(figsize=(9.5, 5))
     colours = plt.get_cmap("tab10").colors
     ringed = False
@@ -81,12 +83,16 @@ def risk_coverage_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ylabe
         ax.plot(coverage, risk, label=label, linewidth=1.4, markersize=4,
                 color=colours[i % len(colours)], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
                 marker=MARKERS[i % len(MARKERS)], alpha=0.9)
+        if bands and label in bands:
+            low, high = bands[label]
+            ax.fill_between(coverage, np.asarray(low), np.asarray(high), color=colours[i % len(colours)], alpha=0.12,
+                            linewidth=0)
         flags = np.asarray(thin.get(label, np.zeros(len(coverage), bool)) if thin else np.zeros(len(coverage), bool))
         if flags.any():
             ax.plot(coverage[flags], risk[flags], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
                     markeredgecolor="black", markeredgewidth=1.2, label=None if ringed else thin_label)
             ringed = True
-    ax.set_xlabel("coverage")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xlim(0, 1.02)
     ax.set_ylim(bottom=0)

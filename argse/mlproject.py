@@ -13,7 +13,16 @@ import json
 import textwrap
 
 from argse import stage_registry
-from argse.config import STAGE_CONFIGS, Option, PipelineConfig, options, pipeline_options, show_value
+from argse.config import (
+    STAGE_CONFIGS,
+    BenchmarkConfig,
+    Option,
+    PipelineConfig,
+    benchmark_pass_through,
+    options,
+    pipeline_options,
+    show_value,
+)
 
 HEADER = """\
 name: ar-gse
@@ -42,6 +51,9 @@ def entry_parameters(stage: stage_registry.Stage) -> list[tuple[str, str | None]
     if stage is stage_registry.PIPELINE_STAGE:
         params = [(o.name, default_text(o, o.default)) for o in options(PipelineConfig)]
         return params + [(p.name, default_text(p.option, p.default)) for p in pipeline_options()]
+    if stage is stage_registry.BENCHMARK_STAGE:
+        params = [(o.name, default_text(o, o.default)) for o in options(BenchmarkConfig)]
+        return params + [(p.name, default_text(p.option, p.default)) for p in benchmark_pass_through()]
     return [(o.name, None if o.required else default_text(o, o.default)) for o in options(STAGE_CONFIGS[stage.name])]
 
 

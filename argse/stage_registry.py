@@ -32,6 +32,8 @@ TAG_VERSION_RISK = "argse.val_worst_l2r"  # on a model version: its run's val wo
 TAG_MODEL_URI = "argse.model_uri"  # evaluate: the model URI it evaluated
 TAG_DRY_RUN = "argse.dry_run"  # pipeline: a run `mlflow run` made for a dry run
 TAG_STEP = "argse.step."  # + pipeline step name, on the pipeline run: "<action> <run id>"
+TAG_BENCHMARK_PIPELINE = "argse.benchmark.pipeline."  # + "seed<S>.<prior>", on a benchmark run: the pipeline it read
+TAG_BENCHMARK_FAILED = "argse.benchmark.failed."  # + "seed<S>.<prior>", on a benchmark run: why that pipeline failed
 
 # -- artifact paths, relative to the run's artifact root -------------------------------------------
 
@@ -46,6 +48,8 @@ RULE = "rule/rule.json"  # argse: the fitted plug-in rule
 EG_HISTORY = "rule/eg_history.json"  # argse, worst objective: the exponentiated-gradient history
 RESULTS_DIR = "results"  # evaluate: the comparison tables
 RESULTS_TABLE = "table.csv"  # in RESULTS_DIR (and in --output-dir): one row a method, best first
+COVERAGE_POINTS = "coverage_points.csv"  # in RESULTS_DIR: each method's errors at each target coverage
+BENCHMARK_DIR = "benchmark"  # benchmark: the summary over seeds (table.csv, table.md, figures, logs)
 
 
 def logits_path(split: str) -> str:
@@ -145,9 +149,13 @@ EVALUATE_STAGE = Stage(
            Input("experts", "experts"), Input("splits", "splits")),
     tags=(TAG_MODEL_URI,), artifacts=(f"{RESULTS_DIR}/{RESULTS_TABLE}",))
 PIPELINE_STAGE = Stage("pipeline", command="pipeline", entry_point="main", step=None, tags=(TAG_DRY_RUN, TAG_STEP))
+BENCHMARK_STAGE = Stage("benchmark", command="benchmark", entry_point="benchmark", step=None,
+                        tags=(TAG_BENCHMARK_PIPELINE, TAG_BENCHMARK_FAILED),
+                        artifacts=(f"{BENCHMARK_DIR}/{RESULTS_TABLE}",))
 
 STAGES: Mapping[str, Stage] = MappingProxyType(
-    {s.name: s for s in (SPLITS_STAGE, EXPERTS_STAGE, GATING_STAGE, ARGSE_STAGE, EVALUATE_STAGE, PIPELINE_STAGE)})
+    {s.name: s for s in (SPLITS_STAGE, EXPERTS_STAGE, GATING_STAGE, ARGSE_STAGE, EVALUATE_STAGE, PIPELINE_STAGE,
+                         BENCHMARK_STAGE)})
 PIPELINE_STEPS = tuple(s.step for s in STAGES.values() if s.step)  # data, experts, gating, argse, eval
 
 

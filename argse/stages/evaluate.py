@@ -28,7 +28,7 @@ from argse.selective import PluginRule
 from argse.selective.compare import Comparison, FitOptions, Method, compare, metric_dict
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from argse.serving import predict_frame
-from argse.stage_registry import EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI
+from argse.stage_registry import COVERAGE_POINTS, EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI
 from argse.stages.argse import resolve_inputs
 from argse.stages.common import ExpertSet, load_experts
 from argse.stages.gating import load_gate
@@ -186,5 +186,5 @@ def write_results(comparison: Comparison, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     comparison.table.to_csv(folder / RESULTS_TABLE, index=False)
     (folder / "table.md").write_text(comparison.to_markdown() + "\n")
-    comparison.coverage_points.to_csv(folder / "coverage_points.csv", index=False)
+    comparison.coverage_points.to_csv(folder / COVERAGE_POINTS, index=False)
     comparison.group_points.to_csv(folder / "coverage_points_by_group.csv", index=False)

@@ -60,6 +60,7 @@ from argse.training.experts import (
 from argse.training.losses import make_loss
 from argse.training.utils import (
     autocast_context,
+    free_cores,
     make_optimizer_and_scheduler,
     on_terminal,
     resolve_device,
@@ -461,12 +462,6 @@ def plan(cfg: ExpertsConfig, children: list) -> list[Job]:
 #: imports torch and MLflow and reads the data, a few seconds) costs about what training at once
 #: saves: digits-lt's experts see 9,000, fashion-mnist-lt's 300,000 (bench/experts_at_once.py).
 AT_ONCE_MIN_IMAGES = 100_000
-
-
-def free_cores() -> tuple[int, float]:
-    """(cores this process may use, of which free): the affinity set less the 1-minute load average."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores, max(0.0, cores - os.getloadavg()[0])
 
 
 def at_once_impossible(cfg: ExpertsConfig, ddp: Dist) -> str | None:

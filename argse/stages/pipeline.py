@@ -180,6 +180,7 @@ def run(cfg: PipelineConfig, *, experiment: str | None = None) -> str | None:
 
     started = time.perf_counter()
     with tracking.stage_run("pipeline", cfg.dataset, cfg.params(), experiment=experiment, run_name="pipeline") as parent:
+        wait_for_twin(parent, cfg.dataset, experiment)
         pipeline.execute(dry_run=False)
         mlflow.set_tags({stage_registry.TAG_STEP + s.name: f"{s.action} {s.run_id}" for s in pipeline.steps})
         mlflow.log_metrics({"stages_reused": float(sum(s.action == "reused" for s in pipeline.steps)),
@@ -190,6 +191,42 @@ def run(cfg: PipelineConfig, *, experiment: str | None = None) -> str | None:
             click.echo(f"  {step.name:<17} {step.action:<8} {step.run_id}")
         _finale(pipeline)
         return parent.info.run_id
+
+
+#: A pipeline waits this long after its run exists before it looks for a twin, so that two started at
+#: the same moment (two machines on one team server) both see each other and agree who goes first.
+TWIN_SETTLE_S = 1.0
+
+
+def live_twins(run, dataset: str, experiment: str | None) -> list:
+    """The live pipeline runs with the configuration hash and code of ``run`` that started before it
+    (ties broken by run id): another process is working on the same stages right now."""
+    tags = run.data.tags
+    exp_ids = tracking.search_experiment_ids(dataset, experiment)
+    found = MlflowClient().search_runs(exp_ids, filter_string=(
+        f"tags.\"{tracking.TAG_STAGE}\" = 'pipeline' and tags.\"{tracking.TAG_HASH}\" = '{tags[tracking.TAG_HASH]}' "
+        f"and tags.\"{tracking.TAG_CODE}\" = '{tags[tracking.TAG_CODE]}' and attributes.status = 'RUNNING'"))
+    mine = (run.info.start_time, run.info.run_id)
+    return [r for r in found if (r.info.start_time, r.info.run_id) < mine and tracking.liveness(r).alive]
+
+
+def wait_for_twin(parent, dataset: str, experiment: str | None) -> None:
+    """Wait while a twin (:func:`live_twins`) works, so that this pipeline then reuses what it made
+    instead of training the same stages a second time; a twin that dies stops the wait (its unfinished
+    experts are then resumed here). Said in one line."""
+    time.sleep(TWIN_SETTLE_S)
+    client = MlflowClient()
+    said = False
+    while True:
+        run = client.get_run(parent.info.run_id)
+        twins = live_twins(run, dataset, experiment)
+        if not twins:
+            return
+        if not said:
+            click.echo(f"pipeline: run {twins[0].info.run_id} with this configuration is live and started first; "
+                       "waiting for it, then reusing its stages")
+            said = True
+        time.sleep(tracking.HEARTBEAT_S)
 
 
 def _finale(pipeline: Pipeline) -> None:

@@ -138,6 +138,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def free_cores() -> tuple[int, float]:
+    """(CPU cores this process may use, of which free): the affinity set less the 1-minute load average."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, max(0.0, cores - os.getloadavg()[0])
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available to new processes (``MemAvailable`` in /proc/meminfo), None where unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def describe_system(device: torch.device, bf16: bool, *, device_option: str = "", precision_option: str = "",
                     scope: str = "") -> list[str]:
     """Two lines for ``--verbose`` and ``--dry-run``: the library versions, then the device the work
