@@ -22,7 +22,6 @@ from argse.config import (
     benchmark_pass_through,
     BOOLEAN_WORDS,
     NOT_GIVEN,
-    PRESETS,
     ArgseConfig,
     EvaluateConfig,
     ExpertsConfig,
@@ -188,53 +187,55 @@ def common(kwargs: dict) -> dict:
     experiment = kwargs.pop("experiment", None) or group.get("experiment")
     kwargs["verbose"] = bool(kwargs.get("verbose") or group.get("verbose"))
     tracking.configure(uri)
-    threads = PRESETS[kwargs["dataset"]].cpu_threads if kwargs.get("dataset") in PRESETS else 0
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     if kwargs.get("dry_run") and os.environ.get("MLFLOW_RUN_ID"):
         # `mlflow run` made a run before this process started; a dry run leaves it empty: say so.
         from mlflow.tracking import MlflowClient
 
         MlflowClient().update_run(os.environ["MLFLOW_RUN_ID"],
                                   name=f"{tracking.top_level_name(ctx.info_name, kwargs['dataset'])}: dry run")
-    if (kwargs.get("verbose") or kwargs.get("dry_run")) and os.environ.get("RANK", "0") == "0":
-        for line in _system_lines(ctx.info_name, kwargs):
-            click.echo(line)
     kwargs["_experiment"] = experiment
     return kwargs
 
 
-def _system_lines(command: str, kwargs: dict) -> list[str]:
+def _system_lines(command: str, cfg: StageConfig) -> list[str]:
     """What ``--verbose`` and ``--dry-run`` say about the machine: versions, the resolved device and
     precision. Only expert training uses ``--device``; the other stages compute on the CPU."""
     import torch
 
     from argse.training.utils import describe_system, resolve_device, training_mode
 
-    if command not in ("experts", "pipeline"):
+    experts = cfg if isinstance(cfg, ExpertsConfig) else (
+        cfg.stage_configs()["experts"] if isinstance(cfg, PipelineConfig) else None)
+    if experts is None:
         return describe_system(torch.device("cpu"), False, scope="this stage computes on the CPU")
     try:
-        device = resolve_device(kwargs["device"])
+        device = resolve_device(experts.device)
     except ValueError as exc:
         raise ArgseUsageError(str(exc)) from None
-    precision = kwargs.get("precision", ExpertsConfig.precision)
-    bf16, _ = training_mode(precision, device, PRESETS[kwargs["dataset"]].cpu_fast_path)
-    return describe_system(device, bf16, device_option=kwargs["device"], precision_option=precision,
+    bf16, _ = training_mode(experts.precision, device, experts.preset.cpu_fast_path)
+    return describe_system(device, bf16, device_option=experts.device, precision_option=experts.precision,
                            scope="expert training runs there, the other stages on the CPU" if command == "pipeline" else "")
 
 
 def _run(cls: type, module: str, kwargs: dict, **extra) -> None:
-    """Build the stage's config from its options and run the stage module ``argse.stages.<module>``."""
+    """Build the stage's config from its options, apply its dataset's CPU thread policy, and run the
+    stage module ``argse.stages.<module>``."""
     import importlib
 
     from argse import stages
 
     kwargs = common(kwargs)
     experiment = kwargs.pop("_experiment")
+    cfg = cls(**kwargs, **extra).resolve()
+    if cfg.preset.cpu_threads:
+        import torch
+
+        torch.set_num_threads(cfg.preset.cpu_threads)
+    if (cfg.verbose or cfg.dry_run) and os.environ.get("RANK", "0") == "0":
+        for line in _system_lines(click.get_current_context().info_name, cfg):
+            click.echo(line)
     stage = importlib.import_module(f".{module}", package=stages.__name__)
-    stage.run(cls(**kwargs, **extra).resolve(), experiment=experiment)
+    stage.run(cfg, experiment=experiment)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

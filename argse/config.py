@@ -25,9 +25,14 @@ from argse.data.splits import EVAL_SPLITS, PRIORS
 
 @dataclass(frozen=True)
 class DatasetPreset:
-    """What differs between the benchmarks: shapes, the long-tail profile and training defaults."""
+    """Everything that differs between the benchmarks: where the images come from, their shape, the
+    long-tail profile, the expert network, the augmentation, the training defaults and the CPU policy.
+    Looked up once, where a config is resolved (:meth:`StageConfig._resolved`); the stages, ``data/``
+    and ``models/`` read the resolved config's ``preset``."""
 
     name: str
+    source: str  # the loader of its images (argse.data.loaders.LOADERS)
+    backbone: str  # its expert network (argse.models.backbones.BACKBONES)
     num_classes: int
     image_shape: tuple[int, int, int]  # H, W, C of the stored uint8 images
     imb_factor: float
@@ -50,7 +55,7 @@ PRESETS: dict[str, DatasetPreset] = {
     # CIFAR-100-LT, imbalance factor 100: 500 -> 5 images per class, 10,847 in all. The 10,000
     # test images are split per class into tunev / val / test (30 / 20 / 50 images per class).
     "cifar100-lt": DatasetPreset(
-        name="cifar100-lt", num_classes=100, image_shape=(32, 32, 3), imb_factor=100.0,
+        name="cifar100-lt", source="cifar100", backbone="resnet32", num_classes=100, image_shape=(32, 32, 3), imb_factor=100.0,
         tunev_ratio=0.3, val_ratio=0.2, group_thresholds=(20,), epochs=200, batch_size=128,
         lr=0.1, warmup_epochs=5, augmentation="cifar", gating_epochs=100, gating_batch_size=256,
         cpu_fast_path=True,  # bench/train_throughput.py: 1.2x from channels_last, 1.8x more from bf16
@@ -59,7 +64,7 @@ PRESETS: dict[str, DatasetPreset] = {
     # evaluation; the other half is the pool the long-tailed train set is drawn from. IF=20 gives
     # 89 -> 4 images per class and a 5 head / 5 tail split at the default threshold of 20.
     "digits-lt": DatasetPreset(
-        name="digits-lt", num_classes=10, image_shape=(8, 8, 1), imb_factor=20.0,
+        name="digits-lt", source="digits", backbone="digits-net", num_classes=10, image_shape=(8, 8, 1), imb_factor=20.0,
         tunev_ratio=0.3, val_ratio=0.2, group_thresholds=(20,), epochs=30, batch_size=64,
         lr=0.05, warmup_epochs=1, augmentation="digits", gating_epochs=60, gating_batch_size=128,
         # One thread: 15 ms a step whether or not another process holds a core; two threads are
@@ -73,7 +78,7 @@ PRESETS: dict[str, DatasetPreset] = {
     # gets right. The 10,000 test images are split per class into tunev / val / test (300 / 200 / 500
     # per class). The threshold 200 gives 7 head / 3 tail classes (train counts 60, 100, 166 | 278 ...).
     "fashion-mnist-lt": DatasetPreset(
-        name="fashion-mnist-lt", num_classes=10, image_shape=(28, 28, 1), imb_factor=100.0,
+        name="fashion-mnist-lt", source="fashion-mnist", backbone="resnet8-grey", num_classes=10, image_shape=(28, 28, 1), imb_factor=100.0,
         tunev_ratio=0.3, val_ratio=0.2, group_thresholds=(200,), epochs=20, batch_size=128,
         lr=0.1, warmup_epochs=1, augmentation="fashion", gating_epochs=60, gating_batch_size=256,
         longtail_order="reverse",
@@ -120,7 +125,7 @@ def parse_group_thresholds(text: str | tuple[int, ...]) -> tuple[int, ...]:
 def resolve_coverage_grid(text: str) -> str:
     """``--coverage-grid``: ``default`` (1, 0.95, ..., 0.2) or comma-separated coverages in (0, 1], at
     least two distinct; returned in one canonical spelling (descending, no repeats), or a one-line error."""
-    from argse.selective.compare import COVERAGES, check_coverages
+    from argse.selective.matched import COVERAGES, check_coverages
 
     text = str(text).strip()
     if text == "default":
@@ -274,12 +279,15 @@ class StageConfig:
                          help="Where expert training runs (auto: cuda when available); the other stages compute on the CPU.")
     verbose: bool = option(False, hashed=False, help="More output, and the traceback on errors.")
     dry_run: bool = option(False, hashed=False, pipeline=False, help="Print the resolved plan; create no run.")
+    #: The dataset's preset, set where the config is resolved (not an option: it follows ``dataset``).
+    preset: DatasetPreset | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def _resolved(self):
-        """This config with preset-valued options filled from the dataset's preset, every value cast
-        to its option's type and every choice checked: one usage error line for the first bad one."""
+        """This config with its dataset's preset attached, preset-valued options filled from it, every
+        value cast to its option's type and every choice checked: one usage error line for the first
+        bad one."""
         p = preset(self.dataset)
-        updates = {}
+        updates = {"preset": p}
         for opt in options(type(self)):
             value = getattr(self, opt.name)
             if value is None and opt.preset:
@@ -483,7 +491,6 @@ class EvaluateConfig(StageConfig):
 
 STAGE_CONFIGS: Mapping[str, type[StageConfig]] = MappingProxyType(
     {cls.STAGE: cls for cls in (SplitsConfig, ExpertsConfig, GatingConfig, ArgseConfig, EvaluateConfig)})
-PIPELINE_STEPS = stage_registry.PIPELINE_STEPS  # --start-from / --stop-at names, in order
 
 
 # -- the pipeline: its own options, and the stage options it passes on ------------------------------
@@ -557,8 +564,8 @@ class PipelineConfig(StageConfig):
 
     STAGE: ClassVar[str] = "pipeline"
 
-    start_from: str = option("data", choices=PIPELINE_STEPS, help="Reuse the stages before this step; rerun it and the rest.")
-    stop_at: str = option("eval", choices=PIPELINE_STEPS, help="The last step to run.")
+    start_from: str = option("data", choices=stage_registry.PIPELINE_STEPS, help="Reuse the stages before this step; rerun it and the rest.")
+    stop_at: str = option("eval", choices=stage_registry.PIPELINE_STEPS, help="The last step to run.")
     force: bool = option(False, hashed=False,
                          help="Rerun every stage from --start-from even when an identical finished run exists.")
     stage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -569,7 +576,8 @@ class PipelineConfig(StageConfig):
         unknown = sorted(set(cfg.stage_options) - set(known))
         if unknown:
             raise ArgseUsageError(f"argse pipeline has no option --{unknown[0].replace('_', '-')}")
-        if PIPELINE_STEPS.index(cfg.start_from) > PIPELINE_STEPS.index(cfg.stop_at):
+        steps = stage_registry.PIPELINE_STEPS
+        if steps.index(cfg.start_from) > steps.index(cfg.stop_at):
             raise ArgseUsageError(f"--start-from {cfg.start_from} comes after --stop-at {cfg.stop_at}")
         cfg.stage_configs()  # every stage option is checked before anything runs
         return cfg
@@ -694,8 +702,8 @@ class BenchmarkConfig(StageConfig):
 
 
 __all__ = [
-    "DATASETS", "EXPERTS", "OBJECTIVES", "DatasetPreset", "PRESETS", "preset", "option", "options", "Option",
-    "parse_group_thresholds", "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig",
-    "EvaluateConfig", "PipelineConfig", "PassThrough", "pipeline_options", "STAGE_CONFIGS", "PIPELINE_STEPS",
-    "BenchmarkConfig", "benchmark_pass_through", "parse_seeds", "parse_priors",
+    "DATASETS", "DatasetPreset", "PRESETS", "preset", "option", "options", "Option", "parse_group_thresholds",
+    "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig", "EvaluateConfig", "PipelineConfig",
+    "PassThrough", "pipeline_options", "STAGE_CONFIGS", "BenchmarkConfig", "benchmark_pass_through", "parse_seeds",
+    "parse_priors",
 ]

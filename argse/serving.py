@@ -114,7 +114,7 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
         self.experts = []
         for name in meta["experts"]:
             saved = torch.load(folder / f"expert_{name}.pt", map_location="cpu", weights_only=True)
-            model = ExpertModel(build_backbone(meta["dataset"], meta["num_classes"]), saved["mean"], saved["std"])
+            model = ExpertModel(build_backbone(backbone_of(meta), meta["num_classes"]), saved["mean"], saved["std"])
             model.load_state_dict(saved["state_dict"])
             self.experts.append(model.eval())
         saved = torch.load(folder / "gate.pt", map_location="cpu", weights_only=True)
@@ -157,8 +157,17 @@ def _frame(columns: dict) -> pd.DataFrame:
     return pd.DataFrame(columns).astype({name: dtype for name, (dtype, _) in OUTPUT_COLUMNS.items()})
 
 
-def save_components(folder: Path, *, dataset: str, num_classes: int, image_shape, class_names, group_names,
-                    experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule,
+#: The expert network of models logged before meta.json named it, by their dataset.
+EARLIER_BACKBONES = {"cifar100-lt": "resnet32", "digits-lt": "digits-net", "fashion-mnist-lt": "resnet8-grey"}
+
+
+def backbone_of(meta: dict) -> str:
+    """The expert network a logged model's meta.json names (models logged before it did: by dataset)."""
+    return meta.get("backbone") or EARLIER_BACKBONES[meta["dataset"]]
+
+
+def save_components(folder: Path, *, dataset: str, backbone: str, num_classes: int, image_shape, class_names,
+                    group_names, experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule,
                     shifts: torch.Tensor | None = None) -> Path:
     """Write what :class:`ARGSEModel` loads into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,14 +176,14 @@ def save_components(folder: Path, *, dataset: str, num_classes: int, image_shape
                     "std": (model.std.flatten() / 255.0).tolist()}, folder / f"expert_{name}.pt")
     torch.save({"state_dict": gate.state_dict(), "config": gate.config()}, folder / "gate.pt")
     (folder / "rule.json").write_text(json.dumps(rule.to_dict()))
-    meta = {"dataset": dataset, "num_classes": num_classes, "image_shape": list(image_shape),
+    meta = {"dataset": dataset, "backbone": backbone, "num_classes": num_classes, "image_shape": list(image_shape),
             "class_names": list(class_names), "group_names": list(group_names), "experts": list(experts),
             "posterior_shifts": (torch.zeros(len(experts), num_classes) if shifts is None else shifts).tolist()}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     return folder
 
 
-def log_model(*, dataset: str, num_classes: int, image_shape, class_names, group_names,
+def log_model(*, dataset: str, backbone: str, num_classes: int, image_shape, class_names, group_names,
               experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule, example: np.ndarray,
               shifts: torch.Tensor | None = None):
     """Log the pyfunc, from code, as the active run's ``model``; returns MLflow's ModelInfo.
@@ -193,7 +202,7 @@ def log_model(*, dataset: str, num_classes: int, image_shape, class_names, group
     )
     images = example.reshape(((-1, h, w) if c == 1 else (-1, h, w, c))).astype(np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_components(Path(tmp) / "components", dataset=dataset, num_classes=num_classes,
+        folder = save_components(Path(tmp) / "components", dataset=dataset, backbone=backbone, num_classes=num_classes,
                                  image_shape=image_shape, class_names=class_names, group_names=group_names,
                                  experts=experts, gate=gate, rule=rule, shifts=shifts)
         return mlflow.pyfunc.log_model(

@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from argse.selective import chow, fit_at_coverage, selective_errors  # noqa: E402
-from argse.selective.compare import COVERAGES, FIT_SPLIT, SEL_SPLIT, FitOptions, Method, compare, trapezoid  # noqa: E402
+from argse.selective.compare import compare  # noqa: E402
+from argse.selective.matched import COVERAGES, FIT_SPLIT, SEL_SPLIT, FitOptions, Method, trapezoid  # noqa: E402
 
 SIZES = {"tunev": 3000, "val": 2000, "test": 5000}
 N_CLASSES = 10

@@ -41,7 +41,7 @@ def measure(dataset: str, bf16: bool, channels_last: bool, steps: int, warmup: i
     data = DeviceImages(images, rng.integers(0, p.num_classes, n), mean=[0.5] * c, std=[0.25] * c,
                         augmentation=p.augmentation, channels_last=channels_last)
     torch.manual_seed(0)
-    model = build_backbone(dataset, p.num_classes)
+    model = build_backbone(p.backbone, p.num_classes)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
@@ -86,7 +86,7 @@ def main() -> None:
         if spinner:
             spinner.join()
     p = PRESETS[args.dataset]
-    print(f"{args.dataset}: {type(build_backbone(args.dataset, p.num_classes)).__name__}, batch {p.batch_size}, "
+    print(f"{args.dataset}: {type(build_backbone(p.backbone, p.num_classes)).__name__}, batch {p.batch_size}, "
           f"best of {args.rounds} rounds of {args.steps} steps; {torch.get_num_threads()} torch thread(s), "
           f"bf16 units: {'yes' if cpu_has_native_bf16() else 'no'}{'; one core kept busy' if args.busy else ''}")
     print(f"{'row':<20}{'img/s wall':>12}{'img/s CPU':>12}{'vs fp32 (CPU)':>15}")

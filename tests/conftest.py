@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from team_server import free_port  # noqa: F401 (one helper for every test that starts a server)
+from team_server import free_port, wait_for_http  # noqa: F401 (one helper each for every test that starts a server)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,6 +20,19 @@ _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME",
 
 PIPELINE_ARGS = ("pipeline", "--dataset", "digits-lt", "--epochs", "4", "--gating-epochs", "10",
                  "--selective-rounds", "1", "--eg-rounds", "5", "--n-boot", "20", "--coverage-grid", "1,0.8,0.6,0.4,0.2")
+
+
+#: Fixtures that train stages or start servers: a test that uses one is slow (as is every test marked
+#: `slow` by hand: those start `mlflow run`, a server, PostgreSQL or a pipeline in a subprocess).
+SLOW_FIXTURES = {"digits_experts", "digits_chain", "digits_pipeline", "experts_store", "chain_store",
+                 "pipeline_store", "server", "twins", "model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest -m "not slow"` is the fast part: the unit tests, seconds in all."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def _use_copy(db: Path, workdir: Path, mp: pytest.MonkeyPatch) -> str:
@@ -103,7 +116,7 @@ def cli(capsys):
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory):
     """A tiny CIFAR-100-format folder (the real pickle layout, random pixels)."""
-    from argse.data.loaders import write_cifar100_folder
+    from datasets import write_cifar100_folder
 
     root = tmp_path_factory.mktemp("cifar")
     write_cifar100_folder(root, per_class_train=30, per_class_test=10, seed=1)
@@ -114,7 +127,7 @@ def cifar_dir(tmp_path_factory):
 def fashion_dir(tmp_path_factory):
     """A tiny Fashion-MNIST folder: the four gzipped IDX files, random pixels. 600 train images per
     class give the reverse IF=100 profile 6, 10, 16, ..., 600 (7 classes above 20 images, 3 below)."""
-    from argse.data.loaders import write_fashion_mnist_folder
+    from datasets import write_fashion_mnist_folder
 
     return write_fashion_mnist_folder(tmp_path_factory.mktemp("fashion"), per_class_train=600, per_class_test=30, seed=2)
 

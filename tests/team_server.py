@@ -32,6 +32,24 @@ def postgres_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+def wait_for_http(url: str, process: subprocess.Popen, *, timeout: float = 120, log: Path | None = None) -> None:
+    """Wait until ``url`` answers (a server's /health or /ping); a RuntimeError with the end of its
+    stderr (or of ``log``) when ``process`` exits first or ``timeout`` seconds pass."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                if log is not None:
+                    said = log.read_text()
+                else:
+                    said = process.stderr.read().decode(errors="replace") if process.stderr and process.poll() is not None else ""
+                raise RuntimeError(f"{url} did not answer: {said[-3000:]}") from None
+            time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -122,16 +140,7 @@ class TrackingServer:
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             cwd=self.workdir, env=self.env(), stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "server.log", "wb"), start_new_session=True)
-        deadline = time.time() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("mlflow server did not start: "
-                                       + (self.workdir / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.5)
+        wait_for_http(f"{self.uri}/health", self.proc, timeout=timeout, log=self.workdir / "server.log")
         self._create_user(*USER)
         return self
 

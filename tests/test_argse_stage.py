@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-import urllib.request
 
 import mlflow
 import numpy as np
@@ -24,7 +22,7 @@ from argse.stages.common import load_experts
 from argse.models.gating import gated_mixture
 from argse.stages.gating import load_gate
 from argse.stages.splits import load_splits
-from conftest import free_port, post_json, subprocess_env
+from conftest import free_port, post_json, subprocess_env, wait_for_http
 
 MODEL = "models:/ar-gse-digits-lt@champion"
 
@@ -53,13 +51,18 @@ def test_champion_predictions_equal_the_stage_code_on_logged_logits(chain_store)
     assert run.data.metrics["model_check_prediction_agreement"] == 1.0
 
 
-def test_cost_is_an_inference_parameter(chain_store):
+def test_cost_is_an_inference_parameter_that_moves_acceptance_as_the_rule_says(chain_store):
+    # accept(x) = margin(x) >= -cost: at cost 0 exactly the images with a non-negative margin are
+    # accepted (some are rejected on digits' test split), at a cost above every |margin| all of them.
     _, ids = chain_store
     model = mlflow.pyfunc.load_model(MODEL)
     images = _test_images(ids)
-    strict = model.predict(images, params={"cost": 0.0})["accept"].sum()
-    lenient = model.predict(images, params={"cost": 100.0})["accept"].sum()
-    assert lenient == len(images) and strict <= lenient
+    margin = model.predict(images)["margin"].to_numpy()
+    strict = model.predict(images, params={"cost": 0.0})["accept"].to_numpy()
+    assert 0 < strict.sum() < len(images)
+    np.testing.assert_array_equal(strict[np.abs(margin) > 1e-6], (margin >= 0)[np.abs(margin) > 1e-6])
+    lenient = model.predict(images, params={"cost": float(np.abs(margin).max()) + 1.0})["accept"].to_numpy()
+    assert lenient.all()
 
 
 def test_wrong_image_shape_or_dtype_names_the_expected_shape(chain_store):
@@ -79,15 +82,7 @@ def test_mlflow_models_serve_answers_json(chain_store, tmp_path):
         cwd=tmp_path, env=subprocess_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(server.stderr.read().decode()[-2000:])
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server)
         images = _test_images(ids)[:5]
         status, body = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()}, timeout=30)
         assert status == 200, body

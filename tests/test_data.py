@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from argse import ArgseError
-from argse.data.loaders import CIFAR_FOLDER, load_cifar100, load_digits, write_cifar100_folder
+from argse.data.loaders import CIFAR_FOLDER, load_cifar100, load_digits
+from datasets import write_cifar100_folder
 from argse.data.splits import EVAL_SPLITS, Splits, assign_groups, longtail_counts, make_splits
 
 

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from argse import tracking
-from argse.selective.compare import metric_key
+from argse.tracking.metric_names import metric_key
 
 METHODS = {"chow[ce]", "chow[logitadjust]", "chow[balsoftmax]", "chow[uniform-ensemble]", "ar-gse[balanced]",
            "ar-gse[worst]", "plugin-balanced[uniform-ensemble]", "plugin-worst[uniform-ensemble]"}

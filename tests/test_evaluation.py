@@ -14,22 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from argse.selective import fit_group_thresholds, fit_worst, selective_errors
+from argse.selective import fit_at_coverage, fit_group_thresholds, fit_worst, selective_errors
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
-from argse.selective.compare import (
-    COVERAGES,
-    POINT_COLUMNS,
-    Comparison,
-    FitOptions,
-    Method,
-    check_coverages,
-    compare,
-    matched_aurc,
-    matched_aurc_gap,
-    metric_dict,
-    metric_key,
-    table_columns,
-)
+from argse.selective.compare import POINT_COLUMNS, Comparison, compare, table_columns
+from argse.selective.matched import COVERAGES, FitOptions, Method, check_coverages, matched_aurc, matched_aurc_gap
+from argse.tracking.metric_names import metric_dict, metric_key
 
 N_CLASSES = 10
 CLASS_TO_GROUP = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
@@ -130,7 +119,7 @@ def test_each_bootstrap_interval_contains_its_point_estimate(comparison):
 
 
 def test_metric_dict_equals_the_table(comparison):
-    metrics = metric_dict(comparison)
+    metrics = metric_dict(comparison.table)
     table = comparison.table
     numeric = [c for c in table.columns if c != "method"]
     assert len(metrics) == len(table) * len(numeric)
@@ -143,7 +132,7 @@ def test_metric_dict_equals_the_table(comparison):
 def test_metric_keys_are_valid_mlflow_names(comparison):
     from mlflow.utils.validation import _validate_metric_name
 
-    for key in metric_dict(comparison):
+    for key in metric_dict(comparison.table):
         _validate_metric_name(key)  # raises MlflowException on an invalid name
 
 
@@ -433,22 +422,40 @@ def test_invalid_inputs_get_one_sentence(data):
         compare([ok], labels, weights, CLASS_TO_GROUP, coverages=[0.5], **kwargs)
 
 
-@pytest.mark.parametrize("name", ["ar-gse[worst]", "plugin-worst[head-biased]"])
-def test_matched_aurc_is_the_number_the_table_reports(comparison, methods, data, name):
-    # matched_aurc is what the gating stage selects by on val: it must be the table's number,
-    # computed without the table, for the worst objective here and the balanced one below.
+def _hand_matched_aurc(rules, eta, y, w, risk: str) -> float:
+    """The coverage-matched AURC by hand: each target's rule applied to the split, every group's error
+    counted in a loop over the samples (1.0 for a group with nothing accepted), the worst or the mean
+    of them, and the trapezoid over the targets sorted by coverage."""
+    points = []
+    for tau, rule in zip(COVERAGES, rules):
+        decision = rule.predict(eta)
+        accepted, wrong = [0.0, 0.0], [0.0, 0.0]
+        for i in range(len(y)):
+            if bool(decision.accept[i]):
+                group = int(CLASS_TO_GROUP[int(y[i])])
+                weight = 1.0 if w is None else float(w[i])
+                accepted[group] += weight
+                wrong[group] += weight * (int(decision.pred[i]) != int(y[i]))
+        errors = [wrong[k] / accepted[k] if accepted[k] > 0 else 1.0 for k in (0, 1)]
+        points.append((tau, max(errors) if risk == "worst" else sum(errors) / 2))
+    points.sort()
+    return sum((x1 - x0) * (r0 + r1) / 2 for (x0, r0), (x1, r1) in zip(points, points[1:]))
+
+
+@pytest.mark.parametrize("name, risk, split", [("ar-gse[worst]", "worst", "test"),
+                                              ("plugin-worst[head-biased]", "worst", "test"),
+                                              ("ar-gse[worst]", "balanced", "val")])
+def test_matched_aurc_equals_a_hand_count_of_each_target_s_rule(methods, data, name, risk, split):
+    # matched_aurc is what the gating stage selects by on val; here against an independent count of
+    # the same operating points (the rules fit_at_coverage gives for each target coverage).
     _, _, _, labels, weights = data
     method = next(m for m in methods if m.name == name)
-    value = matched_aurc(method.eta, labels, weights, CLASS_TO_GROUP, "worst", split="test", fit_options=FIT)
-    assert value == pytest.approx(comparison.table.set_index("method").loc[name, "aurc_worst"], abs=1e-12)
-
-
-def test_matched_aurc_of_the_balanced_objective_is_the_table_number(data):
-    eta, _, _, labels, weights = data
-    table = compare([Method("plugin-balanced[true]", "plugin", eta, objective="balanced")], labels, weights,
-                    CLASS_TO_GROUP, split="val", cost=COST, n_boot=2, fit_options=FIT).table
-    value = matched_aurc(eta, labels, weights, CLASS_TO_GROUP, "balanced", split="val", fit_options=FIT)
-    assert value == pytest.approx(float(table["aurc_balanced"][0]), abs=1e-12)
+    value = matched_aurc(method.eta, labels, weights, CLASS_TO_GROUP, risk, split=split, fit_options=FIT)
+    rules = fit_at_coverage(method.eta["tunev"], labels["tunev"], method.eta["val"], labels["val"], CLASS_TO_GROUP,
+                            COVERAGES, objective=risk, weights_fit=weights["tunev"], weights_sel=weights["val"],
+                            rounds=FIT.rounds, n_starts=FIT.n_starts, max_iter=FIT.max_iter)
+    assert value == pytest.approx(_hand_matched_aurc(rules, method.eta[split], labels[split], weights[split], risk),
+                                  abs=1e-12)
 
 
 def test_matched_aurc_prefers_the_true_posterior(data):
@@ -462,7 +469,7 @@ def test_matched_aurc_gap_and_its_interval_equal_a_per_resample_recomputation(da
     # The paired interval, recomputed by hand: each resample of the test split reweights the test
     # samples by how often they are drawn; the rules (fitted on tunev / val) stay fixed, so
     # matched_aurc with those weights is that resample's area.
-    from argse.selective.compare import CI_LEVEL, _resample_counts
+    from argse.selective.matched import CI_LEVEL, _resample_counts
 
     eta, head_biased, _, labels, weights = data
     gap, lo, hi = matched_aurc_gap(eta, head_biased, labels, weights, CLASS_TO_GROUP, "worst", split="test",

@@ -123,7 +123,7 @@ def test_one_plan_decides_skip_resume_or_start_per_expert():
 
 @pytest.mark.slow
 def test_a_stage_killed_while_training_at_once_resumes_all_three_from_their_checkpoints(store, tmp_path):
-    cmd = [sys.executable, "-m", "argse", "pipeline", "--dataset", "digits-lt", "--epochs", "60",
+    cmd = [sys.executable, "-m", "argse", "pipeline", "--dataset", "digits-lt", "--epochs", "40",
            "--checkpoint-every", "2", "--stop-at", "experts", "--at-once", "yes"]
     env = subprocess_env(store)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -150,7 +150,7 @@ def test_a_stage_killed_while_training_at_once_resumes_all_three_from_their_chec
         time.sleep(0.2)
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "expert processes outlived the stage"
     progress = {name: len(client.get_metric_history(run_id, "val_acc")) for name, run_id in checkpointed.items()}
-    assert all(0 < n < 60 for n in progress.values()), progress  # killed mid-training, every one of them
+    assert all(0 < n < 40 for n in progress.values()), progress  # killed mid-training, every one of them
 
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -163,7 +163,7 @@ def test_a_stage_killed_while_training_at_once_resumes_all_three_from_their_chec
     assert all(r.info.status == "FINISHED" for r in expert_runs)
     for name, run_id in checkpointed.items():
         steps = sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
-        assert set(steps) == set(range(1, 61))
+        assert set(steps) == set(range(1, 41))
 
 
 def _expert_processes(parent_pid: int) -> list[int]:

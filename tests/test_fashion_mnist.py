@@ -14,13 +14,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError
-from argse.config import DATASETS, PRESETS
+from argse.config import PRESETS
 from argse.data import loaders
 from argse.data.device import DeviceImages
 from argse.data.loaders import FASHION_CLASSES, FASHION_FILES, LOADERS, load_fashion_mnist, load_source
 from argse.data.splits import EVAL_SPLITS, assign_groups, longtail_counts, make_splits
 from argse.models.backbones import BACKBONES, build_backbone, count_parameters
 from argse.stages.splits import load_splits
+from datasets import write_fashion_mnist_folder
 from test_device_data import _identity_stats, _images, _match, _to_uint8
 
 FASHION = PRESETS["fashion-mnist-lt"]
@@ -72,12 +73,12 @@ def test_torchvision_layout_with_unpacked_files_reads_the_same(fashion_dir, tmp_
 
 def test_system_folder_is_read_when_data_dir_has_no_files(fashion_dir, tmp_path, monkeypatch, offline):
     monkeypatch.setattr(loaders, "FASHION_SYSTEM_DIR", fashion_dir)
-    source = load_source("fashion-mnist-lt", tmp_path / "empty")
+    source = load_source(PRESETS["fashion-mnist-lt"].source, tmp_path / "empty")
     assert source.fingerprint == load_fashion_mnist(fashion_dir).fingerprint
 
 
 def test_data_dir_comes_before_the_system_folder(fashion_dir, tmp_path, monkeypatch):
-    other = loaders.write_fashion_mnist_folder(tmp_path / "other", per_class_train=3, per_class_test=2, seed=9)
+    other = write_fashion_mnist_folder(tmp_path / "other", per_class_train=3, per_class_test=2, seed=9)
     monkeypatch.setattr(loaders, "FASHION_SYSTEM_DIR", fashion_dir)
     assert len(load_fashion_mnist(other).train_labels) == 30
 
@@ -154,8 +155,11 @@ def test_a_damaged_or_wrong_file_is_one_line_naming_it(fashion_dir, tmp_path, da
 # -- the preset: reverse long tail, groups, splits ------------------------------------------------
 
 
-def test_every_dataset_has_a_loader_and_a_backbone():
-    assert DATASETS == tuple(PRESETS) and set(LOADERS) == set(DATASETS) == set(BACKBONES)
+def test_every_preset_names_a_loader_and_a_backbone_that_exist():
+    for name, p in PRESETS.items():
+        assert p.name == name and p.source in LOADERS and p.backbone in BACKBONES, name
+    assert {p.source for p in PRESETS.values()} == set(LOADERS)  # no loader without a preset
+    assert {p.backbone for p in PRESETS.values()} == set(BACKBONES)
 
 
 def test_reverse_if100_profile_gives_class_9_the_head_and_7_head_3_tail():
@@ -200,7 +204,7 @@ def test_the_preset_threshold_on_the_full_size_profile_via_make_splits(fashion_d
 
 
 def test_backbone_is_a_small_resnet_for_28x28_grey_images():
-    model = build_backbone("fashion-mnist-lt", 10)
+    model = build_backbone(PRESETS["fashion-mnist-lt"].backbone, 10)
     assert 50_000 < count_parameters(model) < 100_000
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 

@@ -22,7 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from argse import fmt_number
-from argse.config import EXPERTS
+from argse import EXPERTS
 from conftest import PIPELINE_ARGS, REPO, subprocess_env
 
 EPOCHS = 4
@@ -39,6 +39,7 @@ def _children(parent, runs):
     return {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
 
 
+@pytest.mark.slow
 def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_no_pickling_warning(store, tmp_path):
     log = tmp_path / "quickstart.log"
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", "dataset=digits-lt",
@@ -67,6 +68,7 @@ def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_no_pi
     assert printed and set(printed) == {fmt_number(argse_run.data.metrics["cost"])}, printed
 
 
+@pytest.mark.slow
 def test_mlflow_run_of_experts_names_its_runs(store, cli, tmp_path):
     assert cli("splits", "--dataset", "digits-lt").code == 0
     done = subprocess.run(
@@ -138,6 +140,7 @@ def test_splits_tables_put_each_header_over_its_column(store, cli):
         assert len(block) > 2 and all(e == ends[0] for e in ends), "\n".join(block)
 
 
+@pytest.mark.slow
 def test_bars_on_a_terminal_and_no_epoch_lines(store, cli, tmp_path):
     assert cli("splits", "--dataset", "digits-lt").code == 0
     master, slave = pty.openpty()

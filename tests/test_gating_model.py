@@ -20,7 +20,7 @@ from argse.models.gating import (
     uniform_mixture,
 )
 from argse.selective import PluginRule, selective_errors
-from argse.selective.compare import FitOptions, matched_aurc
+from argse.selective.matched import FitOptions, matched_aurc
 from argse.training.gating import PretrainResult, SelectiveResult, selective_surrogate, train_pretrain, train_selective
 
 HEAD = 5

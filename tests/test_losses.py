@@ -15,8 +15,18 @@ def _hand_ce(logits: list[float], label: int) -> float:
     return -logits[label] + math.log(sum(math.exp(v) for v in logits))
 
 
-def test_experts_are_the_three_seed_names() -> None:
-    assert EXPERTS == ("ce", "logitadjust", "balsoftmax")
+def test_each_expert_name_makes_the_loss_it_names() -> None:
+    # By hand: CE on the logits; LogitAdjust, CE on logits + tau * log(prior); BalancedSoftmax, CE on
+    # logits + log(counts). Three different values on the same batch.
+    logits, y = torch.tensor([[1.0, 2.0, 0.5], [0.2, -1.0, 3.0]]), torch.tensor([0, 2])
+    counts = torch.tensor(COUNTS, dtype=torch.float32)
+    by_hand = {"ce": F.cross_entropy(logits, y),
+               "logitadjust": F.cross_entropy(logits + 2.0 * (counts / counts.sum()).log(), y),
+               "balsoftmax": F.cross_entropy(logits + counts.log(), y)}
+    assert set(by_hand) == set(EXPERTS)
+    for name in EXPERTS:
+        assert float(make_loss(name, COUNTS, la_tau=2.0)(logits, y)) == pytest.approx(float(by_hand[name]), rel=1e-6)
+    assert len({round(float(v), 6) for v in by_hand.values()}) == 3
 
 
 def test_ce_matches_a_hand_computed_value() -> None:

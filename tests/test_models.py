@@ -59,10 +59,13 @@ def test_digits_net_is_small_and_shapes_match() -> None:
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_build_backbone_maps_presets_and_rejects_unknown_dataset() -> None:
-    assert build_backbone("cifar100-lt", 100)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
-    assert isinstance(build_backbone("digits-lt", 10), DigitsNet)
-    with pytest.raises(ValueError, match="cifar100-lt, digits-lt"):
+def test_each_preset_names_a_backbone_and_an_unknown_name_is_one_sentence() -> None:
+    from argse.config import PRESETS
+
+    assert build_backbone(PRESETS["cifar100-lt"].backbone, 100)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+    assert isinstance(build_backbone(PRESETS["digits-lt"].backbone, 10), DigitsNet)
+    assert build_backbone(PRESETS["fashion-mnist-lt"].backbone, 10)(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+    with pytest.raises(ValueError, match="backbone must be one of resnet32, digits-net, resnet8-grey"):
         build_backbone("imagenet", 10)
 
 

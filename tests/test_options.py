@@ -154,6 +154,7 @@ def test_mlproject_matches_the_commands_both_ways():
             assert f"--{name.replace('_', '-')} {{{name}}}" in command, (stage.name, name)
 
 
+@pytest.mark.slow
 def test_mlflow_run_cost_reaches_the_selective_gate(store, tmp_path):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", "dataset=digits-lt",
            "-P", "cost=0.1", "-P", "epochs=1", "-P", "gating_epochs=2", "-P", "selective_rounds=1",

@@ -1,5 +1,5 @@
 """The pipeline: the quickstart through `mlflow run`, reuse, --start-from / --stop-at, the dry run,
-resuming a killed expert training, and a real tracking server."""
+resuming a killed expert training (a real tracking server: tests/test_benchmark.py, tests/test_team_server.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PIPELINE_ARGS, REPO, free_port, subprocess_env
+from conftest import PIPELINE_ARGS, REPO, subprocess_env
 
 STEPS = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
 
@@ -27,6 +26,7 @@ def _actions(run):
     return {step: run.data.tags.get(f"argse.step.{step}", "").split(" ")[0] for step in STEPS}
 
 
+@pytest.mark.slow
 def test_quickstart_through_mlflow_run_and_the_rerun_reuses_every_stage(store, tmp_path):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", "dataset=digits-lt",
            "-P", "epochs=3", "-P", "gating_epochs=10", "-P", "n_boot=20"]
@@ -41,14 +41,14 @@ def test_quickstart_through_mlflow_run_and_the_rerun_reuses_every_stage(store, t
     assert client.get_run(evaluate_id).info.status == "FINISHED"
     assert champion.run_id == run.data.tags["argse.step.argse"].split(" ")[1]
 
-    started = time.perf_counter()
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     second = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(store), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    seconds = time.perf_counter() - started
     newest = _pipeline_runs()[0]
     assert set(_actions(newest).values()) == {"reused"}, second.stdout[-3000:]
     assert "| method |" in second.stdout, second.stdout[-3000:]  # the evaluate table, read back
-    assert seconds < 60, f"the all-reused rerun took {seconds:.0f} s"
+    runs_after = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs_after) == runs_before + 1  # the new pipeline run and nothing else: no stage ran again
 
 
 def test_start_from_gating_reuses_splits_and_experts_and_reruns_the_rest(pipeline_store, cli):
@@ -87,6 +87,7 @@ def test_start_from_without_anything_to_reuse_is_one_line(store, cli):
     assert "needs a FINISHED splits run" in result.err
 
 
+@pytest.mark.slow
 def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_path):
     cmd = [sys.executable, "-m", "argse", "pipeline", "--dataset", "digits-lt", "--epochs", "30",
            "--checkpoint-every", "1", "--stop-at", "experts"]
@@ -116,42 +117,3 @@ def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_pa
     assert set(steps) == set(range(1, 31))
     ce = client.search_runs([run.info.experiment_id], "tags.\"argse.expert\" = 'ce'")
     assert len(ce) == 1 and ce[0].info.status == "FINISHED"  # finished before the kill: kept, not retrained
-
-
-def test_against_a_real_tracking_server(tmp_path):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=tmp_path, env=subprocess_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    work = tmp_path / "client"
-    work.mkdir()
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail("mlflow server did not start: " + server.stderr.read().decode()[-2000:])
-                time.sleep(0.5)
-        done = subprocess.run([sys.executable, "-m", "argse", *PIPELINE_ARGS], cwd=work, env=subprocess_env(uri),
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        other = MlflowClient(tracking_uri=uri)  # a second client, as a teammate would use
-        (pipeline,) = _pipeline_runs(other)
-        argse_id = pipeline.data.tags["argse.step.argse"].split(" ")[1]
-        assert other.get_run(argse_id).data.metrics["val_coverage"] > 0
-        assert other.get_model_version_by_alias("ar-gse-digits-lt", "champion").run_id == argse_id
-        assert any(a.path == "splits" for a in other.list_artifacts(pipeline.data.tags["argse.step.splits"].split(" ")[1]))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    failed = subprocess.run([sys.executable, "-m", "argse", "splits", "--dataset", "digits-lt"], cwd=work,
-                            env=subprocess_env(uri), capture_output=True, text=True, timeout=300)
-    assert failed.returncode == 1
-    lines = [line for line in failed.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and uri in lines[0]

@@ -1,5 +1,5 @@
 """Fitting the plug-in rejector: against an exhaustive search and Chow's rule on a problem with known
-posteriors, the worst-group rounds, weights, the cost sweep, and the input checks.
+posteriors, the worst-group rounds, weights, and the input checks.
 
 The synthetic problem is a population, not a sample: ten classes with 2-D Gaussian class-conditional
 densities (means on a circle), a long-tailed prior (imbalance 100, an exponential profile), head =
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import argse.selective as sel
-from argse.selective import aurc, chow, cost_sweep, fit_balanced, fit_group_thresholds, fit_worst, risk_coverage
+from argse.selective import chow, fit_balanced, fit_group_thresholds, fit_worst, risk_coverage
 from argse.selective import selective_errors
 
 
@@ -255,35 +255,6 @@ def test_three_groups_fit_and_beat_chow():
         assert risk < best_chow((eta2, y2, None), c2g, 0.3, kind) - 0.02
 
 
-# ----------------------------------------------------------------------------------- cost sweep
-def test_cost_sweep_refits_per_cost_and_integrates_the_points(easy):
-    rows, c2g, _ = easy
-    eta, y, w = rows
-    costs = [0.05, 0.15, 0.3, 0.6]
-    sweep = cost_sweep(eta, y, eta, y, eta, y, c2g, costs, weights_fit=w, weights_sel=w, weights_test=w)
-    assert sweep.costs.tolist() == costs and len(sweep.rules) == 4
-    for i, cost in enumerate(costs):
-        rule = fit_balanced(eta, y, eta, y, c2g, cost, weights_fit=w, weights_sel=w)  # the sweep's own judgement
-        assert torch.equal(sweep.rules[i].alpha, rule.alpha) and torch.equal(sweep.rules[i].mu, rule.mu)
-        _, errors = l2r_risk(rule, rows, c2g, "balanced")
-        assert sweep.coverage[i].item() == pytest.approx(errors.coverage)
-        assert sweep.balanced[i].item() == pytest.approx(errors.balanced_error)
-        assert sweep.worst[i].item() == pytest.approx(errors.worst_error)
-    assert bool((sweep.coverage[1:] >= sweep.coverage[:-1]).all())  # a dearer rejection accepts more
-    x, r = sweep.coverage.numpy(), sweep.balanced.numpy()
-    order = np.argsort(x)
-    xs, rs = np.concatenate([[0.0], x[order], [1.0]]), np.concatenate([[r[order][0]], r[order], [r[order][-1]]])
-    assert sweep.aurc_balanced == pytest.approx(float(np.sum(np.diff(xs) * (rs[1:] + rs[:-1]) / 2)))
-    assert sweep.aurc_worst == pytest.approx(aurc(sweep, "worst"))
-
-
-def test_cost_sweep_for_the_worst_group_uses_fit_worst():
-    eta, y, c2g = sample(3000, 6)
-    sweep = cost_sweep(eta[:1000], y[:1000], eta[1000:2000], y[1000:2000], eta[2000:], y[2000:], c2g, [0.2, 0.4],
-                       "worst", rounds=3)
-    assert all(rule.history is not None and rule.history.rounds == 3 for rule in sweep.rules)
-
-
 def test_group_thresholds_on_a_fitted_rule_reach_their_targets():
     eta, y, c2g = sample(3000, 7)
     rule = fit_group_thresholds(fit_balanced(eta[:1500], y[:1500], eta[1500:], y[1500:], c2g, 0.2), eta, [0.6, 0.9])
@@ -324,11 +295,6 @@ def test_fit_balanced_rejects_bad_inputs_with_the_argument_name(changes, argumen
 def test_fit_worst_rejects_bad_options(options, argument):
     with pytest.raises(ValueError, match=argument):
         fit_worst(ETA_OK[:100], Y_OK[:100], ETA_OK[100:], Y_OK[100:], C2G_OK, 0.2, **options)
-
-
-def test_cost_sweep_rejects_an_unknown_objective():
-    with pytest.raises(ValueError, match="objective"):
-        cost_sweep(ETA_OK, Y_OK, ETA_OK, Y_OK, ETA_OK, Y_OK, C2G_OK, [0.1], "average")
 
 
 def test_fit_balanced_threshold_is_the_best_on_the_selection_split():

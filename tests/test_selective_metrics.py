@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from argse.selective import aurc, bootstrap_ci, chow, ece, risk_coverage, selective_errors
+from argse.selective import aurc, chow, ece, risk_coverage, selective_errors
 from argse.selective.metrics import error_bound
 
 C2G = [0, 0, 1, 1]  # four classes, two groups
@@ -211,25 +211,6 @@ def test_ece_weights():
     assert ece(ECE_PROBS, ECE_Y, weights=np.ones(4)) == ece(ECE_PROBS, ECE_Y)
 
 
-# ---------------------------------------------------------------------------------- bootstrap_ci
-def test_bootstrap_interval_has_the_binomial_width():
-    rng = np.random.default_rng(0)
-    x = (rng.random(2000) < 0.3).astype(float)
-    low, high = bootstrap_ci(lambda a: float(a.mean()), x, n=400, seed=1)
-    assert low < x.mean() < high
-    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.21 / 2000), rel=0.25)
-    narrow = bootstrap_ci(lambda a: float(a.mean()), x, n=400, level=0.5, seed=1)
-    assert low < narrow[0] < narrow[1] < high
-    assert bootstrap_ci(lambda a: float(a.mean()), x, n=400, seed=1) == (low, high)
-
-
-def test_bootstrap_resamples_rows_of_all_arrays_together():
-    a = torch.arange(50)
-    b = a.clone().numpy()
-    low, high = bootstrap_ci(lambda p, q: float((p.numpy() == q).mean()), a, b, n=50)
-    assert (low, high) == (1.0, 1.0)
-
-
 # ------------------------------------------------------------------------------------ validation
 @pytest.mark.parametrize(
     "call, argument",
@@ -245,8 +226,6 @@ def test_bootstrap_resamples_rows_of_all_arrays_together():
         (lambda: chow(np.array([[0.7, 0.7]])), "probs"),
         (lambda: ece(ECE_PROBS, ECE_Y, n_bins=0), "n_bins"),
         (lambda: ece(ECE_PROBS, ECE_Y[:3]), "y"),
-        (lambda: bootstrap_ci(np.mean, np.ones(3), np.ones(4)), "same number of rows"),
-        (lambda: bootstrap_ci(np.mean, np.ones(3), level=1.5), "level"),
     ],
 )
 def test_bad_inputs_raise_a_sentence_naming_the_argument(call, argument):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 
 import mlflow
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from sklearn.datasets import load_digits
 
-from conftest import free_port, post_json, subprocess_env
+from conftest import free_port, post_json, subprocess_env, wait_for_http
 
 MODEL = "models:/ar-gse-digits-lt@champion"
 COLUMNS = ["prediction", "accept", "margin", "group", "confidence"]
@@ -84,15 +82,7 @@ def test_mlflow_models_serve_answers_the_contract_with_http_400_and_one_line(cha
         cwd=tmp_path, env=subprocess_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/invocations"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail("mlflow models serve did not start: " + server.stderr.read().decode()[-2000:])
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server)
         floats, pixels = _digits()
         status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": 0.1}})
         assert status == 200 and len(body["predictions"]) == len(pixels), body

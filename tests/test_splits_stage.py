@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
@@ -75,6 +77,7 @@ def test_bad_option_is_usage_error(store, cli):
     assert cli("splits", "--dataset", "imagenet").code == 2
 
 
+@pytest.mark.slow
 def test_mlflow_run_entry_point(store, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "splits", "--env-manager", "local",

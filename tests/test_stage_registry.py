@@ -31,7 +31,8 @@ def _choices(command: str, option: str) -> tuple[str, ...]:
 
 
 def test_pipeline_steps_and_plan_come_from_the_registry():
-    assert config.PIPELINE_STEPS is PIPELINE_STEPS == ("data", "experts", "gating", "argse", "eval")
+    assert PIPELINE_STEPS == ("data", "experts", "gating", "argse", "eval")
+    assert dict(config.PipelineConfig.__dataclass_fields__["stop_at"].metadata)["choices"] == PIPELINE_STEPS
     assert [p.name for p in PIPELINE_PLAN] == ["splits", "experts", "gating-pretrain", "gating-selective",
                                                "argse", "evaluate"]
     # the plan follows the step order, and every stage with a step is in it
@@ -130,7 +131,7 @@ def test_tag_and_artifact_names_are_spelled_only_in_the_registry():
     paths = [stage_registry.GATE, stage_registry.GATE_META, stage_registry.GATE_RULE, stage_registry.RULE,
              stage_registry.EG_HISTORY, stage_registry.CHECKPOINT, stage_registry.LOGITS.split("{")[0],
              f"{stage_registry.RESULTS_DIR}/{stage_registry.RESULTS_TABLE}"]
-    owners = {REPO / "argse" / "stage_registry.py", REPO / "argse" / "tracking.py"}
+    owners = {REPO / "argse" / "stage_registry.py", REPO / "argse" / "tracking" / "tags.py"}
     found = []
     for path in sorted((REPO / "argse").rglob("*.py")):
         if path in owners:
@@ -145,7 +146,7 @@ def test_tag_and_artifact_names_are_spelled_only_in_the_registry():
 def test_selective_core_and_training_code_import_neither_mlflow_nor_the_config():
     code = (
         "import sys\n"
-        "import argse.selective, argse.selective.compare, argse.training\n"
+        "import argse.selective, argse.selective.compare, argse.selective.matched, argse.selective.seeds, argse.training\n"
         "import argse.training.losses, argse.training.calibration, argse.training.gating, argse.training.utils\n"
         "import argse.models.backbones, argse.models.experts, argse.models.gating\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'click') or m == 'argse.config'))\n"

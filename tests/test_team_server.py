@@ -55,6 +55,8 @@ def _env(server, credentials=USER, **extra) -> dict[str, str]:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["MPLBACKEND"] = "Agg"
+    if "ARGSE_KILL_AT" in extra:  # the kill points are installed from the test side (tests/killpoints)
+        env["PYTHONPATH"] = str(REPO / "tests" / "killpoints") + os.pathsep + env["PYTHONPATH"]
     env.update(extra)
     return env
 
@@ -107,7 +109,7 @@ def _one_line(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def twins(server, tmp_path_factory):
     """Two identical pipelines started as two teammates would: the second while the first trains its
-    experts. Returns ``(first, second)`` completed processes."""
+    experts. Returns ``(first, second)`` completed processes."""  # noqa: D401
     cwd = tmp_path_factory.mktemp("twins")
     args = ("pipeline", *TINY, "--experiment", "team-twins", "--register-name", "team-twins")
     first = _start(server, cwd, *args)
@@ -119,29 +121,28 @@ def twins(server, tmp_path_factory):
     return _finish(first), _finish(second)
 
 
-def test_two_identical_pipelines_at_once_keep_their_own_runs(server, twins):
+def test_two_identical_pipelines_at_once_train_once_the_second_waits_and_reuses(server, twins):
     first, second = twins
     assert first.returncode == 0, first.stderr[-3000:]
     assert second.returncode == 0, second.stderr[-3000:]
-    # The second found the first's experts run live and started its own, saying so in one line.
-    notes = [line for line in second.stdout.splitlines() if line.startswith("experts: not resuming run")]
-    assert len(notes) == 1 and "it is live" in notes[0] and "starting a new run" in notes[0], second.stdout[-3000:]
+    # The second found the first live (same configuration, started first), said so in one line, waited,
+    # and then reused every stage the first made: nothing is trained twice.
+    notes = [line for line in second.stdout.splitlines() if line.startswith("pipeline: run ")]
+    assert len(notes) == 1 and "waiting for it, then reusing its stages" in notes[0], second.stdout[-3000:]
     client = _client(server)
     runs = _runs(client, "team-twins")
     assert {r.info.status for r in runs} == {"FINISHED"}
-    pipelines = [r for r in runs if r.data.tags.get("argse.stage") == "pipeline"]
+    pipelines = sorted((r for r in runs if r.data.tags.get("argse.stage") == "pipeline"), key=lambda r: r.info.start_time)
     assert len(pipelines) == 2
-    experts_ids = {_step(p, "experts") for p in pipelines}
-    assert len(experts_ids) == 2  # each trained its own
-    for pipeline in pipelines:
-        parent = _step(pipeline, "experts")
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
-        assert sorted(r.data.tags["argse.expert"] for r in children) == sorted(EXPERTS)
-        for child in children:
-            assert len(child.outputs.model_outputs) == 1  # one logged model per expert run
-        own = ",".join(client.get_run(parent).data.tags[f"argse.expert_run.{n}"] for n in EXPERTS)
-        for step in ("gating-pretrain", "gating-selective", "argse", "evaluate"):
-            assert client.get_run(_step(pipeline, step)).data.tags["argse.upstream.experts"] == own, step
+    steps = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
+    assert {pipelines[1].data.tags[f"argse.step.{s}"].split()[0] for s in steps} == {"reused"}
+    assert [_step(pipelines[0], s) for s in steps] == [_step(pipelines[1], s) for s in steps]
+    parent = _step(pipelines[0], "experts")
+    assert len([r for r in runs if r.data.tags.get("argse.expert") == "all"]) == 1  # one experts run
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert sorted(r.data.tags["argse.expert"] for r in children) == sorted(EXPERTS)
+    for child in children:
+        assert len(child.outputs.model_outputs) == 1  # one logged model per expert run
     champion = client.get_model_version_by_alias("team-twins", "champion")
     assert champion.version == _expected_champion(client, "team-twins")
 
@@ -166,8 +167,8 @@ def test_concurrent_fits_leave_champion_on_the_best_finished_version(server, twi
 
 
 # The boundaries of the pipeline's steps (data | experts | gating | argse | eval), two inside the fit,
-# and one inside expert training (to leave a checkpoint behind).
-FAILPOINTS = ("pipeline:splits", "experts:checkpoint", "pipeline:experts", "pipeline:gating-selective",
+# and one inside expert training (to leave a checkpoint behind): tests/killpoints/sitecustomize.py.
+KILL_POINTS = ("pipeline:splits", "experts:checkpoint", "pipeline:experts", "pipeline:gating-selective",
               "argse:registered", "argse:finished", "pipeline:evaluate")
 
 
@@ -178,8 +179,8 @@ def test_kill_at_every_stage_boundary_then_rerun(server, tmp_path):
     client = _client(server)
     args = ("pipeline", *TINY, "--experiment", "team-kills", "--register-name", "team-kills")
     outputs = {}
-    for point in FAILPOINTS:
-        done = _argse(server, tmp_path, *args, ARGSE_FAILPOINT=point)
+    for point in KILL_POINTS:
+        done = _argse(server, tmp_path, *args, ARGSE_KILL_AT=point)
         assert done.returncode == -signal.SIGKILL, f"{point}: {done.stderr[-3000:]}"
         outputs[point] = done.stdout
         if point == "experts:checkpoint":  # the first expert's checkpoint is damaged while it is down

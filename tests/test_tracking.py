@@ -3,6 +3,7 @@ reference and every way it can fail, the experiment rule, config hashes and the 
 
 from __future__ import annotations
 
+import json
 import mlflow
 import numpy as np
 import mlflow.pyfunc
@@ -153,3 +154,38 @@ def test_find_cached_run_needs_same_hash_and_code_and_a_finished_run(store):
     run_id = _stage(params=params)
     assert tracking.find_cached_run("splits", h, tracking.code_version(), dataset="digits-lt").info.run_id == run_id
     assert tracking.find_cached_run("splits", h, "0.0.0+other", dataset="digits-lt") is None
+
+
+def test_the_one_use_of_mlflow_internals_still_posts_one_tag_request_without_retrying():
+    # post_set_tag relies on mlflow.utils.rest_utils.http_request: one POST to the set-tag endpoint,
+    # no retry on an error. A local HTTP server records what arrives; this fails when MLflow changes it.
+    import http.server
+    import threading
+
+    from argse.tracking.mlflow_internals import post_set_tag
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            status = 200 if len(seen) == 1 else 503
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_port}"
+    try:
+        post_set_tag(uri, "a" * 32, "argse.heartbeat", "123", timeout=5)
+        assert seen == [("/api/2.0/mlflow/runs/set-tag", {"run_id": "a" * 32, "key": "argse.heartbeat", "value": "123"})]
+        with pytest.raises(Exception):
+            post_set_tag(uri, "a" * 32, "argse.heartbeat", "124", timeout=5)
+        assert len(seen) == 2  # the failing request was sent once: no retry
+    finally:
+        server.shutdown()

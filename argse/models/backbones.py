@@ -1,8 +1,8 @@
 """Backbones for the experts: the CIFAR ResNet-32, a ResNet-8 for 28x28 grey images and a small
 residual net for 8x8 digits.
 
-Pure torch; no MLflow. ``build_backbone`` maps a dataset preset to its network (:data:`BACKBONES`),
-and ``estimate_training_flops`` gives the rough cost figure that ``--dry-run`` prints.
+Pure torch; no MLflow. ``build_backbone`` builds a network by its name (:data:`BACKBONES`; each dataset
+preset names one), and ``estimate_training_flops`` gives the rough cost figure that ``--dry-run`` prints.
 """
 
 from __future__ import annotations
@@ -140,19 +140,19 @@ def resnet8_grey(num_classes: int) -> CifarResNet:
     return CifarResNet(blocks_per_stage=1, num_classes=num_classes, in_channels=1)
 
 
-# The expert network of each dataset preset, built as ``BACKBONES[dataset](num_classes)``.
+# The expert networks by name, built as ``BACKBONES[name](num_classes)``.
 BACKBONES: dict[str, Callable[[int], nn.Module]] = {
-    "cifar100-lt": resnet32,
-    "digits-lt": DigitsNet,
-    "fashion-mnist-lt": resnet8_grey,
+    "resnet32": resnet32,
+    "digits-net": DigitsNet,
+    "resnet8-grey": resnet8_grey,
 }
 
 
-def build_backbone(dataset: str, num_classes: int) -> nn.Module:
-    """The expert network for a dataset preset (:data:`BACKBONES`)."""
-    if dataset not in BACKBONES:
-        raise ValueError(f"dataset must be one of {', '.join(BACKBONES)}; got {dataset!r}.")
-    return BACKBONES[dataset](num_classes)
+def build_backbone(name: str, num_classes: int) -> nn.Module:
+    """The expert network called ``name`` (:data:`BACKBONES`) for ``num_classes`` classes."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}; got {name!r}.")
+    return BACKBONES[name](num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -165,43 +165,29 @@ def estimate_training_flops(
 ) -> float:
     """Approximate FLOPs to train ``model`` for ``epochs`` epochs over ``n_images`` images.
 
-    ``input_shape`` is one image's shape (C, H, W). Counts the multiply-accumulates of every Conv2d
-    and Linear layer in one forward pass, doubles them (FLOPs) and triples that for forward plus
-    backward; normalisation, activations and the optimizer are ignored.
+    ``input_shape`` is one image's shape (C, H, W). One forward pass of one image is counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products: 2 FLOPs per
+    multiply-accumulate), tripled for forward plus backward; normalisation, activations and the
+    optimizer are ignored.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     shape = tuple(int(size) for size in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"input_shape must be one image's (C, H, W); got {tuple(input_shape)}.")
     if n_images < 0 or epochs < 0:
         raise ValueError(f"n_images and epochs must be >= 0; got {n_images} and {epochs}.")
-
-    macs = 0
-
-    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, nn.Conv2d):
-            kernel = module.kernel_size[0] * module.kernel_size[1]
-            macs += output.numel() * (module.in_channels // module.groups) * kernel
-        else:
-            macs += output.numel() * module.in_features
-
-    hooks = [
-        module.register_forward_hook(count)
-        for module in model.modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear))
-    ]
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     was_training = model.training
+    counter = FlopCounterMode(display=False)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model(torch.zeros((1, *shape), device=device))
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
-    return float(macs) * 2.0 * 3.0 * float(n_images) * float(epochs)
+    return float(counter.get_total_flops()) * 3.0 * float(n_images) * float(epochs)
 
 
 def _check_num_classes(num_classes: int) -> None:

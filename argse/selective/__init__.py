@@ -1,7 +1,7 @@
 """`argse.selective`: the plug-in rejector for long-tailed selective classification, pure torch.
 
 The rule and its fitting follow Narasimhan, Menon, Jitkrittum, Gupta, Kumar, "Learning to Reject Meets
-Long-tail Learning", ICLR 2024 (Theorem 1, Algorithms 1 and 2); DESIGN.md §4 has the maths. Inputs may
+Long-tail Learning", ICLR 2024 (Theorem 1, Algorithms 1 and 2); docs/design.md has the maths. Inputs may
 be torch tensors or numpy arrays; outputs are tensors and floats in small frozen dataclasses. Bad
 inputs raise ValueError with a sentence naming the argument.
 """
@@ -12,17 +12,14 @@ from argse.selective.metrics import (
     SelectiveErrors,
     aurc,
     l2r_risk,
-    bootstrap_ci,
     chow,
     ece,
     risk_coverage,
     selective_errors,
 )
 from argse.selective.rule import PluginRule, RulePrediction, WorstFitHistory
-from argse.selective.sweep import CostSweep, cost_sweep
 
 __all__ = [
-    "CostSweep",
     "FitOptions",
     "PluginRule",
     "RiskCoverage",
@@ -30,9 +27,7 @@ __all__ = [
     "SelectiveErrors",
     "WorstFitHistory",
     "aurc",
-    "bootstrap_ci",
     "chow",
-    "cost_sweep",
     "ece",
     "fit_at_coverage",
     "fit_balanced",

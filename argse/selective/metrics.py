@@ -1,5 +1,5 @@
 """Selective-classification metrics, all weighted: errors at a decision, risk-coverage curves, AURC,
-Chow's baseline, ECE and bootstrap intervals.
+Chow's baseline and ECE.
 
 Convention: a group with no accepted mass has error 1.0 (likewise the overall error when nothing is
 accepted), so rejecting a whole group is never rewarded with a zero error.
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from argse.selective import _validate as check
@@ -187,7 +186,7 @@ def risk_coverage(
 def aurc(curve: Any, risk: str = "balanced", min_coverage: float = 0.0) -> float:
     """Area under a risk-coverage curve over coverage in [min_coverage, 1].
 
-    `curve` is a `RiskCoverage` or a `CostSweep` (anything with `coverage` and the named risk);
+    `curve` is a `RiskCoverage` (anything with `coverage` and the named risk);
     `risk` is "balanced", "worst" or "standard". The points, sorted by coverage, are joined by straight
     lines (trapezoids) and the curve is extended flat to coverage 0 (the risk of its lowest-coverage
     point) and to 1 (that of its highest). The area is not normalised: divide by (1 - min_coverage)
@@ -196,7 +195,7 @@ def aurc(curve: Any, risk: str = "balanced", min_coverage: float = 0.0) -> float
     if risk not in ("balanced", "worst", "standard") or not hasattr(curve, risk):
         raise ValueError(f"risk must be one of 'balanced', 'worst', 'standard' that the curve has; got {risk!r}.")
     if not hasattr(curve, "coverage"):
-        raise ValueError("curve must have a coverage attribute (a RiskCoverage or a CostSweep).")
+        raise ValueError("curve must have a coverage attribute (a RiskCoverage).")
     lo = float(min_coverage)
     if not 0.0 <= lo < 1.0:
         raise ValueError(f"min_coverage must lie in [0, 1); got {min_coverage}.")
@@ -247,35 +246,3 @@ def ece(
     hits = torch.zeros_like(mass).index_add_(0, b, w * (pred == y))
     conf = torch.zeros_like(mass).index_add_(0, b, w * confidence)
     return float((hits - conf).abs().sum() / w.sum())
-
-
-def bootstrap_ci(
-    fn: Callable[..., float], *arrays: Any, n: int = 1000, level: float = 0.95, seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the statistic `fn(*arrays)`.
-
-    Each of `n` replicates draws N rows with replacement (the same rows from every array, so
-    predictions, labels and weights stay aligned) and calls `fn` on the resampled arrays, which keep
-    their type (tensor or numpy). Returns the (1 - level) / 2 and (1 + level) / 2 quantiles.
-    """
-    if not callable(fn):
-        raise ValueError("fn must be a callable that returns a float.")
-    if not arrays:
-        raise ValueError("bootstrap_ci needs at least one array to resample.")
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be an integer >= 1; got {n!r}.")
-    if not 0.0 < float(level) < 1.0:
-        raise ValueError(f"level must lie strictly between 0 and 1; got {level}.")
-    converted = [a if isinstance(a, torch.Tensor) else np.asarray(a) for a in arrays]
-    lengths = {a.shape[0] if a.ndim else -1 for a in converted}
-    if len(lengths) != 1 or -1 in lengths or 0 in lengths:
-        raise ValueError("arrays must be non-empty and have the same number of rows.")
-    rows = lengths.pop()
-    rng = np.random.default_rng(seed)
-    values = np.empty(int(n), dtype=np.float64)
-    for i in range(int(n)):  # a loop over replicates, not samples
-        idx = rng.integers(0, rows, size=rows)
-        sample = [a[torch.from_numpy(idx).to(a.device)] if isinstance(a, torch.Tensor) else a[idx] for a in converted]
-        values[i] = float(fn(*sample))
-    low, high = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    return float(low), float(high)

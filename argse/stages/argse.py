@@ -22,7 +22,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, figures, fmt_number, serving, tracking
+from argse import ArgseError, figures, fmt_number, serving, stage_registry, tracking
 from argse.config import ArgseConfig
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS
@@ -106,7 +106,7 @@ def resolve_inputs(cfg: ArgseConfig, experiment: str | None):
     """The gating run ``cfg.gating_run`` names and its experts, ``{expert: run_id}``."""
     gating_run = tracking.resolve_upstream("gating", cfg.gating_run, dataset=cfg.dataset, experiment=experiment,
                                            lineage={TAG_GATING_MODE: "selective"})
-    ids = split_expert_runs(gating_run.data.tags.get(tracking.TAG_UPSTREAM + "experts", ""))
+    ids = split_expert_runs(gating_run.data.tags.get(stage_registry.TAG_UPSTREAM + "experts", ""))
     if ids is None:
         raise ArgseError(f"gating run {gating_run.info.run_id} records no expert runs; rerun the gating stage")
     return gating_run, ids
@@ -134,9 +134,7 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
         rule, summary = fit_and_log(cfg, experts, gate)
         model_info = log_servable(cfg, experts, gate, rule)
         version = register(cfg, model_info, active.info.run_id, summary[CHAMPION_METRIC])
-        tracking.failpoint("argse:registered")
     # The run is FINISHED, everything logged: only now may its version become champion.
-    tracking.failpoint("argse:finished")
     decision = crown(cfg.register_name, version)
     click.echo(
         f"argse run {active.info.run_id}: {cfg.objective} rule at cost {fmt_number(rule.cost)}, val coverage "
@@ -195,14 +193,14 @@ def log_servable(cfg: ArgseConfig, experts: ExpertSet, gate, rule: PluginRule):
     splits = experts.splits
     expert_models = {name: mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL}").eval()
                      for name, run_id in experts.run_ids.items()}
-    source = load_source(cfg.dataset, cfg.data_dir)
+    source = load_source(cfg.preset.source, cfg.data_dir)
     splits.check_source(source)
     val_images = splits.images(source, "val")
     if source.train_images.shape[-1] == 1:
         val_images = val_images[..., 0]
     h, w, c = source.train_images.shape[1:]
     info = serving.log_model(
-        dataset=cfg.dataset, num_classes=splits.num_classes, image_shape=(h, w, c), class_names=splits.class_names,
+        dataset=cfg.dataset, backbone=cfg.preset.backbone, num_classes=splits.num_classes, image_shape=(h, w, c), class_names=splits.class_names,
         group_names=splits.group_names, experts=expert_models, gate=gate, rule=rule, example=val_images[:3],
         shifts=experts.shifts)
     model = mlflow.pyfunc.load_model(info.model_uri)

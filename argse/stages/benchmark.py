@@ -36,7 +36,6 @@ from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, figures, tracking
 from argse.config import BenchmarkConfig
-from argse.selective.compare import metric_key
 from argse.selective.seeds import METRICS, PAIRED, mean_curves, summarise
 from argse.stage_registry import (
     BENCHMARK_DIR,
@@ -47,6 +46,7 @@ from argse.stage_registry import (
     TAG_BENCHMARK_PIPELINE,
     TAG_STEP,
 )
+from argse.tracking.metric_names import metric_key
 from argse.training.utils import free_cores, memory_available
 
 #: What one pipeline may take at once: its experts train in up to three processes, and those three

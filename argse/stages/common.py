@@ -13,8 +13,9 @@ import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, tracking
-from argse.config import EXPERTS
+from argse import ArgseError, stage_registry, tracking
+from argse import EXPERTS
+from argse.config import ExpertsConfig
 from argse.data.splits import EVAL_SPLITS, Splits
 from argse.stage_registry import expert_runs_of_parent, join_expert_runs
 from argse.stages.splits import load_splits
@@ -74,14 +75,14 @@ def resolve_experts(ref: str, *, dataset: str, experiment: str | None = None) ->
     client = MlflowClient()
     if ref in ("", "latest"):
         newest = tracking.search_finished("experts", dataset, experiment=experiment, max_results=50)
-        newest = [r for r in newest if r.data.tags.get(tracking.TAG_EXPERT) in EXPERTS]
+        newest = [r for r in newest if r.data.tags.get(stage_registry.TAG_EXPERT) in EXPERTS]
         if not newest:
             raise ArgseError(f"no FINISHED experts run for {dataset}: run `argse experts --dataset {dataset}` first")
-        splits_id = newest[0].data.tags[tracking.TAG_UPSTREAM + "splits"]
+        splits_id = newest[0].data.tags[stage_registry.TAG_UPSTREAM + "splits"]
         ids = {}
         for name in EXPERTS:
             run = tracking.search_finished(
-                "experts", dataset, {tracking.TAG_EXPERT: name, tracking.TAG_UPSTREAM + "splits": splits_id},
+                "experts", dataset, {stage_registry.TAG_EXPERT: name, stage_registry.TAG_UPSTREAM + "splits": splits_id},
                 experiment=experiment)
             if not run:
                 raise ArgseError(
@@ -92,20 +93,20 @@ def resolve_experts(ref: str, *, dataset: str, experiment: str | None = None) ->
     refs = [r.strip() for r in ref.split(",") if r.strip()]
     if len(refs) == 1:
         run = tracking.resolve_upstream("experts", refs[0], dataset=dataset, experiment=experiment)
-        if run.data.tags.get(tracking.TAG_EXPERT) != "all":
+        if run.data.tags.get(stage_registry.TAG_EXPERT) != "all":
             raise ArgseError(
-                f"run {run.info.run_id} is the {run.data.tags.get(tracking.TAG_EXPERT)} expert alone: pass an "
+                f"run {run.info.run_id} is the {run.data.tags.get(stage_registry.TAG_EXPERT)} expert alone: pass an "
                 "`--expert all` run or the three expert run ids separated by commas")
         ids = _experts_of_parent(run)
     else:
         ids = {}
         for one in refs:
             run = tracking.resolve_upstream("experts", one, dataset=dataset, experiment=experiment)
-            ids[run.data.tags.get(tracking.TAG_EXPERT)] = run.info.run_id
+            ids[run.data.tags.get(stage_registry.TAG_EXPERT)] = run.info.run_id
         if sorted(ids) != sorted(EXPERTS) or len(refs) != len(EXPERTS):
             raise ArgseError(f"--experts-run needs one run of each of {', '.join(EXPERTS)}; got {', '.join(ids)}")
         ids = {name: ids[name] for name in EXPERTS}
-    splits_ids = {client.get_run(i).data.tags.get(tracking.TAG_UPSTREAM + "splits") for i in ids.values()}
+    splits_ids = {client.get_run(i).data.tags.get(stage_registry.TAG_UPSTREAM + "splits") for i in ids.values()}
     if len(splits_ids) != 1:
         raise ArgseError(
             f"the expert runs come from different splits runs ({', '.join(sorted(map(str, splits_ids)))}): "
@@ -122,7 +123,7 @@ def expert_shifts(run_ids: dict[str, str], splits: Splits, prior: str) -> torch.
     client = MlflowClient()
     rows = []
     for name, run_id in run_ids.items():
-        la_tau = float(client.get_run(run_id).data.params.get("la_tau", 1.0))
+        la_tau = ExpertsConfig().restore(client.get_run(run_id).data.params).la_tau
         rows.append(posterior_shift(name, splits.train_counts, splits.prior(prior), la_tau))
     return torch.stack(rows)
 
@@ -133,7 +134,7 @@ def load_experts(run_ids: dict[str, str], prior: str = "lt") -> ExpertSet:
     from argse.stages.experts import load_expert_logits
 
     client = MlflowClient()
-    splits_run_id = client.get_run(next(iter(run_ids.values()))).data.tags[tracking.TAG_UPSTREAM + "splits"]
+    splits_run_id = client.get_run(next(iter(run_ids.values()))).data.tags[stage_registry.TAG_UPSTREAM + "splits"]
     splits = load_splits(splits_run_id)
     shifts = expert_shifts(run_ids, splits, prior)
     probs, logits, labels = {}, {}, {}

@@ -20,12 +20,13 @@ import click
 import mlflow
 import numpy as np
 
-from argse import ArgseError, figures, fmt_number, tracking
-from argse.config import EvaluateConfig
+from argse import ArgseError, figures, fmt_number, stage_registry, tracking
+from argse.config import ArgseConfig, EvaluateConfig
 from argse.data.loaders import load_source
 from argse.models.gating import balanced_accuracy, gated_mixture
 from argse.selective import PluginRule
-from argse.selective.compare import Comparison, FitOptions, Method, compare, metric_dict
+from argse.selective.compare import Comparison, FitOptions, Method, compare
+from argse.tracking.metric_names import metric_dict
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from argse.serving import predict_frame
 from argse.stage_registry import COVERAGE_POINTS, EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI
@@ -104,11 +105,11 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
         tracking.log_split_inputs(experts.splits, ("tunev", "val", cfg.split))
         gate = load_gate(gating_run.info.run_id)
         rule = PluginRule.from_dict(mlflow.artifacts.load_dict(f"runs:/{argse_run.info.run_id}/{RULE}"))
-        objective = argse_run.data.params.get("objective.resolved", argse_run.data.params.get("objective", "worst"))
-        model_prior = argse_run.data.params.get("test_prior", "lt")
+        fitted = ArgseConfig(dataset=cfg.dataset).restore(argse_run.data.params)  # the fit's own options
+        objective, model_prior = fitted.objective, fitted.test_prior
 
         if cfg.check_images:
-            source = load_source(cfg.dataset, cfg.data_dir)
+            source = load_source(cfg.preset.source, cfg.data_dir)
             experts.splits.check_source(source)
             images = experts.splits.images(source, cfg.split)[: cfg.check_images]
             if images.shape[-1] == 1:
@@ -122,9 +123,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
 
         splits = experts.splits
         weights = {s: experts.weights(s, cfg.test_prior) for s in ("tunev", "val", "test")}
-        params = argse_run.data.params
-        fit_options = FitOptions(rounds=int(params.get("rounds", 20)), step=float(params.get("step", 2.0)),
-                                 n_starts=int(params.get("n_starts", 12)))
+        fit_options = FitOptions(rounds=fitted.rounds, step=fitted.step, n_starts=fitted.n_starts)
         comparison = compare(
             build_methods(experts, gate, rule, objective, model_prior), experts.labels, weights, splits.class_to_group,
             split=cfg.split, cost=rule.cost, coverages=cfg.coverages(), n_boot=cfg.n_boot, seed=cfg.seed,
@@ -148,16 +147,15 @@ def summary_markdown(table) -> str:
 
 
 def resolve_gating_for(argse_run, cfg: EvaluateConfig, experiment: str | None):
-    from argse.config import ArgseConfig
 
-    gating_ref = argse_run.data.tags.get(tracking.TAG_UPSTREAM + "gating")
+    gating_ref = argse_run.data.tags.get(stage_registry.TAG_UPSTREAM + "gating")
     if not gating_ref:
         raise ArgseError(f"argse run {argse_run.info.run_id} records no gating run; refit it with `argse fit`")
     return resolve_inputs(ArgseConfig(dataset=cfg.dataset, gating_run=gating_ref), experiment)
 
 
 def log_comparison(comparison: Comparison, cfg: EvaluateConfig, group_names) -> None:
-    mlflow.log_metrics(metric_dict(comparison))
+    mlflow.log_metrics(metric_dict(comparison.table))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / RESULTS_DIR
         write_results(comparison, folder)

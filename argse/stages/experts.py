@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from argse import ArgseError, ArgseUsageError, fmt_number, tracking
-from argse.config import EXPERTS, ExpertsConfig, preset
+from argse import ArgseError, ArgseUsageError, fmt_number, stage_registry, tracking
+from argse import EXPERTS
+from argse.config import ExpertsConfig
 from argse.data.device import DeviceImages, normalize_stats
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, Splits
@@ -100,11 +101,11 @@ class Data:
 
 
 def load_data(splits: Splits, splits_run_id: str, cfg: ExpertsConfig, device: torch.device) -> Data:
-    source = load_source(cfg.dataset, cfg.data_dir)
+    source = load_source(cfg.preset.source, cfg.data_dir)
     splits.check_source(source)
     train_images = splits.images(source, "train")
     mean, std = normalize_stats(train_images)
-    augmentation = preset(cfg.dataset).augmentation
+    augmentation = cfg.preset.augmentation
 
     channels_last = training_mode(cfg, device)[1]
 
@@ -137,7 +138,7 @@ def load_checkpoint(run_id: str) -> dict | None:
 
 def training_mode(cfg: ExpertsConfig, device: torch.device) -> tuple[bool, bool]:
     """(bf16 autocast, channels_last) for this run (see :func:`argse.training.utils.training_mode`)."""
-    return training_utils.training_mode(cfg.precision, device, preset(cfg.dataset).cpu_fast_path)
+    return training_utils.training_mode(cfg.precision, device, cfg.preset.cpu_fast_path)
 
 
 def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device, ddp: Dist,
@@ -147,7 +148,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
     the model, uncalibrated. ``position``: the line of its progress bar on a terminal."""
     splits = data.splits
     seed_everything(cfg.seed + EXPERTS.index(name))
-    backbone = build_backbone(cfg.dataset, splits.num_classes).to(device)
+    backbone = build_backbone(cfg.preset.backbone, splits.num_classes).to(device)
     bf16, channels_last = training_mode(cfg, device)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -202,7 +203,6 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
             local.parent.mkdir(exist_ok=True)
             torch.save(state.checkpoint(cfg.params()), local)
             mlflow.log_artifact(str(local), local.parent.name)
-            tracking.failpoint("experts:checkpoint")
 
         train(state, data.train, epochs=cfg.epochs, batch_size=local_batch, device=device, bf16=bf16,
               checkpoint_every=cfg.checkpoint_every, rank=ddp.rank, world_size=ddp.world_size,
@@ -269,15 +269,15 @@ def _config_from_run(run, cfg: ExpertsConfig) -> ExpertsConfig:
     """The configuration a run was started with, for ``--resume``: every hashed option from its params
     (:meth:`~argse.config.StageConfig.restore`), the expert and the splits run from its tags."""
     return dataclasses.replace(cfg.restore(run.data.params),
-                               expert=run.data.tags.get(tracking.TAG_EXPERT, cfg.expert),
-                               splits_run=run.data.tags.get(tracking.TAG_UPSTREAM + "splits", cfg.splits_run)).resolve()
+                               expert=run.data.tags.get(stage_registry.TAG_EXPERT, cfg.expert),
+                               splits_run=run.data.tags.get(stage_registry.TAG_UPSTREAM + "splits", cfg.splits_run)).resolve()
 
 
 def dry_run(cfg: ExpertsConfig, experiment: str | None) -> None:
     splits_run_id = _resolve_splits(cfg, experiment)
     splits = load_splits(splits_run_id)
-    model = build_backbone(cfg.dataset, splits.num_classes)
-    h, w, c = preset(cfg.dataset).image_shape
+    model = build_backbone(cfg.preset.backbone, splits.num_classes)
+    h, w, c = cfg.preset.image_shape
     n_train = len(splits.indices["train"])
     flops = estimate_training_flops(model, (c, h, w), n_train, cfg.epochs)
     click.echo(cfg.dry_run_header("experts"))
@@ -300,16 +300,16 @@ def estimate(cfg: ExpertsConfig, splits: Splits, device: torch.device, steps: in
     of the dataset's shape through the real on-device augmentation, and one evaluation batch."""
     import resource
 
-    h, w, c = preset(cfg.dataset).image_shape
+    h, w, c = cfg.preset.image_shape
     bf16, channels_last = training_mode(cfg, device)
     n_train, n_eval = len(splits.indices["train"]), {s: len(splits.indices[s]) for s in EVAL_SPLITS}
     batch = min(cfg.batch_size, n_train)
     generator = torch.Generator().manual_seed(cfg.seed)
     images = torch.randint(0, 256, ((steps + 1) * batch, h, w, c), dtype=torch.uint8, generator=generator)
     labels = torch.arange(len(images)) % splits.num_classes
-    data = DeviceImages(images, labels, mean=[0.5] * c, std=[0.25] * c, augmentation=preset(cfg.dataset).augmentation,
+    data = DeviceImages(images, labels, mean=[0.5] * c, std=[0.25] * c, augmentation=cfg.preset.augmentation,
                         device=device, channels_last=channels_last)
-    backbone = build_backbone(cfg.dataset, splits.num_classes).to(device)
+    backbone = build_backbone(cfg.preset.backbone, splits.num_classes).to(device)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     criterion = make_loss("ce", splits.train_counts).to(device)
@@ -420,7 +420,7 @@ def _run(cfg: ExpertsConfig, device: torch.device, ddp: Dist, experiment: str | 
     label = cfg.experts()[0] if single else "all"
     with tracking.stage_run("experts", cfg.dataset, cfg.params(), experiment=experiment,
                             run_name=f"expert-{label}" if single else "experts",
-                            tags={tracking.TAG_EXPERT: label}) as outer:
+                            tags={stage_registry.TAG_EXPERT: label}) as outer:
         splits_run_id = _resolve_splits(cfg, experiment)
         upstream = EXPERTS_STAGE.upstream(splits=splits_run_id)
         tracking.set_upstream("experts", cfg.params(), upstream)
@@ -450,7 +450,7 @@ def plan(cfg: ExpertsConfig, children: list) -> list[Job]:
     ``children``: the child runs of the ``--expert all`` run (none for a new one), newest first."""
     jobs = []
     for name in cfg.experts():
-        child = next((c for c in children if c.data.tags.get(tracking.TAG_EXPERT) == name), None)
+        child = next((c for c in children if c.data.tags.get(stage_registry.TAG_EXPERT) == name), None)
         if child is None:
             jobs.append(Job(name, "start"))
         else:
@@ -516,7 +516,7 @@ def describe_mode(cfg: ExpertsConfig, n_experts: int, device: torch.device, ddp:
 def worker_threads(cfg: ExpertsConfig, n_workers: int) -> int:
     """Torch threads per expert process: the preset's choice (one, where it found more threads slower
     on a shared machine), else an equal share of the cores."""
-    return preset(cfg.dataset).cpu_threads or max(1, free_cores()[0] // n_workers)
+    return cfg.preset.cpu_threads or max(1, free_cores()[0] // n_workers)
 
 
 def _train_all(cfg: ExpertsConfig, jobs: list[Job], splits: Splits, splits_run_id: str, upstream: dict,
@@ -539,7 +539,7 @@ def _train_all(cfg: ExpertsConfig, jobs: list[Job], splits: Splits, splits_run_i
         for job in todo:
             kwargs = {"resume_run_id": job.run_id} if job.action == "resume" else {"run_name": f"expert-{job.name}"}
             with tracking.stage_run("experts", cfg.dataset, dataclasses.replace(cfg, expert=job.name).params(),
-                                    upstream=upstream, tags={tracking.TAG_EXPERT: job.name}, **kwargs) as active:
+                                    upstream=upstream, tags={stage_registry.TAG_EXPERT: job.name}, **kwargs) as active:
                 state = load_checkpoint(active.info.run_id) if job.action == "resume" else None
                 if job.action == "start":
                     tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
@@ -577,7 +577,7 @@ def _train_at_once(cfg: ExpertsConfig, todo: list[Job], splits_run_id: str, upst
     for job in todo:
         if job.action == "start":
             run = client.create_run(parent.info.experiment_id, run_name=f"expert-{job.name}",
-                                    tags={"mlflow.parentRunId": parent.info.run_id, tracking.TAG_EXPERT: job.name})
+                                    tags={"mlflow.parentRunId": parent.info.run_id, stage_registry.TAG_EXPERT: job.name})
             job = Job(job.name, "start", run.info.run_id)
         jobs.append(job)
     threads = worker_threads(cfg, len(jobs))
@@ -634,7 +634,7 @@ def _expert_process(work: WorkerJob) -> None:
     job, cfg = work.job, work.cfg
     try:
         with tracking.stage_run("experts", cfg.dataset, dataclasses.replace(cfg, expert=job.name).params(),
-                                upstream=work.upstream, resume_run_id=job.run_id, tags={tracking.TAG_EXPERT: job.name}):
+                                upstream=work.upstream, resume_run_id=job.run_id, tags={stage_registry.TAG_EXPERT: job.name}):
             device = resolve_device(cfg.device)
             splits = load_splits(work.splits_run_id)
             state = load_checkpoint(job.run_id) if job.action == "resume" else None
@@ -687,15 +687,15 @@ def _resume(cfg: ExpertsConfig, device: torch.device, experiment: str | None) ->
         why = tracking.claim(run.info.run_id)  # never two processes on one run
         if why is not None:
             raise ArgseError(f"not resuming run {run.info.run_id}: {why}")
-    if tags.get(tracking.TAG_EXPERT) == "all":
+    if tags.get(stage_registry.TAG_EXPERT) == "all":
         return _resume_all(run, cfg, device, experiment)
     if run.info.status == "FINISHED":
         click.echo(f"run {run.info.run_id} is already FINISHED; nothing to resume")
-        return {tags[tracking.TAG_EXPERT]: run.info.run_id}
+        return {tags[stage_registry.TAG_EXPERT]: run.info.run_id}
     cfg = _config_from_run(run, cfg)
     name = cfg.expert
     with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream=EXPERTS_STAGE.upstream(splits=cfg.splits_run),
-                            resume_run_id=run.info.run_id, tags={tracking.TAG_EXPERT: name}):
+                            resume_run_id=run.info.run_id, tags={stage_registry.TAG_EXPERT: name}):
         state = load_checkpoint(run.info.run_id)
         splits = load_splits(cfg.splits_run)
         data = load_data(splits, cfg.splits_run, cfg, device)
@@ -713,7 +713,7 @@ def _resume_all(parent, cfg: ExpertsConfig, device: torch.device, experiment: st
         order_by=["attributes.start_time DESC"])
     upstream = EXPERTS_STAGE.upstream(splits=cfg.splits_run)
     with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream=upstream,
-                            resume_run_id=parent.info.run_id, tags={tracking.TAG_EXPERT: "all"}):
+                            resume_run_id=parent.info.run_id, tags={stage_registry.TAG_EXPERT: "all"}):
         splits = load_splits(cfg.splits_run)
         ids = _train_all(cfg, plan(cfg, children), splits, cfg.splits_run, upstream, device, Dist())
     return {**ids, "all": parent.info.run_id}

@@ -20,7 +20,7 @@ import click
 import mlflow
 import torch
 
-from argse import ArgseError, figures, fmt_number, tracking
+from argse import ArgseError, figures, fmt_number, stage_registry, tracking
 from argse.config import GatingConfig
 from argse.models.gating import GatingNet, gate_weights, gated_mixture, mixture_metrics
 from argse.stage_registry import GATE, GATE_META, GATE_RULE, GATING_STAGE, TAG_GATING_MODE
@@ -101,7 +101,7 @@ def run(cfg: GatingConfig, *, experiment: str | None = None) -> str | None:
 
 
 def _resolve_pretrain(cfg: GatingConfig, experts_tag: str, experiment: str | None):
-    lineage = {TAG_GATING_MODE: "pretrain", tracking.TAG_UPSTREAM + "experts": experts_tag}
+    lineage = {TAG_GATING_MODE: "pretrain", stage_registry.TAG_UPSTREAM + "experts": experts_tag}
     try:
         return tracking.resolve_upstream("gating", cfg.pretrain_run, dataset=cfg.dataset, lineage=lineage,
                                          experiment=experiment)

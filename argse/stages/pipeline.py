@@ -128,7 +128,6 @@ class Pipeline:
             step.action = "ran"
         self._record(step.plan, client.get_run(step.run_id))
         click.echo(f"{step.name}: {step.action} in {time.perf_counter() - started:.1f} s")
-        tracking.failpoint(f"pipeline:{step.name}")
 
     def _repair_champion(self, name: str) -> None:
         """A reused fit may be the one whose process died before moving ``champion``: settle the alias

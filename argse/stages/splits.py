@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 
 from argse import figures, tracking
-from argse.config import SplitsConfig, preset
+from argse.config import SplitsConfig
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, SPLITS, Splits, make_splits
 from argse.stage_registry import SPLITS_DIR, TAG_SPLITS_FINGERPRINT
@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def build(cfg: SplitsConfig) -> Splits:
-    source = load_source(cfg.dataset, cfg.data_dir)
+    source = load_source(cfg.preset.source, cfg.data_dir)
     return make_splits(
         source, imb_factor=cfg.imb_factor, tunev_ratio=cfg.tunev_ratio, val_ratio=cfg.val_ratio,
         group_thresholds=cfg.group_thresholds, seed=cfg.seed,
-        longtail_order=preset(cfg.dataset).longtail_order, config=cfg.params(),
+        longtail_order=cfg.preset.longtail_order, config=cfg.params(),
     )
 
 

@@ -20,7 +20,7 @@ import torch
 from argse.models.gating import GatingNet, gating_features, mix, mixture_metrics
 from argse.selective import PluginRule, selective_errors
 from argse.selective import _validate as check
-from argse.selective.compare import COVERAGES, matched_aurc, matched_aurc_gap
+from argse.selective.matched import COVERAGES, matched_aurc, matched_aurc_gap
 from argse.selective.fit import FitOptions, fit_rule
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -317,7 +317,7 @@ def train_selective(
     max_k e_k + cost * P(reject) for "worst", balanced mean_k e_k + cost * P(reject) for "balanced";
     earliest on ties) is restored into the gate and its rule returned, so the result is never worse on
     val than round 0. `select_by="aurc"` selects on the val coverage-matched AURC of the objective's
-    error over `coverages` (default: the comparison's grid; `argse.selective.compare.matched_aurc`),
+    error over `coverages` (default: the comparison's grid; `argse.selective.matched.matched_aurc`),
     the number the evaluate stage ranks by, with each group error judged by its upper confidence
     bound on val (`judged=True`), so that no gate is kept for a tail that val saw on a few images. With `uniform_start`, round 0 also evaluates the uniform
     mixture (the gate with its last layer at zero, a member of the gate family) and starts from it

@@ -1,0 +1,132 @@
+"""Stage runs: start (or resume) a stage's run, tag it, log its params, end it FINISHED or FAILED."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Any, Iterator, Mapping
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from argse import stage_registry
+from argse.tracking.heartbeat import HEARTBEAT, _arm_interrupt
+from argse.tracking.owners import owner, reap_stale_runs
+from argse.tracking.server import TrackingServerError, _end_quickly, _record_failure, server_problem
+from argse.tracking.store import _experiment_id, code_version, config_hash, home_experiment
+from argse.stage_registry import TAG_UPSTREAM
+from argse.tracking.tags import TAG_CODE, TAG_DATASET, TAG_HASH, TAG_HEARTBEAT, TAG_OWNER, TAG_STAGE
+
+# -- stage runs ----------------------------------------------------------------------------------
+
+
+def _log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    """Log the resolved options. ``mlflow run`` has already logged its raw ``-P`` values under the
+    same names (``imb_factor=preset``); MLflow forbids changing a param, so a resolved value that
+    differs from the raw one goes under ``<name>.resolved``."""
+    existing = MlflowClient().get_run(run_id).data.params
+    fresh = {}
+    for key, value in params.items():
+        text = "" if value is None else str(value)
+        if key not in existing:
+            fresh[key] = text
+        elif existing[key] != text and existing.get(f"{key}.resolved", text) == text:
+            fresh[f"{key}.resolved"] = text
+    if fresh:
+        mlflow.log_params(fresh)
+
+
+def top_level_name(run_name: str, dataset: str) -> str:
+    """The name of a run at the top of the run list (``experts digits-lt``): what it is and on which
+    data. Child runs keep their short names (``expert-ce``), their parent says the rest."""
+    return f"{run_name} {dataset}"
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    dataset: str,
+    params: Mapping[str, Any],
+    *,
+    upstream: Mapping[str, str] | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[Run]:
+    """Start (or resume) the MLflow run of a stage; tag it, log its params; end it FINISHED, or
+    FAILED when the body raises (KILLED on Ctrl-C), so ``latest`` never resolves to a broken run.
+    While it is open the heartbeat thread stamps it; a stage that starts at the top first marks the
+    runs dead processes left RUNNING (:func:`reap_stale_runs`). When the error is the tracking server's
+    (see :func:`server_problem`), the run gets one short try to end and the error becomes a
+    :class:`TrackingServerError` with that one line. A :class:`RunBroken` error also tags the run
+    ``argse.resumable=false``, so it is replaced rather than resumed.
+
+    Which run: ``resume_run_id`` if given; a child of the active run when there is one (pipeline,
+    ``--expert all``), named ``run_name``; the run ``mlflow run`` handed over in ``MLFLOW_RUN_ID``;
+    else a new run in the home experiment. Top-level runs are named by :func:`top_level_name`.
+    """
+    stage_registry.stage(stage)  # a name no stage has fails here, before any run starts
+    upstream = dict(upstream or {})
+    active = mlflow.active_run()
+    if active is None:
+        HEARTBEAT.reset()
+        reap_stale_runs(dataset, experiment)
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id, nested=active is not None)
+    elif active is not None:
+        run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True)
+    elif os.environ.get("MLFLOW_RUN_ID"):
+        # Consume it: runs started inside this one must not resume it again. `mlflow run` made it
+        # before this process started, under a random name: give it the name a top-level run gets.
+        run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"))
+        if run_name:
+            MlflowClient().update_run(run.info.run_id, name=top_level_name(run_name, dataset))
+    else:
+        exp_id = _experiment_id(home_experiment(dataset, experiment), create=True)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name and top_level_name(run_name, dataset))
+    previous_handler = _arm_interrupt() if active is None else None
+    HEARTBEAT.add(run.info.run_id)
+    try:
+        mlflow.set_tags({TAG_STAGE: stage, TAG_DATASET: dataset, TAG_CODE: code_version(),
+                         TAG_OWNER: owner(), TAG_HEARTBEAT: f"{time.time():.0f}", **(tags or {})})
+        _log_params(run.info.run_id, params)
+        set_upstream(stage, params, upstream)
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        problem = server_problem(exc) or _record_failure(exc)
+        if problem is not None:
+            _end_quickly("FAILED")
+            raise TrackingServerError(problem) from exc
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        try:
+            mlflow.end_run("FINISHED")
+        except Exception as exc:  # the run stays RUNNING; its heartbeat stops, it is marked when found
+            problem = server_problem(exc)
+            if problem is None:
+                raise
+            raise TrackingServerError(problem) from exc
+    finally:
+        HEARTBEAT.remove(run.info.run_id)
+        if previous_handler is not None:
+            signal.signal(signal.SIGUSR1, previous_handler)
+
+
+def set_upstream(stage: str, params: Mapping[str, Any], upstream: Mapping[str, str]) -> None:
+    """Tag the active run with the upstream run ids it consumed and the config hash they give.
+
+    Stages resolve their inputs inside their run (so a missing input leaves a FAILED run) and call
+    this once they know them."""
+    mlflow.set_tags({
+        TAG_HASH: config_hash(stage, params, upstream),
+        **{TAG_UPSTREAM + k.removesuffix("_run"): v for k, v in upstream.items()},
+    })
+

@@ -1,0 +1,101 @@
+"""How a choice on val should judge a group's error: the alternatives, measured against the
+population optimum (the comparison behind `argse.selective.metrics.error_bound`).
+
+    python bench/small_groups.py [--draws 10] [--per-class 150,100,50] [--sharpen 1.0]
+
+The population is tests/test_small_groups.py's: every logged posterior of the uniform mixture of a
+fashion-mnist-lt run (tests/data/fashion-mnist-lt-seed0-amd) is a cell with mass proportional to its
+lt weight, and labels are drawn from the posteriors, so they are the true posteriors (the tail holds
+about 2% of the weight). Each draw samples class-balanced tunev / val / test splits (per-class
+sizes `--per-class`), fits the worst-group rule at every target coverage of the default grid with
+each judgement of the group errors on val, and measures on the whole population how far its
+worst-group error lies above the population optimum (an exhaustive search over the K = 2 family),
+and how many tail images it accepts on val and test at its thinnest point. Judgements:
+
+* measured: the errors as measured (`evidence=None`: the behaviour before the bound);
+* floor 10: as measured, but a group with fewer than 10 effective accepted images counts as error 1;
+* bound 80% / bound 95%: the upper end of the one-sided Wilson interval (95% is the default).
+
+The reference row is "measured"; the ratio column is each judgement's mean gap over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import argse.selective.fit as fit_module  # noqa: E402
+from argse.selective import fit_at_coverage, selective_errors  # noqa: E402
+from argse.selective.matched import COVERAGES  # noqa: E402
+from argse.selective.metrics import _ratio  # noqa: E402
+import test_small_groups as population_test  # noqa: E402
+
+JUDGEMENTS = {"measured": None, "floor 10": 0.95, "bound 80%": 0.80, "bound 95%": 0.95}
+
+
+def floor_judged(self, evidence):
+    """The alternative "floor": errors as measured, 1.0 for a group with < 10 effective accepted images."""
+    n = _ratio(self.accepted * self.accepted, self.accepted_sq, 0.0)
+    return torch.where(n >= 10, self.errors(), torch.ones_like(self.accepted))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--per-class", default="150,100,50", help="tunev,val,test images per class")
+    parser.add_argument("--sharpen", type=float, default=1.0, help="temperature applied to the population's posteriors")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sizes = [int(v) for v in args.per_class.split(",")]
+    population_test.SHARPEN = args.sharpen
+    eta, joint, prior, c2g = population_test.population()
+    optimum = population_test.exhaustive_worst(eta, joint, c2g, COVERAGES).numpy()
+    cell, label = (joint > 0).nonzero(as_tuple=True)
+    print(f"population: {eta.shape[0]} cells, tail weight {float(prior[c2g == 1].sum()):.4f}, sharpen {args.sharpen}; "
+          f"tunev/val/test {sizes} per class; {args.draws} draws")
+    gaps = {name: [] for name in JUDGEMENTS}
+    thin = {name: [] for name in JUDGEMENTS}
+    emptied = {name: 0 for name in JUDGEMENTS}
+    original = fit_module._Tally.judged
+    start = time.perf_counter()
+    for seed in range(args.draws):
+        g = torch.Generator().manual_seed(seed)
+        (e_fit, y_fit, w_fit), (e_sel, y_sel, w_sel), (e_test, y_test, _) = (
+            population_test.draw(eta, joint, prior, n, g) for n in sizes)
+        for name, evidence in JUDGEMENTS.items():
+            fit_module._Tally.judged = floor_judged if name.startswith("floor") else original
+            try:
+                rules = fit_at_coverage(e_fit, y_fit, e_sel, y_sel, c2g, COVERAGES, objective="worst",
+                                        weights_fit=w_fit, weights_sel=w_sel, evidence=evidence)
+            finally:
+                fit_module._Tally.judged = original
+            errors, tail_val, tail_test = [], [], []
+            for rule in rules:
+                out = rule.predict(eta[cell])
+                errors.append(selective_errors(out.pred, out.accept, label, c2g, weights=joint[cell, label]).worst_error)
+                tail_val.append(int((rule.predict(e_sel).accept & (c2g[y_sel] == 1)).sum()))
+                tail_test.append(int((rule.predict(e_test).accept & (c2g[y_test] == 1)).sum()))
+            gaps[name].append(float((np.asarray(errors) - optimum).max()))
+            thin[name].append(min(tail_val))
+            emptied[name] += min(tail_test) == 0
+    print(f"({time.perf_counter() - start:.0f} s)")
+    reference = np.mean(gaps["measured"])
+    print("| judgement | largest gap | mean of each draw's largest gap | ratio to measured | fewest tail images "
+          "accepted on val (median) | draws emptying the tail on test |")
+    print("|:---|---:|---:|---:|---:|---:|")
+    for name in JUDGEMENTS:
+        print(f"| {name} | {max(gaps[name]):.4f} | {np.mean(gaps[name]):.4f} | {np.mean(gaps[name]) / reference:.2f} | "
+              f"{int(np.median(thin[name]))} | {emptied[name]} of {args.draws} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Kill points for the tests that stop a stage at an exact boundary with SIGKILL (as kill -9 would).
+
+A subprocess started with this folder on PYTHONPATH and ``ARGSE_KILL_AT=<point>`` in its environment
+kills itself at that point; the product has no hook for it: the functions are wrapped here, when
+their module is imported.
+
+    pipeline:<step>     after the pipeline ran the step (splits, experts, gating-selective, ...)
+    experts:checkpoint  after an expert logged its first checkpoint
+    argse:registered    after the fit registered its model, inside its run
+    argse:finished      after the fit's run FINISHED, before the champion alias moves
+"""
+
+import importlib.abc
+import importlib.machinery
+import os
+import signal
+import sys
+
+POINT = os.environ.get("ARGSE_KILL_AT", "")
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pipeline(module) -> None:
+    original = module.Pipeline._run_stage
+
+    def _run_stage(self, step):
+        result = original(self, step)
+        if POINT == f"pipeline:{step.name}":
+            _kill()
+        return result
+
+    module.Pipeline._run_stage = _run_stage
+
+
+def _experts(module) -> None:
+    original = module.train
+
+    def train(state, data, **kwargs):
+        inner = kwargs.get("on_checkpoint")
+
+        def on_checkpoint(epoch):
+            if inner is not None:
+                inner(epoch)
+            _kill()
+
+        return original(state, data, **{**kwargs, "on_checkpoint": on_checkpoint})
+
+    module.train = train
+
+
+def _fit(module) -> None:
+    register, crown = module.register, module.crown
+
+    def registered(*args, **kwargs):
+        version = register(*args, **kwargs)
+        if POINT == "argse:registered":
+            _kill()
+        return version
+
+    def crowning(name, version=None, **kwargs):
+        if POINT == "argse:finished" and version is not None:
+            _kill()
+        return crown(name, version, **kwargs)
+
+    module.register, module.crown = registered, crowning
+
+
+PATCHES = {"pipeline": ("argse.stages.pipeline", _pipeline), "experts": ("argse.stages.experts", _experts),
+           "argse": ("argse.stages.argse", _fit)}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds the one module to patch as Python would, and wraps its loading so the patch follows it."""
+
+    def __init__(self, name, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        exec_module, patch = spec.loader.exec_module, self.patch
+
+        def exec_and_patch(module):
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+if POINT:
+    target = PATCHES.get(POINT.split(":", 1)[0])
+    if target is None:
+        raise SystemExit(f"ARGSE_KILL_AT={POINT!r}: no such kill point")
+    sys.meta_path.insert(0, _PatchOnImport(*target))
