@@ -1,13 +1,17 @@
 """The final AR-GSE model as an MLflow pyfunc: three experts, their temperatures, the gate and the rule.
 
-Input (the contract): a batch of raw images whose pixels are integers in 0..255, ``[N, H, W, C]``
-(``[N, H, W]`` for the one-channel digits): a uint8 array, or any integer array, or JSON integers.
-Floats are refused, whatever their values (images scaled to [0, 1], scikit-learn's 0..16 digits): a
-model that silently truncated them would answer confidently on black images. An empty batch gets
-an empty answer. Output: one row per image with ``prediction``, ``accept``, ``margin``, ``group`` (of
-the predicted class) and ``confidence`` (the mixture's probability of the predicted class). The
-inference parameter ``cost`` (a number >= 0) changes the rejection cost at predict time (rules with
-per-group thresholds ignore it, as their thresholds replace the cost).
+Input (the contract, declared in the model's signature): a batch of raw images whose pixels are
+integers in 0..255, a uint8 array ``[N, H, W, C]`` (``[N, H, W]`` for the one-channel digits). MLflow
+enforces it: ``predict`` in Python refuses other dtypes and shapes; the scoring server casts a JSON
+request's numbers to uint8 (so send integers: a fraction is cut off) and refuses integers outside
+0..255. The model checks the same again for callers that bypass MLflow (:func:`as_images`).
+An empty batch gets an empty answer. Output: one row per image with ``prediction``, ``accept``,
+``margin``, ``group`` (the name of the predicted class's group: ``head`` / ``tail``) and ``confidence``
+(the mixture's probability of the predicted class). The inference parameter ``cost`` (a number >= 0)
+changes the rejection cost at predict time: an image is accepted when its margin is at least ``-cost``,
+so a higher cost accepts more (rules with per-group thresholds ignore it, as their thresholds replace
+the cost). The rejector abstains on hard images of the classes it was trained on; it is not an out-of-
+distribution detector, and answers an image of something else (a blank one included) like any other.
 
 The model is logged *from code* (MLflow 3): ``served_model.py`` builds :class:`ARGSEModel`, and the
 ``argse`` package travels with the model (``code_paths``), so it loads where argse is not installed.
@@ -37,7 +41,7 @@ from argse.stage_registry import MODEL
 
 # The answer's columns, their dtypes and their MLflow signature types.
 OUTPUT_COLUMNS = {"prediction": (np.int64, "long"), "accept": (bool, "boolean"), "margin": (np.float64, "double"),
-                  "group": (np.int64, "long"), "confidence": (np.float64, "double")}
+                  "group": (str, "string"), "confidence": (np.float64, "double")}
 MODEL_CODE = Path(__file__).with_name("served_model.py")
 
 
@@ -110,6 +114,7 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         folder = Path(context.artifacts["components"])
         meta = json.loads((folder / "meta.json").read_text())
+        check_components(folder, meta.get("run_id"))
         self.meta = meta
         self.experts = []
         for name in meta["experts"]:
@@ -140,16 +145,46 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
         images = as_images(model_input, self.meta["image_shape"])
         if len(images) == 0:
             return _frame({name: [] for name in OUTPUT_COLUMNS})
-        return predict_frame(self.rule, gated_mixture(self.gate, self.posteriors(images)), cost)
+        return predict_frame(self.rule, gated_mixture(self.gate, self.posteriors(images)), cost,
+                             group_names=self.meta.get("group_names"))
 
 
-def predict_frame(rule: PluginRule, mixture: torch.Tensor, cost: float | None = None) -> pd.DataFrame:
-    """The model's output rows for mixture posteriors [N, C] (shared with the stages' own checks)."""
+def check_components(folder: Path, run_id: str | None) -> None:
+    """Check the model's files against the digests its fit run recorded (write-once params), before any
+    of them is read: one line naming the run and the file where one differs. Models logged before the
+    digests existed have no run id and are read as they are."""
+    if not run_id:
+        return
+    from argse.tracking.integrity import ArtifactChanged, recorded, sha256
+
+    try:
+        digests = recorded(run_id)
+    except Exception as exc:  # the tracking server: unreachable, or the run is gone
+        raise MlflowException(f"cannot check this model's files against run {run_id} that logged it "
+                              f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}): "
+                              "set MLFLOW_TRACKING_URI to the tracking server it was logged to") from None
+    by_name = {path.split("/components/", 1)[1]: values for path, values in digests.items() if "/components/" in path}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = file.relative_to(folder).as_posix()
+        if name not in by_name:
+            raise ArtifactChanged(f"run {run_id}: model/.../components/{name} is not among the files the run logged")
+        found = sha256(file)
+        if found not in by_name[name]:
+            raise ArtifactChanged(f"run {run_id}: model/.../components/{name} is not what the run logged (sha256 "
+                                  f"expected {by_name[name][-1][:16]}..., found {found[:16]}...): do not serve it; "
+                                  "refit with `argse fit`")
+
+
+def predict_frame(rule: PluginRule, mixture: torch.Tensor, cost: float | None = None,
+                  group_names=None) -> pd.DataFrame:
+    """The model's output rows for mixture posteriors [N, C] (shared with the stages' own checks); the
+    group is named by ``group_names`` (its index, as text, without them)."""
     if cost is not None and rule.thresholds is None:
         rule = rule.with_cost(float(cost))
     out = rule.predict(mixture)
+    names = list(group_names) if group_names else [str(k) for k in range(rule.n_groups)]
     return _frame({"prediction": out.pred.numpy(), "accept": out.accept.numpy(), "margin": out.margin.double().numpy(),
-                   "group": out.group.numpy(),
+                   "group": [names[k] for k in out.group.tolist()],
                    "confidence": mixture.gather(1, out.pred[:, None].long())[:, 0].double().numpy()})
 
 
@@ -168,7 +203,7 @@ def backbone_of(meta: dict) -> str:
 
 def save_components(folder: Path, *, dataset: str, backbone: str, num_classes: int, image_shape, class_names,
                     group_names, experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule,
-                    shifts: torch.Tensor | None = None) -> Path:
+                    shifts: torch.Tensor | None = None, run_id: str | None = None) -> Path:
     """Write what :class:`ARGSEModel` loads into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, model in experts.items():
@@ -176,7 +211,8 @@ def save_components(folder: Path, *, dataset: str, backbone: str, num_classes: i
                     "std": (model.std.flatten() / 255.0).tolist()}, folder / f"expert_{name}.pt")
     torch.save({"state_dict": gate.state_dict(), "config": gate.config()}, folder / "gate.pt")
     (folder / "rule.json").write_text(json.dumps(rule.to_dict()))
-    meta = {"dataset": dataset, "backbone": backbone, "num_classes": num_classes, "image_shape": list(image_shape),
+    meta = {"run_id": run_id, "dataset": dataset, "backbone": backbone, "num_classes": num_classes,
+            "image_shape": list(image_shape),
             "class_names": list(class_names), "group_names": list(group_names), "experts": list(experts),
             "posterior_shifts": (torch.zeros(len(experts), num_classes) if shifts is None else shifts).tolist()}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -185,26 +221,29 @@ def save_components(folder: Path, *, dataset: str, backbone: str, num_classes: i
 
 def log_model(*, dataset: str, backbone: str, num_classes: int, image_shape, class_names, group_names,
               experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule, example: np.ndarray,
-              shifts: torch.Tensor | None = None):
+              shifts: torch.Tensor | None = None, run_id: str | None = None):
     """Log the pyfunc, from code, as the active run's ``model``; returns MLflow's ModelInfo.
 
-    The signature declares the outputs and the ``cost`` parameter but no input schema: with one,
-    the scoring server casts JSON to the schema's dtype before the model sees it (0.5 -> 0), and the
-    contract could not be enforced. The input example, with its ``cost``, shows the request format."""
+    The signature declares the input (uint8 images, [-1, H, W] or [-1, H, W, C]), the outputs and the
+    ``cost`` parameter, so the registry shows the contract. With it, MLflow itself enforces the
+    input: in Python, ``predict`` refuses any array that is not uint8 of that shape; the scoring server
+    casts a request's JSON numbers to uint8 before the model sees them (a fraction is cut off: 0.5 is
+    0) and refuses integers outside 0..255. The input example, with its ``cost``, shows the request."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     h, w, c = image_shape
+    shape = (-1, h, w) if c == 1 else (-1, h, w, c)
     signature = ModelSignature(
-        inputs=None,
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
         outputs=Schema([ColSpec(kind, name) for name, (_, kind) in OUTPUT_COLUMNS.items()]),
         params=ParamSchema([ParamSpec("cost", "double", float(rule.cost))]),
     )
-    images = example.reshape(((-1, h, w) if c == 1 else (-1, h, w, c))).astype(np.uint8)
+    images = example.reshape(shape).astype(np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_components(Path(tmp) / "components", dataset=dataset, backbone=backbone, num_classes=num_classes,
                                  image_shape=image_shape, class_names=class_names, group_names=group_names,
-                                 experts=experts, gate=gate, rule=rule, shifts=shifts)
+                                 experts=experts, gate=gate, rule=rule, shifts=shifts, run_id=run_id)
         return mlflow.pyfunc.log_model(
             name=MODEL, python_model=str(MODEL_CODE), artifacts={"components": str(folder)},
             signature=signature, input_example=(images, {"cost": float(rule.cost)}),

@@ -1,8 +1,10 @@
-"""The served model's input contract: pixels are integers in 0..255, the cost a number >= 0.
+"""The served model's input contract, as its signature declares it: uint8 images of the dataset's
+shape, and a rejection cost >= 0.
 
-Floats (images scaled to [0, 1], scikit-learn's 0..16 digits), out-of-range integers, wrong shapes and
-a negative cost are refused with one line that names the contract, through the Python API and as
-HTTP 400 from a real `mlflow models serve`; an empty batch gets an empty answer."""
+MLflow enforces the signature before the model sees a request: in Python an array of another dtype
+or shape is refused; over HTTP the JSON numbers are cast to uint8 (a fraction is cut off, so floats in
+[0, 1] arrive as a black image, as docs/serving.md says) and integers outside 0..255 are refused with
+HTTP 400. The model refuses a negative or NaN cost with one line."""
 
 from __future__ import annotations
 
@@ -33,11 +35,26 @@ def model(chain_store):
     return mlflow.pyfunc.load_model(MODEL)
 
 
-def test_uint8_and_other_integer_arrays_give_the_same_answer(model):
-    _, pixels = _digits()
-    as_uint8 = model.predict(pixels)
-    assert list(as_uint8.columns) == COLUMNS and len(as_uint8) == len(pixels)
-    np.testing.assert_array_equal(model.predict(pixels.astype(np.int64))["prediction"], as_uint8["prediction"])
+def test_the_registered_version_declares_the_input_the_cost_and_the_outputs(chain_store):
+    from mlflow.models import get_model_info
+
+    signature = get_model_info(MODEL).signature
+    (spec,) = signature.inputs.to_dict()
+    assert spec["type"] == "tensor" and spec["tensor-spec"]["dtype"] == "uint8", spec
+    assert list(spec["tensor-spec"]["shape"]) == [-1, 8, 8], spec
+    assert [p.name for p in signature.params.params] == ["cost"]
+    assert signature.params.params[0].dtype.name == "double"
+    assert signature.outputs.input_names() == COLUMNS
+
+
+def test_uint8_images_are_answered_one_row_each_and_other_arrays_refused(model):
+    floats, pixels = _digits()
+    answer = model.predict(pixels)
+    assert list(answer.columns) == COLUMNS and len(answer) == len(pixels)
+    assert set(answer["group"]) <= {"head", "tail"}
+    for other in (floats, floats / 16, pixels.astype(np.int64), pixels.reshape(6, 64)):
+        with pytest.raises(MlflowException):
+            model.predict(other)
 
 
 @pytest.mark.parametrize("case, got", [
@@ -47,15 +64,17 @@ def test_uint8_and_other_integer_arrays_give_the_same_answer(model):
     ("negative", "got integers in -1..254"),
     ("shape", "got shape [6, 64]"),
 ])
-def test_images_outside_the_contract_are_refused_with_one_line(model, case, got):
+def test_the_models_own_check_refuses_what_bypasses_mlflow_with_one_line(case, got):
+    from argse.serving import as_images
+
     floats, pixels = _digits()
     images = {"sklearn": floats, "unit": floats / 16, "above": pixels.astype(np.int64) * 300 // 255,
               "negative": pixels.astype(np.int64) - 1, "shape": pixels.reshape(6, 64)}[case]
     with pytest.raises(MlflowException) as err:
-        model.predict(images)
+        as_images(images, (8, 8, 1))
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"
-    message = err.value.message
-    assert "\n" not in message and message.startswith(CONTRACT) and got in message, message
+    assert "\n" not in err.value.message and err.value.message.startswith(CONTRACT) and got in err.value.message
+    np.testing.assert_array_equal(as_images(pixels.astype(np.int64), (8, 8, 1))[..., 0], pixels)
 
 
 @pytest.mark.parametrize("cost", [-0.1, float("nan")])
@@ -65,12 +84,6 @@ def test_a_negative_or_nan_cost_is_refused(model, cost):
         model.predict(pixels, params={"cost": cost})
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"
     assert err.value.message.startswith("params.cost must be a number >= 0") and "\n" not in err.value.message
-
-
-def test_an_empty_batch_gets_an_empty_answer(model):
-    for empty in (np.zeros((0, 8, 8), np.uint8), []):
-        answer = model.predict(empty)
-        assert len(answer) == 0 and list(answer.columns) == COLUMNS
 
 
 def test_mlflow_models_serve_answers_the_contract_with_http_400_and_one_line(chain_store, tmp_path):
@@ -86,10 +99,15 @@ def test_mlflow_models_serve_answers_the_contract_with_http_400_and_one_line(cha
         floats, pixels = _digits()
         status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": 0.1}})
         assert status == 200 and len(body["predictions"]) == len(pixels), body
-        for bad, got in ((floats, "got floats in [0, 16]"), (floats / 16, "got floats in [0, 1]")):
-            status, body = post_json(url, {"inputs": bad.tolist()})
-            assert status == 400 and "stack_trace" not in body, body
-            assert body["message"].startswith(CONTRACT) and got in body["message"] and "\n" not in body["message"]
+        # Floats are cast to uint8 by MLflow: [0, 1] images arrive as pixels of 0 and 1 (nearly black),
+        # and are answered as that image is.
+        status, body = post_json(url, {"inputs": (floats / 16).tolist()})
+        dark = (floats / 16).astype(np.uint8)
+        assert dark.max() == 1
+        status_dark, answer = post_json(url, {"inputs": dark.tolist()})
+        assert status == status_dark == 200 and body == answer, (body, answer)
+        status, body = post_json(url, {"inputs": (pixels.astype(np.int64) + 100).tolist()})
+        assert status == 400 and "stack_trace" not in body and "out of bounds for uint8" in body["message"], body
         status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": -1}})
         assert status == 400 and "stack_trace" not in body, body
         assert body["message"].startswith("params.cost must be a number >= 0") and "\n" not in body["message"]
@@ -97,8 +115,6 @@ def test_mlflow_models_serve_answers_the_contract_with_http_400_and_one_line(cha
         # (400, no stack trace, naming the parameter; its message echoes the request first).
         status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": "high"}})
         assert status == 400 and "stack_trace" not in body and "cost" in body["message"], body
-        status, body = post_json(url, {"inputs": []})
-        assert status == 200 and body == {"predictions": []}, body
     finally:
         server.terminate()
         server.wait(timeout=30)
