@@ -16,6 +16,7 @@ from typing import Callable, Collection
 import click
 
 from argse import ArgseError, ArgseUsageError, __version__
+from argse.config import DATASETS as PRESETS_NAMES
 from argse.config import (
     EVAL_SPLITS,
     BenchmarkConfig,
@@ -129,7 +130,7 @@ def pass_through_options(f):
 
 
 def tracking_options(f):
-    """``--tracking-uri`` and ``--experiment``: on the group and on every stage, so the seed's scripts
+    """``--tracking-uri`` and ``--experiment``: on the group and on every stage, so the original scripts
     (``python train_experts.py --experiment x``) work as the shims pass them. Not stage options:
     ``mlflow run`` sets both itself, so MLproject has no parameter for them."""
     f = click.option("--experiment", default=None, type=OPTIONAL_TEXT,
@@ -319,6 +320,66 @@ def benchmark(**kwargs):
     _run(BenchmarkConfig, "benchmark", kwargs, stage_options=given)
 
 
+#: Commands that are tools, not stages (they make no run).
+TOOLS = ("status", "verify", "team")
+
+
+@cli.command()
+@click.argument("ref")
+@tracking_options
+def verify(ref, tracking_uri, experiment):
+    """Check a run's artifacts (a model: models:/<name>@<alias>) against the digests the run recorded.
+
+    REF is a run id, runs:/<id>/..., or models:/<name>@<alias> (the fit run of that version). Run it
+    before serving a model someone else could have changed."""
+    from argse import tracking
+    from argse.tracking.integrity import verify_run
+
+    tracking.configure(tracking_uri or click.get_current_context().find_root().params.get("tracking_uri"))
+    run_id = tracking.run_id_of(ref)
+    checked = verify_run(run_id)
+    click.echo(f"run {run_id}: {len(checked)} file(s) are what the run logged ({', '.join(checked[:4])}"
+               + (f", ... {len(checked) - 4} more)" if len(checked) > 4 else ")"))
+
+
+@cli.command()
+@click.option("--dataset", type=click.Choice(list(PRESETS_NAMES)), default=None,
+              help="Only this dataset's runs (default: every argse run in every experiment).")
+@click.option("--reap", is_flag=True, help="Mark FAILED the RUNNING runs whose process is gone.")
+@tracking_options
+def status(dataset, reap, tracking_uri, experiment):
+    """List the RUNNING argse runs: owner, heartbeat age, live or dead; --reap marks the dead FAILED.
+
+    A run is dead when its process is gone from this host, or when its heartbeat (every 5 s) is older
+    than 60 s, wherever it ran: the wait a kill -9 on another machine costs."""
+    from argse import tracking
+    from argse.tracking.owners import mark_if_dead, running_runs
+
+    ctx = click.get_current_context().find_root().params
+    tracking.configure(tracking_uri or ctx.get("tracking_uri"))
+    runs = running_runs(dataset, experiment or ctx.get("experiment"))
+    if not runs:
+        click.echo("no RUNNING argse run" + (f" for {dataset}" if dataset else ""))
+        return
+    for run in runs:
+        life = tracking.liveness(run)
+        tags = run.data.tags
+        state = "live" if life.alive else "dead"
+        if reap and not life.alive and mark_if_dead(run):
+            state = "dead, marked FAILED"
+        click.echo(f"{run.info.run_id}  {tags.get(tracking.TAG_STAGE, '?'):<9} {tags.get(tracking.TAG_DATASET, '?'):<17} "
+                   f"{state:<20} {life}")
+
+
+def _team():
+    from argse.team import team_cli
+
+    return team_cli
+
+
+cli.add_command(_team(), "team")
+
+
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -345,7 +406,7 @@ def _verbose_requested(args: list[str]) -> bool:
 
 def main(argv: list[str] | None = None, translate: Callable[[list[str]], list[str]] | None = None) -> None:
     """Console entry point: runs the CLI and turns every failure into one line and an exit code.
-    ``translate`` rewrites the arguments first (the seed's spellings, :func:`shim`), inside that handling."""
+    ``translate`` rewrites the arguments first (the original scripts' spellings, :func:`shim`), inside that handling."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("argse").setLevel(logging.INFO)
     # Connection retries are reported once, as the one-line error; not as urllib3's warnings.
@@ -386,8 +447,8 @@ def main(argv: list[str] | None = None, translate: Callable[[list[str]], list[st
     sys.exit(code)
 
 
-def seed_evaluate_args(args: list[str]) -> list[str]:
-    """The seed's ``evaluate_argse.py`` spellings: ``--dataset {test,val,tunev}`` names the split to
+def original_evaluate_args(args: list[str]) -> list[str]:
+    """The original ``evaluate_argse.py`` spellings: ``--dataset {test,val,tunev}`` names the split to
     evaluate (benchmark names and split names do not overlap, so ``--dataset digits-lt`` still names
     the benchmark), and ``--checkpoint`` the model (a run id or model URI)."""
     out: list[str] = []
@@ -407,8 +468,8 @@ def seed_evaluate_args(args: list[str]) -> list[str]:
     return out
 
 
-def seed_fit_args(args: list[str]) -> list[str]:
-    """The seed's ``train_argse.py --resume``. A fit keeps no checkpoint: it takes seconds, from the
+def original_fit_args(args: list[str]) -> list[str]:
+    """The original ``train_argse.py --resume``. A fit keeps no checkpoint: it takes seconds, from the
     gating and expert runs it reads. Resuming refits from the newest FINISHED selective gating run (and
     the expert runs that run read), named in one line, or says in one line that there is none."""
     if "--resume" not in args:
@@ -431,13 +492,13 @@ def seed_fit_args(args: list[str]) -> list[str]:
     return ["--gating-run", run.info.run_id, *rest]
 
 
-SEED_ARGS = {"evaluate": seed_evaluate_args, "fit": seed_fit_args}
+ORIGINAL_ARGS = {"evaluate": original_evaluate_args, "fit": original_fit_args}
 
 
 def shim(command: str, argv: list[str] | None = None) -> None:
-    """What the seed's script names (``entrypoints/*.py``) run: ``argse <command> <their args>``, the
-    seed's own spellings read as it meant them (:data:`SEED_ARGS`)."""
-    translate = SEED_ARGS.get(command)
+    """What the original scripts' names (``entrypoints/*.py``) run: ``argse <command> <their args>``, the
+    original scripts' own spellings read as they meant them (:data:`ORIGINAL_ARGS`)."""
+    translate = ORIGINAL_ARGS.get(command)
     main([command, *(sys.argv[1:] if argv is None else argv)],
          translate=(lambda args: [args[0], *translate(args[1:])]) if translate else None)
 

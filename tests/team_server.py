@@ -128,11 +128,11 @@ class TrackingServer:
     def start(self, timeout: float = 180) -> "TrackingServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "auth.ini").write_text(
-            "[mlflow]\ndefault_permission = EDIT\n"
+            "[mlflow]\ndefault_permission = READ\n"
             f"database_uri = {self.cluster.uri('mlflow_auth')}\n"
             f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-            "auth_cache_ttl_seconds = 60\n")
+            "auth_cache_ttl_seconds = 10\n")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
              "--backend-store-uri", self.cluster.uri("mlflow"),
@@ -144,9 +144,12 @@ class TrackingServer:
         self._create_user(*USER)
         return self
 
+    def create_user(self, username: str, password: str) -> None:
+        self._create_user(username, password)
+
     def _create_user(self, username: str, password: str) -> None:
-        """A team member; ``default_permission = EDIT`` lets every member register versions of the
-        shared model and move its alias."""
+        """A team member: with ``default_permission = READ`` they read everything and manage what they
+        create (their own experiments and registered models)."""
         from mlflow.server.auth.client import AuthServiceClient
 
         os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = ADMIN

@@ -117,3 +117,47 @@ def test_server_failures_read_as_one_line_naming_the_uri(monkeypatch, message, e
     line = tracking.server_problem(MlflowException(message), "http://user:secret@team.example:5000")
     assert expected in line and "http://user:***@team.example:5000" in line and "secret" not in line
     assert tracking.server_problem(ValueError("a stage's own error")) is None
+
+
+@pytest.mark.slow
+def test_status_reap_marks_a_killed_stage_failed_within_one_heartbeat_timeout(store, tmp_path):
+    """A real `argse experts` killed with SIGKILL: `argse status` shows it dead at once (its process is
+    gone from this host), `--reap` marks it FAILED, and a live run beside it is left alone."""
+    import os
+    import signal
+
+    from conftest import REPO, subprocess_env
+
+    env = subprocess_env(os.environ["MLFLOW_TRACKING_URI"])
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    argse = [sys.executable, "-m", "argse"]
+    assert subprocess.run([*argse, "splits", "--dataset", "digits-lt"], cwd=tmp_path, env=env).returncode == 0
+    proc = subprocess.Popen([*argse, "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "100000"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+    try:
+        deadline = time.time() + 120
+        running = []
+        while time.time() < deadline and not running:
+            running = [r for r in owners.running_runs("digits-lt") if r.data.tags.get("argse.expert") == "ce"
+                       and client.get_metric_history(r.info.run_id, "train/loss")]
+            time.sleep(0.2)
+        assert running, "the expert never logged an epoch"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = time.time()
+    live = _left_running(tracking.owner())
+    (run,) = running
+    shown = subprocess.run([*argse, "status", "--dataset", "digits-lt"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True)
+    line = next(l for l in shown.stdout.splitlines() if l.startswith(run.info.run_id))
+    assert " dead " in f" {line} " and client.get_run(run.info.run_id).info.status == "RUNNING", shown.stdout
+    reaped = subprocess.run([*argse, "status", "--dataset", "digits-lt", "--reap"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert reaped.returncode == 0, reaped.stderr
+    assert "dead, marked FAILED" in next(l for l in reaped.stdout.splitlines() if l.startswith(run.info.run_id))
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert time.time() - killed_at < tracking.STALE_AFTER_S
+    assert client.get_run(live).info.status == "RUNNING"
+    assert " live " in next(l for l in reaped.stdout.splitlines() if l.startswith(live)) + " "

@@ -5,16 +5,21 @@ fitting split S1) and ``val`` (the selection split S2), and fits the rule for th
 worst-group L2R risk at ``--cost`` (or at the cost whose rule reaches ``--target-coverage`` on val).
 Logs alpha / mu / beta, the exponentiated-gradient history, the operating point on val, and the
 pyfunc ``model`` (experts + temperatures + gate + rule), registered as ``--register-name``. Once the
-run is FINISHED, the alias ``champion`` is pointed at the version with the lowest val worst-group L2R
-risk among those whose run FINISHED (a tie keeps the version registered first), by a compare-and-set
-loop that concurrent fits cannot defeat.
+run is FINISHED, the alias ``champion`` is pointed at the version whose model is best by the champion
+criterion, among those whose run FINISHED, by a compare-and-set loop that concurrent fits cannot
+defeat. The criterion is the model's coverage-matched AURC of its objective's error on val (each group
+error judged by its bound), which no cost enters, recorded by the fit run as a param (write-once); a
+version's tags never decide, and a tie keeps the current champion.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import click
 import mlflow
@@ -29,6 +34,7 @@ from argse.data.splits import EVAL_SPLITS
 from argse.models.gating import gated_mixture
 from argse import selective
 from argse.selective import FitOptions, PluginRule, fit_group_thresholds, selective_errors
+from argse.selective.matched import matched_aurc
 from argse.selective.metrics import weighted_coverage
 from argse.stages.common import ExpertSet, load_experts
 from argse.stage_registry import (
@@ -44,12 +50,16 @@ from argse.stage_registry import (
     split_expert_runs,
 )
 from argse.stages.gating import load_gate
+from argse.tracking import integrity
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-CHAMPION_METRIC = "val_worst_l2r"
-TIE_DECIMALS = 9  # risks equal to this many decimals tie: the version registered first wins
+CHAMPION_METRIC = "val_worst_l2r"  # the operating point's L2R risk on val, informative (it depends on the cost)
+#: The champion criterion, a param of the fit run (write-once): the coverage-matched AURC of the model's
+#: objective error on val, judged by the bound; the cost does not enter it.
+CHAMPION_PARAM = "argse.champion_val_matched_aurc"
+TIE_DECIMALS = 9  # criteria equal to this many decimals tie: the current champion stays
 
 
 def fit_rule(cfg: ArgseConfig, eta: dict, y: dict, w: dict, class_to_group, cost: float) -> PluginRule:
@@ -166,10 +176,10 @@ def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule,
             flat.update({f"eg_error_{names[k]}": float(v) for k, v in enumerate(row["group_error"])})
             flat.update({f"eg_judged_error_{names[k]}": float(v) for k, v in enumerate(row["judged_error"])})
             mlflow.log_metrics(flat, step=step)
-        mlflow.log_dict(rule.history.to_dict(), EG_HISTORY)
+        _log_json(rule.history.to_dict(), EG_HISTORY)
     if cfg.group_thresholds_mode == "per-group":
         rule = fit_group_thresholds(rule, eta["tunev"], cfg.target_coverage, weights=w["tunev"])
-    mlflow.log_dict(rule.to_dict(), RULE)
+    _log_json(rule.to_dict(), RULE)
     params = {"cost": rule.cost}
     for k, name in enumerate(names):
         params.update({f"alpha_{name}": float(rule.alpha[k]), f"mu_{name}": float(rule.mu[k]),
@@ -179,6 +189,11 @@ def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule,
     mlflow.log_metrics(params)
     summary = {f"val_{k}": v for k, v in operating_point(rule, eta["val"], y["val"], w["val"], c2g, names).items()}
     summary[CHAMPION_METRIC] = summary["val_worst_l2r"]
+    criterion = matched_aurc({s: eta[s] for s in ("tunev", "val")}, y, w, c2g, cfg.objective, split="val",
+                             fit_options=FitOptions(rounds=cfg.rounds, step=cfg.step, n_starts=cfg.n_starts),
+                             judged=True)
+    mlflow.log_param(CHAMPION_PARAM, repr(float(criterion)))
+    summary["val_matched_aurc"] = float(criterion)
     mlflow.log_metrics(summary)
     fig = figures.bars_by_group({"coverage": [summary[f"val_coverage_{n}"] for n in names],
                                  "error": [summary[f"val_error_{n}"] for n in names]},
@@ -188,10 +203,18 @@ def fit_and_log(cfg: ArgseConfig, experts: ExpertSet, gate) -> tuple[PluginRule,
     return rule, summary
 
 
+def _log_json(value, artifact_path: str) -> None:
+    """A JSON artifact of the active run, with its digest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / artifact_path).parent.mkdir(parents=True, exist_ok=True)
+        (Path(tmp) / artifact_path).write_text(json.dumps(value))
+        integrity.log_artifacts(tmp)
+
+
 def log_servable(cfg: ArgseConfig, experts: ExpertSet, gate, rule: PluginRule):
     """Log the pyfunc and check that it reproduces, from raw val images, what the logits give."""
     splits = experts.splits
-    expert_models = {name: mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL}").eval()
+    expert_models = {name: mlflow.pytorch.load_model(str(tracking.download(run_id, MODEL))).eval()
                      for name, run_id in experts.run_ids.items()}
     source = load_source(cfg.preset.source, cfg.data_dir)
     splits.check_source(source)
@@ -202,7 +225,8 @@ def log_servable(cfg: ArgseConfig, experts: ExpertSet, gate, rule: PluginRule):
     info = serving.log_model(
         dataset=cfg.dataset, backbone=cfg.preset.backbone, num_classes=splits.num_classes, image_shape=(h, w, c), class_names=splits.class_names,
         group_names=splits.group_names, experts=expert_models, gate=gate, rule=rule, example=val_images[:3],
-        shifts=experts.shifts)
+        shifts=experts.shifts, run_id=mlflow.active_run().info.run_id)
+    integrity.record_model(info.model_uri)
     model = mlflow.pyfunc.load_model(info.model_uri)
     served = model.predict(val_images)
     expected = serving.predict_frame(rule, gated_mixture(gate, experts.probs["val"]))
@@ -227,25 +251,26 @@ def register(cfg: ArgseConfig, model_info, run_id: str, risk: float):
 
 
 def _run_of(version) -> str | None:
-    """The fit run a version came from: the one that registered it, else the one that logged its model."""
-    return version.tags.get(TAG_VERSION_RUN) or version.run_id
+    """The run that logged a version's model, as the registry recorded it at registration (a version's
+    tags are informative only: anyone who may edit the model may change them)."""
+    return version.run_id
 
 
-def _risk_of(client: MlflowClient, version) -> float | None:
-    """A version's val worst-group L2R risk: its tag, else its run's metric (versions registered by hand)."""
-    if TAG_VERSION_RISK in version.tags:
-        return float(version.tags[TAG_VERSION_RISK])
+def criterion_of(client: MlflowClient, version) -> float | None:
+    """A version's champion criterion: the write-once param its run logged (:data:`CHAMPION_PARAM`);
+    None for a version whose run has none (registered by hand, or by a fit older than the criterion)."""
     try:
-        return client.get_run(_run_of(version)).data.metrics.get(CHAMPION_METRIC) if _run_of(version) else None
+        text = client.get_run(_run_of(version)).data.params.get(CHAMPION_PARAM) if _run_of(version) else None
     except MlflowException:
         return None
+    return float(text) if text is not None else None
 
 
-def best_version(client: MlflowClient, name: str):
-    """The version of ``name`` that should be champion: the lowest val worst-group L2R risk among the
-    READY versions whose run is FINISHED; on a tie (equal to :data:`TIE_DECIMALS` decimals, so that
-    two fits of the same model that differ in the last bit tie), the one registered first.
-    ``(version, risk)``, or ``(None, None)`` when no version qualifies."""
+def best_version(client: MlflowClient, name: str, current=None):
+    """The version of ``name`` that should be champion: the lowest champion criterion among the READY
+    versions whose run is FINISHED; where the ``current`` champion ties it (equal to
+    :data:`TIE_DECIMALS` decimals), the current one stays; among other ties, the one registered first.
+    ``(version, criterion)``, or ``(None, None)`` when no version qualifies."""
     versions, token = [], None
     while True:
         page = client.search_model_versions(f"name = '{name}'", page_token=token)
@@ -253,18 +278,17 @@ def best_version(client: MlflowClient, name: str):
         token = page.token
         if not token:
             break
-    ranked = sorted(((risk, int(v.version), v) for v in versions if (risk := _risk_of(client, v)) is not None),
-                    key=lambda r: (round(r[0], TIE_DECIMALS), r[1]))
-    for risk, _, version in ranked:
-        if not _run_of(version):
+    ranked = []
+    for version in versions:
+        value = criterion_of(client, version)
+        if value is None or not _finished(client, version):
             continue
-        try:
-            run = client.get_run(_run_of(version))
-        except MlflowException:
-            continue
-        if run.info.status == "FINISHED" and run.info.lifecycle_stage == "active":
-            return version, risk
-    return None, None
+        keep = 0 if current is not None and version.version == current.version else 1
+        ranked.append((round(value, TIE_DECIMALS), keep, int(version.version), value, version))
+    if not ranked:
+        return None, None
+    _, _, _, value, version = min(ranked, key=lambda r: r[:3])
+    return version, value
 
 
 def _finished(client: MlflowClient, version) -> bool:
@@ -281,15 +305,16 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
-def crown(name: str, version=None, *, attempts: int = 20) -> str:
+def crown(name: str, version=None, *, attempts: int = 20, on_run: bool = True) -> str:
     """Point ``champion`` at :func:`best_version` and return the decision, one phrase (recorded on the
-    run of ``version`` when given). Safe under concurrent fits: a compare-and-set loop that sets the
+    run of ``version`` when given, or on the version itself with ``on_run=False``, for a run that its
+    caller may not write to). Safe under concurrent fits: a compare-and-set loop that sets the
     alias, then reads it and the best version again, until both agree; the last fit to finish thus
     leaves the alias on the best FINISHED version, whatever the interleaving. Without ``version`` it
     repairs: a champion left on a run that did not finish (or any stale choice) moves to the best."""
     client = MlflowClient()
     before = _champion(client, name)
-    best, best_risk = best_version(client, name)
+    best, best_value = best_version(client, name, before)
     for _ in range(attempts):
         current = _champion(client, name)
         if best is None:
@@ -307,41 +332,48 @@ def crown(name: str, version=None, *, attempts: int = 20) -> str:
         except MlflowException as exc:  # another fit set it at the same moment (unique key): look again
             log.debug("setting %s@%s: %s", name, CHAMPION, exc)
             time.sleep(random.uniform(0.05, 0.5))
-        best, best_risk = best_version(client, name)
+        best, best_value = best_version(client, name, _champion(client, name))
     else:
         raise ArgseError(f"{name}@{CHAMPION} kept moving for {attempts} tries; rerun `argse fit` to settle it")
-    decision = _decision(client, name, version, before, best, best_risk)
-    if version is not None:
+    decision = _decision(client, name, version, before, best, best_value)
+    if version is not None and on_run:
         client.set_tag(_run_of(version), TAG_CHAMPION_DECISION, decision)
         client.log_metric(_run_of(version), "became_champion", float(best is not None and best.version == version.version))
+    elif version is not None:
+        client.set_model_version_tag(name, version.version, TAG_CHAMPION_DECISION, decision)
     return decision
 
 
-def _decision(client: MlflowClient, name: str, version, before, best, best_risk) -> str:
+def _source(version, value: float | None) -> str:
+    """A version's criterion and where it comes from, for the decision line."""
+    shown = "none" if value is None else f"{value:.6g}"
+    return f"v{version.version}: {shown} (param {CHAMPION_PARAM} of run {_run_of(version)})"
+
+
+def _decision(client: MlflowClient, name: str, version, before, best, best_value) -> str:
+    what = "val matched AURC, lower is better"
     if best is None:
-        return f"{name} has no FINISHED version; {CHAMPION} is unset"
-    risk = fmt_number(best_risk)
+        return f"{name} has no FINISHED version with a champion criterion; {CHAMPION} is unset"
     if version is None:
         if before is not None and before.version == best.version:
-            return f"{name}@{CHAMPION} is v{best.version} (val worst L2R {risk})"
+            return f"{name}@{CHAMPION} is {_source(best, best_value)}"
         was = f"v{before.version}, whose run is not FINISHED or not the best" if before is not None else "unset"
-        return f"moved {name}@{CHAMPION} to v{best.version} (val worst L2R {risk}; it was {was})"
-    mine = _risk_of(client, version)
+        return f"moved {name}@{CHAMPION} to {_source(best, best_value)} ({what}; it was {was})"
+    mine = criterion_of(client, version)
     if best.version == version.version:
         if before is None:
-            return f"registered {name} v{version.version} as {CHAMPION} (val worst L2R {risk}, first champion)"
-        previous = _risk_of(client, before)
-        if previous is not None and round(best_risk, TIE_DECIMALS) < round(previous, TIE_DECIMALS):
-            was = f" < v{before.version}'s {fmt_number(previous)}"
-        else:
-            was = f", replacing v{before.version}, whose run did not finish"
-        return f"registered {name} v{version.version} as {CHAMPION} (val worst L2R {risk}{was})"
+            return f"registered {name} v{version.version} as {CHAMPION}, the first ({what}: {_source(best, best_value)})"
+        previous = criterion_of(client, before)
+        if previous is not None and _finished(client, before):
+            return (f"registered {name} v{version.version} as {CHAMPION} ({what}: {_source(best, best_value)} < "
+                    f"{_source(before, previous)})")
+        return (f"registered {name} v{version.version} as {CHAMPION} ({what}: {_source(best, best_value)}), "
+                f"replacing v{before.version}, whose run did not finish or has no criterion")
     verb = "stays" if before is not None and before.version == best.version else "is"
-    if mine is None:
-        return f"registered {name} v{version.version}, which has no {CHAMPION_METRIC}; {CHAMPION} {verb} v{best.version}"
-    tie = " (a tie keeps the earlier version)" if round(mine, TIE_DECIMALS) == round(best_risk, TIE_DECIMALS) else ""
-    return (f"registered {name} v{version.version}; {CHAMPION} {verb} v{best.version} "
-            f"(val worst L2R {fmt_number(mine)} >= {risk}){tie}")
+    tie = (" a tie keeps the champion:" if mine is not None and round(mine, TIE_DECIMALS) == round(best_value, TIE_DECIMALS)
+           else "")
+    return (f"registered {name} v{version.version}; {CHAMPION} {verb} v{best.version} ({what}:{tie} "
+            f"{_source(version, mine)} >= {_source(best, best_value)})")
 
 
 __all__ = ["run", "fit_rule", "cost_for_coverage", "operating_point", "register", "crown", "best_version"]

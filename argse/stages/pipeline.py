@@ -87,6 +87,10 @@ class Pipeline:
             cached = None if rerun else tracking.find_cached_run(
                 stage, step.hash, tracking.code_version(), dataset=self.cfg.dataset, experiment=self.experiment,
                 lineage=step.lineage)
+            damaged = None if cached is None or dry_run else self._damaged(plan, cached)
+            if damaged is not None:
+                click.echo(f"{name}: run {cached.info.run_id} is not reused: {damaged}; running the stage again")
+                cached = None
             if index < self.start and cached is None:
                 raise ArgseError(
                     f"--start-from {self.cfg.start_from} needs a FINISHED {name} run with this configuration to "
@@ -103,6 +107,23 @@ class Pipeline:
                 continue
             self._run_stage(step)
             upstream_fresh = True
+
+    def _damaged(self, plan: PipelineStep, run) -> str | None:
+        """Why a cached run must not be reused (an artifact it logged has changed since), or None: every
+        artifact of the run (and of an experts run's three expert runs) against its recorded digest."""
+        from argse.tracking.integrity import ArtifactChanged, verify_run
+
+        ids = [run.info.run_id]
+        if plan.stage is stage_registry.EXPERTS_STAGE:
+            ids += [i for i in stage_registry.expert_runs_of_parent(run.data.tags).values() if i]
+        for run_id in ids:
+            try:
+                verify_run(run_id)
+            except ArtifactChanged as exc:
+                return str(exc).removeprefix(f"run {run_id}: ")
+            except ArgseError:  # logged before digests existed (or nothing to check): as it is
+                continue
+        return None
 
     def _record(self, plan: PipelineStep, run) -> None:
         if plan.stage is stage_registry.EXPERTS_STAGE:
@@ -230,30 +251,82 @@ def wait_for_twin(parent, dataset: str, experiment: str | None) -> None:
 
 def _finale(pipeline: Pipeline) -> None:
     """Name the pipeline run by what it did; the evaluate table (also when it was reused), the
-    registry's state, and how to look at it all."""
+    registry's state, the verdict a person asks for (which model is registered and why, and how it
+    compares with what they would use otherwise), logged as the run's headline metrics, and how to
+    serve the model and look at it all."""
     client = MlflowClient()
     client.update_run(mlflow.active_run().info.run_id,
                       name=f"{tracking.top_level_name('pipeline', pipeline.cfg.dataset)}: {_what_ran(pipeline.steps)}")
     evaluate_id = pipeline.ids.get("evaluate")
-    if evaluate_id and any(s.name == "evaluate" and s.action == "reused" for s in pipeline.steps):
+    table = None
+    if evaluate_id:
         import pandas as pd
 
-        from argse.stages.evaluate import summary_markdown
+        table = pd.read_csv(tracking.download(evaluate_id, f"{stage_registry.RESULTS_DIR}/{stage_registry.RESULTS_TABLE}"))
+        if any(s.name == "evaluate" and s.action == "reused" for s in pipeline.steps):
+            from argse.stages.evaluate import summary_markdown
 
-        click.echo(f"evaluate run {evaluate_id} (reused):")
-        click.echo(summary_markdown(pd.read_csv(tracking.download(evaluate_id, f"{stage_registry.RESULTS_DIR}/{stage_registry.RESULTS_TABLE}"))))
+            click.echo(f"evaluate run {evaluate_id} (reused):")
+            click.echo(summary_markdown(table))
+    register_name = pipeline.configs["argse"].register_name
     argse_step = next((s for s in pipeline.steps if s.name == "argse" and s.run_id), None)
     if argse_step is not None and argse_step.action == "reused":
         click.echo(f"argse run {argse_step.run_id} (reused): nothing registered; "
-                   + _registry_state(client, argse_step.run_id, pipeline.configs["argse"].register_name))
+                   + _registry_state(client, argse_step.run_id, register_name))
     elif argse_step is not None:
         decision = client.get_run(argse_step.run_id).data.tags.get(stage_registry.TAG_CHAMPION_DECISION, "")
         if decision:
             click.echo(f"argse run {argse_step.run_id}: {decision}")
-    uri = mlflow.get_tracking_uri()
-    backend = f" --backend-store-uri {uri}" if not uri.startswith("http") else ""
-    click.echo(f"see the runs: mlflow ui{backend}  (then open http://127.0.0.1:5000)" if backend
-               else f"see the runs: {uri}")
+    if table is not None and argse_step is not None:
+        for line in verdict(pipeline, table, client, argse_step.run_id):
+            click.echo(line)
+    uri = tracking.absolute_uri(mlflow.get_tracking_uri())
+    home = tracking.home_experiment(pipeline.cfg.dataset, pipeline.experiment)
+    if argse_step is not None:
+        click.echo(f"the model: models:/{register_name}@champion; serve it (from any folder):")
+        click.echo(f"  MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{register_name}@champion "
+                   "--env-manager local --host 127.0.0.1 --port 5001")
+    if uri.startswith("http"):
+        click.echo(f"see the runs: {uri} (experiment {home})")
+    else:
+        click.echo(f"see the runs: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000, "
+                   f"experiment {home})")
+
+
+def verdict(pipeline: Pipeline, table, client: MlflowClient, argse_run_id: str) -> list[str]:
+    """The lines that say what the pipeline registered and why, and how its test areas compare with the
+    best Chow row and the best single-expert plug-in; the same numbers become the pipeline run's
+    headline metrics (``registered/aurc_worst``, ``best_chow/aurc_worst``, ...), so the run list can rank
+    pipelines."""
+    from argse import EXPERTS
+    from argse.selective.compare import AREAS, headline
+
+    objective = pipeline.configs["argse"].objective
+    head = headline(table, objective, EXPERTS)
+    metrics = {f"registered/{a}": float(head.registered[a]) for a in AREAS}
+    metrics.update({f"best_chow/{a}": float(row[a]) for a, row in head.best_chow.items()})
+    metrics.update({f"best_expert_plugin/{a}": float(row[a]) for a, row in head.best_expert_plugin.items()})
+    mlflow.log_metrics(metrics)
+    gating = client.get_run(pipeline.ids["gating-selective"]).data.metrics
+    if gating.get("final_kept_uniform", 0.0) == 1.0:
+        lo, hi = gating.get("final_gate_minus_uniform_val_aurc_lo"), gating.get("final_gate_minus_uniform_val_aurc_hi")
+        why = ("the gate did not beat the plain average of the experts on val"
+               + (f" (95% interval of its AURC difference [{lo:.4f}, {hi:.4f}], not below 0)" if hi is not None else "")
+               + ", so the model is the plain average")
+    else:
+        why = "the gate beat the plain average of the experts on val beyond its noise, so the model is the gated mixture"
+    prior = pipeline.configs["evaluate"].test_prior
+    lines = [f"verdict: {why}, with the plug-in rule for the {objective} error."]
+    for area, label in (("aurc_worst", "worst-group"), ("aurc_balanced", "balanced")):
+        parts = [f"{head.registered[area]:.4f}"]
+        if area in head.best_chow:
+            parts.append(f"best Chow {head.best_chow[area][area]:.4f} ({head.best_chow[area]['method']})")
+        if area in head.best_expert_plugin:
+            row = head.best_expert_plugin[area]
+            parts.append(f"best single-expert plug-in {row[area]:.4f} ({row['method']})")
+        lines.append(f"  {label} error area on test ({prior} prior), lower is better: registered model "
+                     + "; ".join(parts))
+    return lines
 
 
 def _what_ran(steps: list[Step]) -> str:

@@ -2,10 +2,11 @@
 
 Where runs live. A stage's *home* experiment is the one the user names (``--experiment``,
 ``MLFLOW_EXPERIMENT_NAME``, or ``mlflow run --experiment-name/--experiment-id``); when none is named
-it is ``ar-gse/<dataset>``. ``mlflow run`` without an experiment puts its run in MLflow's Default
-experiment, which we cannot move, so the rule that makes both paths meet is: **when no experiment is
-named, ``latest`` and the cache search the home experiment and the Default experiment together**;
-when one is named, they search that experiment only.
+it is ``ar-gse/<dataset>``, however the stage is started. ``mlflow run`` without an experiment makes
+its own run in MLflow's Default experiment before the stage starts; the stage then works in the home
+experiment and leaves that run as a *launcher* that names it (tag ``argse.launched``). When no
+experiment is named, ``latest`` and the cache also search Default, where earlier versions put the
+stage runs of ``mlflow run``; when one is named, they search that experiment only.
 
 Liveness. Every run a process works on carries ``argse.owner`` (host/pid/start of that process) and
 ``argse.heartbeat`` (unix time), stamped every :data:`HEARTBEAT_S` seconds by a background thread. A
@@ -42,6 +43,7 @@ from argse.tracking.lookup import (
 from argse.tracking.runs import set_upstream, stage_run, top_level_name
 from argse.tracking.server import RunBroken, TrackingServerError, redact, server_problem
 from argse.tracking.store import (
+    absolute_uri,
     code_version,
     config_hash,
     configure,
@@ -64,6 +66,7 @@ from argse.tracking.tags import (
 )
 
 __all__ = [
+    "absolute_uri",
     "CLAIM_PARAM",
     "HEARTBEAT",
     "HEARTBEAT_S",

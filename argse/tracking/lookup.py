@@ -167,9 +167,13 @@ _DOWNLOADS: dict[tuple[str, str], Path] = {}
 _DOWNLOAD_DIR: tempfile.TemporaryDirectory | None = None  # removed when the process exits
 
 
-def download(run_id: str, artifact_path: str) -> Path:
+def download(run_id: str, artifact_path: str, *, check: bool = True) -> Path:
     """A local copy of a run's artifact (file or folder), downloaded once per process into a folder
-    that is removed when the process exits."""
+    that is removed when the process exits, and checked against the digests the run recorded
+    (:mod:`argse.tracking.integrity`) unless ``check`` is false. ``model`` (and its files) is the run's
+    logged model."""
+    from argse.tracking.integrity import verify
+
     global _DOWNLOAD_DIR
     key = (run_id, artifact_path)
     if key not in _DOWNLOADS:
@@ -177,12 +181,17 @@ def download(run_id: str, artifact_path: str) -> Path:
             _DOWNLOAD_DIR = tempfile.TemporaryDirectory(prefix="argse-downloads-")
         dst = tempfile.mkdtemp(dir=_DOWNLOAD_DIR.name)
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst)
+            if artifact_path == "model" or artifact_path.startswith("model/"):
+                local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{artifact_path}", dst_path=dst)
+            else:
+                local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst)
         except (MlflowException, OSError) as exc:
             raise ArgseError(
                 f"run {run_id} has no artifact {artifact_path!r} ({first_line(exc)}); rerun the stage that makes it"
             ) from None
         _DOWNLOADS[key] = Path(local)
+    if check:
+        verify(run_id, _DOWNLOADS[key], artifact_path)
     return _DOWNLOADS[key]
 
 

@@ -23,6 +23,7 @@ from argse.tracking.tags import (
     TAG_HEARTBEAT,
     TAG_OWNER,
     TAG_RESUMABLE,
+    TAG_STAGE,
 )
 
 log = logging.getLogger(__name__)
@@ -156,3 +157,31 @@ def claim(run_id: str) -> str | None:
         _mark_failed(client, run_id, f"its process stopped ({life}); taken over by {owner()}")
     return None
 
+
+def running_runs(dataset: str | None = None, experiment: str | None = None) -> list:
+    """The RUNNING argse runs (of ``dataset``, or of every dataset), newest first, in the experiments
+    ``latest`` searches (every experiment when no dataset is given)."""
+    client = MlflowClient()
+    if dataset:
+        exp_ids = search_experiment_ids(dataset, experiment)
+    else:
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+    if not exp_ids:
+        return []
+    condition = tag_filter({TAG_DATASET: dataset}) if dataset else f"tags.\"{TAG_STAGE}\" != ''"
+    return client.search_runs(exp_ids, condition + " and attributes.status = 'RUNNING'",
+                              order_by=["attributes.start_time DESC"], max_results=500)
+
+
+def mark_if_dead(run) -> bool:
+    """Mark ``run`` FAILED when its process is gone (:func:`liveness`, looked at again just before
+    writing); whether it did."""
+    client = MlflowClient()
+    life = liveness(run)
+    if life.alive:
+        return False
+    fresh = client.get_run(run.info.run_id)
+    if fresh.info.status != "RUNNING" or liveness(fresh).alive:
+        return False
+    _mark_failed(client, run.info.run_id, f"its process stopped ({life}); marked FAILED by {owner()}")
+    return True

@@ -18,7 +18,7 @@ from argse.tracking.owners import owner, reap_stale_runs
 from argse.tracking.server import TrackingServerError, _end_quickly, _record_failure, server_problem
 from argse.tracking.store import _experiment_id, code_version, config_hash, home_experiment
 from argse.stage_registry import TAG_UPSTREAM
-from argse.tracking.tags import TAG_CODE, TAG_DATASET, TAG_HASH, TAG_HEARTBEAT, TAG_OWNER, TAG_STAGE
+from argse.tracking.tags import TAG_CODE, TAG_DATASET, TAG_HASH, TAG_HEARTBEAT, TAG_LAUNCHED, TAG_OWNER, TAG_STAGE
 
 # -- stage runs ----------------------------------------------------------------------------------
 
@@ -66,8 +66,10 @@ def stage_run(
     ``argse.resumable=false``, so it is replaced rather than resumed.
 
     Which run: ``resume_run_id`` if given; a child of the active run when there is one (pipeline,
-    ``--expert all``), named ``run_name``; the run ``mlflow run`` handed over in ``MLFLOW_RUN_ID``;
-    else a new run in the home experiment. Top-level runs are named by :func:`top_level_name`.
+    ``--expert all``), named ``run_name``; the run ``mlflow run`` handed over in ``MLFLOW_RUN_ID`` when
+    it lives in the home experiment; else a new run in the home experiment (a run ``mlflow run`` made
+    elsewhere, in MLflow's Default experiment when no experiment was named, is then left as a
+    launcher that names this run). Top-level runs are named by :func:`top_level_name`.
     """
     stage_registry.stage(stage)  # a name no stage has fails here, before any run starts
     upstream = dict(upstream or {})
@@ -79,15 +81,23 @@ def stage_run(
         run = mlflow.start_run(run_id=resume_run_id, nested=active is not None)
     elif active is not None:
         run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True)
-    elif os.environ.get("MLFLOW_RUN_ID"):
-        # Consume it: runs started inside this one must not resume it again. `mlflow run` made it
-        # before this process started, under a random name: give it the name a top-level run gets.
-        run = mlflow.start_run(run_id=os.environ.pop("MLFLOW_RUN_ID"))
-        if run_name:
-            MlflowClient().update_run(run.info.run_id, name=top_level_name(run_name, dataset))
     else:
+        # Consume MLflow's run: runs started inside this one must not resume it again.
+        launched = os.environ.pop("MLFLOW_RUN_ID", None)
         exp_id = _experiment_id(home_experiment(dataset, experiment), create=True)
-        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name and top_level_name(run_name, dataset))
+        client = MlflowClient()
+        if launched and client.get_run(launched).info.experiment_id == exp_id:
+            # `mlflow run` made it before this process started, under a random name: give it the
+            # name a top-level run gets.
+            run = mlflow.start_run(run_id=launched)
+            if run_name:
+                client.update_run(run.info.run_id, name=top_level_name(run_name, dataset))
+        else:
+            run = mlflow.start_run(experiment_id=exp_id, run_name=run_name and top_level_name(run_name, dataset))
+            if launched:  # one experiment per dataset: `mlflow run`'s own run only points here
+                where = client.get_experiment(exp_id).name
+                client.update_run(launched, name=f"mlflow run: {top_level_name(run_name or stage, dataset)} in {where}")
+                client.set_tag(launched, TAG_LAUNCHED, f"{where}/{run.info.run_id}")
     previous_handler = _arm_interrupt() if active is None else None
     HEARTBEAT.add(run.info.run_id)
     try:

@@ -18,6 +18,14 @@ from argse import ArgseError, __version__
 from argse.tracking.tags import DEFAULT_EXPERIMENT_ID, HTTP_TIMEOUT_S
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite path made absolute, so the same URI works from any folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def configure(tracking_uri: str | None = None) -> None:
     """Point MLflow at ``tracking_uri`` (else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``)."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

@@ -12,6 +12,7 @@ TAG_HASH = "argse.config_hash"
 TAG_OWNER = "argse.owner"  # host/pid/start time of the process working on the run
 TAG_HEARTBEAT = "argse.heartbeat"  # unix time of that process's last sign of life
 TAG_FAILURE = "argse.failure"  # why the run ended FAILED, one line
+TAG_LAUNCHED = "argse.launched"  # on a run `mlflow run` made outside the home experiment: "<experiment>/<run id>" of the stage's run
 TAG_RESUMABLE = "argse.resumable"  # "false": it failed for a reason a resume cannot fix
 CLAIM_PARAM = "argse.resume."  # + n: the n-th process that took the unfinished run over, "<owner>@<time>"
 HEARTBEAT_S = 5.0
