@@ -272,7 +272,8 @@ class StageConfig:
 
     STAGE: ClassVar[str] = ""  # the stage registry's name of the stage this configures
 
-    dataset: str = option("cifar100-lt", choices=DATASETS, help="The benchmark: one of the dataset presets.")
+    dataset: str = option("digits-lt", choices=DATASETS,
+                          help="The benchmark: one of the dataset presets (digits-lt runs offline in a minute).")
     data_dir: str = option("data", help="Where datasets are read from (and CIFAR-100 / Fashion-MNIST downloaded to).")
     seed: int = option(0, help="Random seed of the splits, the initialisation and the batches.")
     device: str = option("auto", choices=DEVICES,
@@ -468,7 +469,7 @@ class EvaluateConfig(StageConfig):
 
     model_uri: str = option("latest", help="latest (newest FINISHED argse run), an argse run id, runs:/<id>/model "
                                            "or models:/<name>@<alias>.")
-    split: str = option("test", choices=EVAL_SPLITS, help="The split to report (the seed's `--dataset` of evaluate_argse.py).")
+    split: str = option("test", choices=EVAL_SPLITS, help="The split to report (the original evaluate_argse.py's `--dataset`).")
     test_prior: str = option("lt", choices=PRIORS, help="Label prior every metric is computed under.")
     coverage_grid: str = option("default", parse=resolve_coverage_grid,
                                 help="Target coverages of the coverage-matched comparison, comma-separated in "

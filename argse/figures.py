@@ -74,28 +74,38 @@ def risk_coverage_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ylabe
     own colour, line style and marker, so coinciding curves stay distinguishable. `thin` maps a method
     to a boolean per point: those points are ringed in black (`thin_label` in the legend), for points
     whose error rests on a group with too few accepted samples. `bands` maps a method to the (low,
-    high) risk at each point, shaded in its colour (e.g. the range over seeds)."""
+    high) risk at each point, shaded in its colour (e.g. the range over seeds). The y axis shows the
+    range of the first three curves (pass them best first); points above it sit on its top edge."""
     fig, ax = plt.subplots(figsize=(9.5, 5))
     colours = plt.get_cmap("tab10").colors
-    ringed = False
+    # The competitive range: up to a little above the best curves (the caller passes them best first);
+    # a point beyond it (e.g. a group emptied, error 1.0) is drawn on the top edge as a triangle.
+    leaders = [np.asarray(risk, dtype=float) for _, (_, risk) in list(curves.items())[:max(1, min(3, len(curves) - 1))]]
+    top = 1.15 * max((float(np.nanmax(r)) for r in leaders if r.size), default=1.0) or 1.0
+    ringed = above = False
     for i, (label, (coverage, risk)) in enumerate(curves.items()):
-        coverage, risk = np.asarray(coverage), np.asarray(risk)
-        ax.plot(coverage, risk, label=label, linewidth=1.4, markersize=4,
-                color=colours[i % len(colours)], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
-                marker=MARKERS[i % len(MARKERS)], alpha=0.9)
+        coverage, risk = np.asarray(coverage, dtype=float), np.asarray(risk, dtype=float)
+        colour = colours[i % len(colours)]
+        ax.plot(coverage, risk, label=label, linewidth=1.4, markersize=4, color=colour,
+                linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)], alpha=0.9)
         if bands and label in bands:
             low, high = bands[label]
-            ax.fill_between(coverage, np.asarray(low), np.asarray(high), color=colours[i % len(colours)], alpha=0.12,
-                            linewidth=0)
+            ax.fill_between(coverage, np.asarray(low), np.asarray(high), color=colour, alpha=0.12, linewidth=0)
+        shown = np.minimum(risk, top)
+        out = risk > top
+        if out.any():
+            ax.plot(coverage[out], shown[out], linestyle="none", marker="^", markersize=7, color=colour, clip_on=False,
+                    label=None if above else f"above {top:.3g} (off the scale)")
+            above = True
         flags = np.asarray(thin.get(label, np.zeros(len(coverage), bool)) if thin else np.zeros(len(coverage), bool))
         if flags.any():
-            ax.plot(coverage[flags], risk[flags], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
-                    markeredgecolor="black", markeredgewidth=1.2, label=None if ringed else thin_label)
+            ax.plot(coverage[flags], shown[flags], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
+                    markeredgecolor="black", markeredgewidth=1.2, clip_on=False, label=None if ringed else thin_label)
             ringed = True
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xlim(0, 1.02)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, top)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     _legend_outside(ax)

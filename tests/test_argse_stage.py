@@ -9,6 +9,7 @@ import sys
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -17,7 +18,7 @@ from argse.config import ArgseConfig
 from argse.data.loaders import load_digits
 from argse.selective import PluginRule
 from argse.serving import predict_frame
-from argse.stages.argse import crown, register
+from argse.stages.argse import CHAMPION_PARAM, crown
 from argse.stages.common import load_experts
 from argse.models.gating import gated_mixture
 from argse.stages.gating import load_gate
@@ -40,11 +41,14 @@ def test_champion_predictions_equal_the_stage_code_on_logged_logits(chain_store)
     model = mlflow.pyfunc.load_model(MODEL)
     served = model.predict(_test_images(ids))
     assert list(served.columns) == ["prediction", "accept", "margin", "group", "confidence"]
+    assert set(served["group"]) <= {"head", "tail"}  # the group by name
     # The same decisions from what the runs logged: expert logits -> gate -> rule.
     experts = load_experts({n: ids[n] for n in ("ce", "logitadjust", "balsoftmax")})
     rule = PluginRule.from_dict(mlflow.artifacts.load_dict(f"runs:/{ids['argse']}/rule/rule.json"))
     expected = predict_frame(rule, gated_mixture(load_gate(ids["selective"]), experts.probs["test"]))
     np.testing.assert_array_equal(served["prediction"], expected["prediction"])
+    groups = load_splits(ids["splits"]).group_names
+    np.testing.assert_array_equal(served["group"], [groups[int(g)] for g in expected["group"]])
     np.testing.assert_allclose(served["margin"], expected["margin"], atol=1e-4)
     near = np.abs(expected["margin"].to_numpy() + rule.cost) < 1e-4  # float32 forward vs logged float32 logits
     np.testing.assert_array_equal(served["accept"][~near], expected["accept"][~near])
@@ -95,27 +99,43 @@ def test_mlflow_models_serve_answers_json(chain_store, tmp_path):
         server.wait(timeout=30)
 
 
-def test_champion_moves_only_to_a_better_model(chain_store):
+def _version_with_criterion(client, name, experiment_id, source, value, *, finish=True):
+    """A version of ``name`` whose run recorded ``value`` as its champion criterion (the run left open
+    when not ``finish``)."""
+    run = mlflow.start_run(experiment_id=experiment_id)
+    mlflow.log_param(CHAMPION_PARAM, repr(float(value)))
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source, run_id=run.info.run_id)
+    if finish:
+        mlflow.end_run()
+    return version
+
+
+def test_champion_moves_only_to_a_better_criterion_and_a_tie_keeps_it(chain_store):
     _, ids = chain_store
     client = MlflowClient()
-    cfg = ArgseConfig(dataset="digits-lt", register_name="ar-gse-champion-test").resolve()
-    model_uri = client.get_run(ids["argse"]).outputs.model_outputs[0].model_id
+    name = "ar-gse-champion-test"
+    fit = client.get_run(ids["argse"])
+    source = f"models:/{fit.outputs.model_outputs[0].model_id}"
 
-    def fit_with_risk(risk):
-        with mlflow.start_run(experiment_id=client.get_run(ids["argse"]).info.experiment_id) as run:
-            mlflow.log_metric("val_worst_l2r", risk)
-            info = type("Info", (), {"model_uri": f"models:/{model_uri}"})
-            version = register(cfg, info, run.info.run_id, risk)
-        decision = crown(cfg.register_name, version)  # once the run is FINISHED
-        return decision, client.get_model_version_by_alias(cfg.register_name, "champion").version
+    def fit_with(value):
+        version = _version_with_criterion(client, name, fit.info.experiment_id, source, value)
+        return crown(name, version), client.get_model_version_by_alias(name, "champion").version
 
-    _, first = fit_with_risk(0.30)
-    decision, after_worse = fit_with_risk(0.35)
-    assert after_worse == first and "stays" in decision
-    decision, after_tie = fit_with_risk(0.30)
-    assert after_tie == first and "a tie keeps the earlier version" in decision
-    decision, after_better = fit_with_risk(0.20)
-    assert after_better != first and "as champion" in decision
+    _, first = fit_with(0.30)
+    decision, after_worse = fit_with(0.35)
+    assert after_worse == first and "stays" in decision and "0.35 (param argse.champion_val_matched_aurc" in decision
+    decision, after_tie = fit_with(0.30)
+    assert after_tie == first and "a tie keeps the champion" in decision
+    decision, after_better = fit_with(0.20)
+    assert after_better != first and "as champion" in decision and "0.2 (param" in decision and "< v1: 0.3" in decision
+    # A forged version tag changes nothing: the tags are not read.
+    client.set_model_version_tag(name, first, "argse.val_worst_l2r", "-1")
+    decision, after_forged = fit_with(0.25)
+    assert after_forged == after_better and "stays" in decision
 
 
 def test_champion_is_never_a_version_whose_run_did_not_finish_and_a_rerun_repairs_it(chain_store):
@@ -125,18 +145,10 @@ def test_champion_is_never_a_version_whose_run_did_not_finish_and_a_rerun_repair
     _, ids = chain_store
     client = MlflowClient()
     name = "ar-gse-crown-test"
-    cfg = ArgseConfig(dataset="digits-lt", register_name=name).resolve()
-    info = type("Info", (), {"model_uri": f"models:/{client.get_run(ids['argse']).outputs.model_outputs[0].model_id}"})
-    experiment_id = client.get_run(ids["argse"]).info.experiment_id
-
-    def register_in_open_run(risk):
-        run = mlflow.start_run(experiment_id=experiment_id)
-        mlflow.log_metric("val_worst_l2r", risk)
-        return register(cfg, info, run.info.run_id, risk)
-
-    worse = register_in_open_run(0.4)
-    mlflow.end_run()
-    better = register_in_open_run(0.1)  # still RUNNING
+    fit = client.get_run(ids["argse"])
+    source = f"models:/{fit.outputs.model_outputs[0].model_id}"
+    worse = _version_with_criterion(client, name, fit.info.experiment_id, source, 0.4)
+    better = _version_with_criterion(client, name, fit.info.experiment_id, source, 0.1, finish=False)  # RUNNING
     assert "as champion" in crown(name, worse)  # the better one has not finished: it does not count
     assert client.get_model_version_by_alias(name, "champion").version == worse.version
     mlflow.end_run("FAILED")  # the better fit died: never champion
@@ -145,6 +157,23 @@ def test_champion_is_never_a_version_whose_run_did_not_finish_and_a_rerun_repair
     client.set_registered_model_alias(name, "champion", better.version)
     assert crown(name).startswith(f"moved {name}@champion to v{worse.version}")
     assert client.get_model_version_by_alias(name, "champion").version == worse.version
+
+
+def test_fits_of_one_gate_that_differ_only_in_cost_tie_and_the_champion_stays(chain_store, cli):
+    _, ids = chain_store
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("ar-gse-digits-lt", "champion").version
+    values = []
+    for cost in ("0.3", "0.0001", "0.3"):
+        # --rounds 8 as the fixture's fit: the same gate and fit options, only the cost differs.
+        result = cli("fit", "--dataset", "digits-lt", "--gating-run", ids["selective"], "--cost", cost, "--rounds", "8")
+        assert result.code == 0, result.err
+        assert f"champion stays v{champion}" in result.out and "a tie keeps the champion" in result.out, result.out
+        fit = client.search_runs([client.get_run(ids["argse"]).info.experiment_id], "tags.`argse.stage` = 'argse'",
+                                 order_by=["attributes.start_time DESC"])[0]
+        values.append(fit.data.params[CHAMPION_PARAM])
+    assert len(set(values)) == 1  # the criterion does not depend on the cost
+    assert client.get_model_version_by_alias("ar-gse-digits-lt", "champion").version == champion
 
 
 def test_fit_latest_gating_run_is_the_newest_selective_one_not_a_later_pretrain(chain_store, cli):

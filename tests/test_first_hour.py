@@ -42,7 +42,8 @@ def _children(parent, runs):
 @pytest.mark.slow
 def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_no_pickling_warning(store, tmp_path):
     log = tmp_path / "quickstart.log"
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", "dataset=digits-lt",
+    # No dataset named: `mlflow run .` runs digits-lt.
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
            "-P", f"epochs={EPOCHS}", "-P", "gating_epochs=10", "-P", "n_boot=20"]
     with open(log, "w") as out:
         done = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(store), stdout=out, stderr=subprocess.STDOUT,
@@ -56,7 +57,14 @@ def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_no_pi
     assert "pickl" not in text.lower(), [line for line in text.splitlines() if "pickl" in line.lower()]
 
     runs = _runs()
-    (pipeline,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    client = MlflowClient()
+    home = client.get_experiment_by_name("ar-gse/digits-lt").experiment_id
+    # Every stage run in ar-gse/digits-lt; MLflow's own run in Default is the launcher that points there.
+    (launcher,) = [r for r in runs if r.info.experiment_id == "0"]
+    (pipeline,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.experiment_id == home]
+    assert {r.info.experiment_id for r in runs} == {"0", home}
+    assert launcher.info.run_name == "mlflow run: pipeline digits-lt in ar-gse/digits-lt"
+    assert launcher.data.tags["argse.launched"] == f"ar-gse/digits-lt/{pipeline.info.run_id}"
     assert pipeline.info.run_name == "pipeline digits-lt: ran splits..evaluate"
     assert _children(pipeline, runs) == PIPELINE_STEPS
     (experts,) = [r for r in runs if r.info.run_name == "experts"]
@@ -78,7 +86,7 @@ def test_mlflow_run_of_experts_names_its_runs(store, cli, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     runs = _runs()
     top = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(top) == {"splits digits-lt", "experts digits-lt"}
+    assert set(top) == {"splits digits-lt", "experts digits-lt", "mlflow run: experts digits-lt in ar-gse/digits-lt"}
     assert _children(top["experts digits-lt"], runs) == {f"expert-{name}" for name in EXPERTS}
 
 

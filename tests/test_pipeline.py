@@ -48,7 +48,9 @@ def test_quickstart_through_mlflow_run_and_the_rerun_reuses_every_stage(store, t
     assert set(_actions(newest).values()) == {"reused"}, second.stdout[-3000:]
     assert "| method |" in second.stdout, second.stdout[-3000:]  # the evaluate table, read back
     runs_after = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs_after) == runs_before + 1  # the new pipeline run and nothing else: no stage ran again
+    # The new pipeline run and MLflow's launcher run in Default, nothing else: no stage ran again.
+    assert len(runs_after) == runs_before + 2
+    assert sorted(r.info.experiment_id == "0" for r in runs_after[:2]) == [False, True]
 
 
 def test_start_from_gating_reuses_splits_and_experts_and_reruns_the_rest(pipeline_store, cli):
@@ -100,7 +102,7 @@ def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_pa
         while time.time() < deadline and killed is None:
             exps = [e.experiment_id for e in client.search_experiments()]
             for run in client.search_runs(exps, "tags.\"argse.expert\" = 'logitadjust'"):
-                steps = client.get_metric_history(run.info.run_id, "val_acc")
+                steps = client.get_metric_history(run.info.run_id, "train/val_acc")
                 if len(steps) >= 3 and client.list_artifacts(run.info.run_id, "checkpoints"):
                     killed = run
             time.sleep(0.3)
@@ -113,7 +115,7 @@ def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_pa
     assert "resuming unfinished run" in done.stdout and "resuming run" in done.stdout
     run = client.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/val_acc"))
     assert set(steps) == set(range(1, 31))
     ce = client.search_runs([run.info.experiment_id], "tags.\"argse.expert\" = 'ce'")
     assert len(ce) == 1 and ce[0].info.status == "FINISHED"  # finished before the kill: kept, not retrained

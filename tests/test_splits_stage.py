@@ -85,7 +85,11 @@ def test_mlflow_run_entry_point(store, tmp_path):
         cwd=tmp_path, env=subprocess_env(store), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (run,) = _runs()
-    assert run.info.status == "FINISHED" and run.info.experiment_id == "0"
-    assert run.data.params["imb_factor"] == "preset" and run.data.params["imb_factor.resolved"] == "20.0"
+    # The stage run in ar-gse/digits-lt with the resolved params; MLflow's own run (in Default, with the
+    # raw -P values) is left as the launcher that points at it.
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    (run,) = [r for r in runs if r.info.experiment_id != "0"]
+    (launcher,) = [r for r in runs if r.info.experiment_id == "0"]
+    assert run.info.status == "FINISHED" and launcher.data.tags["argse.launched"] == f"ar-gse/digits-lt/{run.info.run_id}"
+    assert run.data.params["imb_factor"] == "20.0" and launcher.data.params["imb_factor"] == "preset"
     assert {"splits", "class_distribution.png"} <= {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}

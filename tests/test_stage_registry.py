@@ -62,7 +62,9 @@ def test_the_pipeline_wires_each_stage_from_its_declared_inputs():
 
 
 def test_cli_commands_and_choices_agree_with_the_registry():
-    assert set(cli.commands) == {s.command for s in STAGES.values()}
+    from argse.cli import TOOLS
+
+    assert set(cli.commands) == {s.command for s in STAGES.values()} | set(TOOLS)
     assert _choices("pipeline", "start_from") == PIPELINE_STEPS
     assert _choices("pipeline", "stop_at") == PIPELINE_STEPS
     assert _choices("gating", "mode") == STAGES["gating"].modes

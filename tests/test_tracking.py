@@ -4,13 +4,15 @@ reference and every way it can fail, the experiment rule, config hashes and the 
 from __future__ import annotations
 
 import json
+
 import mlflow
-import numpy as np
 import mlflow.pyfunc
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, tracking
+from argse.tracking.tags import TAG_LAUNCHED
 
 
 def _stage(stage="splits", dataset="digits-lt", params=None, upstream=None, fail=False, **kw):
@@ -128,16 +130,30 @@ def test_resolve_upstream_errors_are_one_line(store, case, message):
     assert "\n" not in str(err.value)
 
 
-def test_runs_in_the_default_experiment_meet_standalone_runs(store, monkeypatch):
-    """`mlflow run` without --experiment-name puts the run in Default (id 0, and it sets
-    MLFLOW_EXPERIMENT_ID=0); a later standalone stage must still find it as `latest`."""
-    default_run = MlflowClient().create_run("0")
+def test_mlflow_run_without_an_experiment_works_in_the_datasets_experiment_and_leaves_a_launcher(store, monkeypatch):
+    """`mlflow run` without --experiment-name makes its run in Default (id 0) and sets MLFLOW_RUN_ID and
+    MLFLOW_EXPERIMENT_ID=0: the stage works in ar-gse/<dataset> all the same, names MLflow's run as a
+    launcher that points there, and a later standalone stage finds it as `latest`. Stage runs that
+    earlier versions left in Default are still found."""
+    client = MlflowClient()
+    default_run = client.create_run("0")
     monkeypatch.setenv("MLFLOW_RUN_ID", default_run.info.run_id)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
-    handed_over = _stage()
-    assert handed_over == default_run.info.run_id
+    stage_run = _stage()
+    assert stage_run != default_run.info.run_id
+    assert client.get_experiment(client.get_run(stage_run).info.experiment_id).name == "ar-gse/digits-lt"
+    launcher = client.get_run(default_run.info.run_id)
+    assert launcher.data.tags[TAG_LAUNCHED] == f"ar-gse/digits-lt/{stage_run}"
+    assert launcher.info.run_name == "mlflow run: splits digits-lt in ar-gse/digits-lt"
+    assert tracking.TAG_STAGE not in launcher.data.tags  # never picked up as an input
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
-    assert tracking.resolve_upstream("splits", "latest", dataset="digits-lt").info.run_id == handed_over
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    assert tracking.resolve_upstream("splits", "latest", dataset="digits-lt").info.run_id == stage_run
+    # An earlier version's stage run in Default, newer than the one above: found too.
+    with mlflow.start_run(experiment_id="0") as older_layout:
+        mlflow.set_tags({tracking.TAG_STAGE: "splits", tracking.TAG_DATASET: "digits-lt",
+                         tracking.TAG_CODE: tracking.code_version()})
+    assert tracking.resolve_upstream("splits", "latest", dataset="digits-lt").info.run_id == older_layout.info.run_id
     # A named experiment is searched alone.
     with pytest.raises(ArgseError, match="in experiment mine"):
         tracking.resolve_upstream("splits", "latest", dataset="digits-lt", experiment="mine")

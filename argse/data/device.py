@@ -1,4 +1,5 @@
-"""Training images held on the training device, batched and augmented there (DESIGN.md §7).
+"""Training images held on the training device, batched and augmented there
+(docs/design.md, *Batches on the device*).
 
 A ``DeviceImages`` keeps one uint8 tensor of the images in NHWC layout and the labels on the device.
 Each batch is gathered, augmented, converted to float and normalised on the device with a handful of

@@ -1,4 +1,4 @@
-"""Long-tailed train set, disjoint evaluation splits, groups and target-prior weights (DESIGN.md §3).
+"""Long-tailed train set, disjoint evaluation splits, groups and target-prior weights (docs/design.md, *Data*).
 
 :func:`make_splits` turns a :class:`~argse.data.loaders.SourceData` into :class:`Splits`: indices
 into the source pools, the achieved class counts, ``class_to_group`` and per-sample weights. A

@@ -7,7 +7,7 @@ table into `<method>/<column>` metric names that MLflow accepts.
 
 Protocol, for every method on the evaluated split (all metrics weighted by the split's weights):
 
-* Coverage-matched comparison (what the table ranks by; DESIGN.md §4). For each target coverage tau
+* Coverage-matched comparison (what the table ranks by; docs/design.md, *The rule*). For each target coverage tau
   of the grid (`coverages`, default 1.00, 0.95, ..., 0.20) the operating point is chosen on val only
   and then measured on the split. Chow: the largest threshold on the top posterior that accepts a
   weighted share of at least tau of val (samples tied at the threshold accepted together). Plug-in:
@@ -334,3 +334,32 @@ def compare(
         coverages=taus,
     )
 
+
+
+@dataclass(frozen=True)
+class Headline:
+    """What a person asks of a comparison table: the registered model's row and the best of what they
+    would use otherwise, by each area."""
+
+    registered: dict[str, Any]  #: the row of `ar-gse[<objective>]`
+    best_chow: dict[str, dict[str, Any]]  #: area column -> the Chow row lowest in it
+    best_expert_plugin: dict[str, dict[str, Any]]  #: area column -> the single-expert plug-in row lowest in it
+
+
+AREAS = ("aurc_worst", "aurc_balanced")
+
+
+def headline(table: pd.DataFrame, objective: str, experts: Sequence[str]) -> Headline:
+    """The registered model's row (``ar-gse[<objective>]``), and per area the best Chow row and the best
+    plug-in on a single expert (``plugin-<objective>[<expert>]``) of an evaluate table."""
+    rows = table.to_dict(orient="records")
+    registered = next((r for r in rows if r["method"] == f"ar-gse[{objective}]"), None)
+    if registered is None:
+        raise ValueError(f"the table has no row ar-gse[{objective}].")
+    chow = [r for r in rows if str(r["method"]).startswith("chow[")]
+    single = [r for r in rows if r["method"] in {f"plugin-{objective}[{e}]" for e in experts}]
+    return Headline(
+        registered=registered,
+        best_chow={a: min(chow, key=lambda r: r[a]) for a in AREAS} if chow else {},
+        best_expert_plugin={a: min(single, key=lambda r: r[a]) for a in AREAS} if single else {},
+    )

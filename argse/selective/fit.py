@@ -1,5 +1,5 @@
 """Fitting the plug-in rejector: balanced error (Algorithm 1), worst-group error (Algorithm 2), and
-optional per-group thresholds. The maths is DESIGN.md §4.
+optional per-group thresholds. The maths is docs/design.md, *The rule*.
 
 Everything works on the per-group sufficient statistics (`GroupStats`): they are computed once per
 split, and a batch of S candidate rules is then evaluated in O(S * N * K) tensor operations.
@@ -327,7 +327,7 @@ def fit_balanced(
 ) -> PluginRule:
     """The plug-in rejector for the balanced (or, with `beta`, the beta-weighted) L2R risk.
 
-    The paper's Algorithm 1 with the joint fixed point of DESIGN.md §4: from `n_starts` initial
+    The paper's Algorithm 1 with the joint fixed point of docs/design.md, *The rule*: from `n_starts` initial
     acceptance sets, iterate alpha_k = K * P(accept, y in G_k) and mu_k = K * beta_k * e_k / alpha_k on
     the fitting split (eta_fit, y_fit) for at most `max_iter` steps; keep the iterate with the lowest
     risk sum_k beta_k * e_k + cost * P(reject) on the selection split (eta_sel, y_sel), and finally
@@ -488,7 +488,7 @@ def fit_group_thresholds(
 
 
 # --------------------------------------------------------------------------------------------------
-# Fitting at a coverage: the operating points of the coverage-matched comparison (DESIGN.md §4)
+# Fitting at a coverage: the operating points of the coverage-matched comparison (docs/design.md, *The rule*)
 
 
 @dataclass(frozen=True)
@@ -585,7 +585,7 @@ def fit_at_coverage(
     max_iter: int = 30,
     evidence: Optional[float] = EVIDENCE_LEVEL,
 ) -> list[PluginRule]:
-    """One plug-in rule per target coverage tau, fitted *for* that coverage (DESIGN.md §4).
+    """One plug-in rule per target coverage tau, fitted *for* that coverage (docs/design.md, *The rule*).
 
     The paper's rule family with the acceptance level as the constraint instead of a cost: alpha and
     mu iterate the fixed point of `fit_balanced` on the fitting split with the acceptance set held at

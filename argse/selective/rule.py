@@ -141,7 +141,7 @@ class WorstFitHistory:
 
 @dataclass(frozen=True, eq=False)
 class PluginRule:
-    """The cost-sensitive plug-in rejector (DESIGN.md §4): parameters and `predict`.
+    """The cost-sensitive plug-in rejector (docs/design.md, *The rule*): parameters and `predict`.
 
     alpha [K] > 0, mu [K], beta [K] in the simplex, cost >= 0, class_to_group [C] with values 0..K-1.
     With `thresholds` [K] set, a sample is accepted when its margin reaches the threshold of its

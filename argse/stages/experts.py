@@ -48,6 +48,7 @@ from argse.stage_registry import (
     logits_path,
 )
 from argse.stages.splits import load_splits
+from argse.tracking import integrity
 from argse.training import utils as training_utils
 from argse.training.calibration import fit_temperature, nll
 from argse.training.experts import (
@@ -62,6 +63,7 @@ from argse.training.losses import make_loss
 from argse.training.utils import (
     autocast_context,
     free_cores,
+    usable_cores,
     make_optimizer_and_scheduler,
     on_terminal,
     resolve_device,
@@ -69,6 +71,29 @@ from argse.training.utils import (
 )
 
 log = logging.getLogger(__name__)
+
+#: The sections of an expert run's metrics, in the order the MLflow UI's chart view shows them: the
+#: training curves first (logged every epoch), then the final accuracies per split and group, the
+#: calibration and the timings.
+SECTIONS = {"train_loss": "train/loss", "lr": "train/lr", "epoch_seconds": "timing/epoch_seconds",
+            "images_per_second": "timing/images_per_second",
+            "peak_gpu_memory_gb": "timing/peak_gpu_memory_gb", "temperature": "calibration/temperature"}
+
+
+def metric_name(key: str) -> str:
+    """The MLflow name of an expert run's metric ``key``: ``val_acc`` -> ``train/val_acc`` (per epoch),
+    ``final_val_acc`` -> ``final/val_acc``, ``val_nll_after`` -> ``calibration/val_nll_after``."""
+    if key in SECTIONS:
+        return SECTIONS[key]
+    if key.startswith("final_"):
+        return "final/" + key.removeprefix("final_")
+    if key.startswith(("val_nll_", "val_ece_")):
+        return "calibration/" + key
+    return "train/" + key
+
+
+def log_expert_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({metric_name(k): v for k, v in metrics.items()}, step=step)
 
 
 @dataclasses.dataclass
@@ -118,12 +143,19 @@ def load_data(splits: Splits, splits_run_id: str, cfg: ExpertsConfig, device: to
 
 
 def load_checkpoint(run_id: str) -> dict | None:
-    """The run's ``checkpoints/last.pt``, ``None`` when it has none; a corrupt file is an error that no
-    resume can fix (:class:`tracking.RunBroken`: the run is then replaced, not resumed again)."""
+    """The run's ``checkpoints/last.pt``, ``None`` when it has none; a corrupt file (unreadable, or not
+    what the run logged) is an error that no resume can fix (:class:`tracking.RunBroken`: the run is
+    then replaced, not resumed again)."""
     client = mlflow.MlflowClient()
     if not any(a.path == CHECKPOINT for a in client.list_artifacts(run_id, CHECKPOINT.rpartition("/")[0])):
         return None
-    path = tracking.download(run_id, CHECKPOINT)
+    from argse.tracking.integrity import ArtifactChanged
+
+    try:
+        path = tracking.download(run_id, CHECKPOINT)
+    except ArtifactChanged as exc:
+        raise tracking.RunBroken(f"the checkpoint of run {run_id} is corrupt ({str(exc).removeprefix(f'run {run_id}: ')}); "
+                                 "a fresh run (without --resume) starts over") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         missing = [k for k in CHECKPOINT_KEYS if k not in state]
@@ -187,7 +219,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
                                                              splits.group_names).items()}
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
-        mlflow.log_metrics(row, step=epoch)
+        log_expert_metrics(row, step=epoch)
         progress = (f"epoch {epoch}/{cfg.epochs}: loss {fmt_number(row['train_loss'])}, val acc "
                     f"{fmt_number(row['val_acc'])}, balanced {fmt_number(row['val_balanced_acc'])}")
         bar.set_postfix_str(f"epoch {epoch}/{cfg.epochs}, val balanced acc {fmt_number(row['val_balanced_acc'])}",
@@ -202,12 +234,14 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
             local = Path(tmp) / CHECKPOINT
             local.parent.mkdir(exist_ok=True)
             torch.save(state.checkpoint(cfg.params()), local)
-            mlflow.log_artifact(str(local), local.parent.name)
+            integrity.log_artifact(local, local.parent.name, version=f"epoch-{epoch}")
 
         train(state, data.train, epochs=cfg.epochs, batch_size=local_batch, device=device, bf16=bf16,
               checkpoint_every=cfg.checkpoint_every, rank=ddp.rank, world_size=ddp.world_size,
               evaluate=evaluate, on_step=bar.update, on_epoch=on_epoch, on_checkpoint=on_checkpoint)
     bar.close()
+    if device.type == "cuda" and ddp.main:
+        log_expert_metrics({"peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9})
     return ExpertModel(backbone, data.train.mean, data.train.std)
 
 
@@ -228,14 +262,14 @@ def calibrate_and_log(name: str, expert: ExpertModel, data: Data, device: torch.
     for split in EVAL_SPLITS:
         acc = accuracy_metrics(raw[split], labels[split], splits.class_to_group, splits.group_names)
         metrics.update({f"final_{split}_{k}": v for k, v in acc.items()})
-    mlflow.log_metrics(metrics)
+    log_expert_metrics(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         for split in EVAL_SPLITS:
             path = Path(tmp) / logits_path(split)
             path.parent.mkdir(exist_ok=True)
             np.savez(path, logits=(raw[split] / temperature).numpy().astype(np.float32),
                      labels=splits.labels[split], indices=splits.indices[split])
-        mlflow.log_artifacts(tmp)
+        integrity.log_artifacts(tmp)
     log_expert_model(expert.cpu().eval(), data)
     return metrics
 
@@ -251,11 +285,12 @@ def log_expert_model(expert: ExpertModel, data: Data) -> None:
     # The code travels with the model (code_paths), so pickling the module is the readable choice;
     # MLflow's generic warning about pickle would only repeat that on every expert.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         expert, name=MODEL, signature=infer_signature(example, output), input_example=example,
         pip_requirements=pip_requirements(), code_paths=[package_dir()],
         serialization_format="pickle",  # a plain nn.Module on load (the default pt2 has no .eval())
     )
+    integrity.record_model(info.model_uri)
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -470,7 +505,7 @@ def at_once_impossible(cfg: ExpertsConfig, ddp: Dist) -> str | None:
         return f"--expert {cfg.expert} trains one expert"
     if ddp.world_size > 1:
         return f"under torchrun the {ddp.world_size} processes already train each expert together"
-    if free_cores()[0] < 2:
+    if len(usable_cores()) < 2:
         return "this process may use 1 CPU core"
     return None
 
@@ -502,7 +537,7 @@ def choose_mode(cfg: ExpertsConfig, n_train: int, device: torch.device, ddp: Dis
         return False, (f"{train_images * cfg.epochs:,} training images per expert: too little work to pay for "
                        f"starting {n_train} processes")
     if free < 1.5:
-        return False, f"{free:.1f} of {cores} cores free (load {os.getloadavg()[0]:.1f}): at once would be no faster"
+        return False, f"{free:.1f} of {cores} cores free (other processes busy): at once would be no faster"
     return True, f"{cores} cores, {free:.1f} free"
 
 
@@ -516,7 +551,7 @@ def describe_mode(cfg: ExpertsConfig, n_experts: int, device: torch.device, ddp:
 def worker_threads(cfg: ExpertsConfig, n_workers: int) -> int:
     """Torch threads per expert process: the preset's choice (one, where it found more threads slower
     on a shared machine), else an equal share of the cores."""
-    return cfg.preset.cpu_threads or max(1, free_cores()[0] // n_workers)
+    return cfg.preset.cpu_threads or max(1, len(usable_cores()) // n_workers)
 
 
 def _train_all(cfg: ExpertsConfig, jobs: list[Job], splits: Splits, splits_run_id: str, upstream: dict,
@@ -665,9 +700,9 @@ def _log_summary(ids: dict[str, str], splits: Splits) -> None:
     values = {}
     for name, run_id in ids.items():
         m = client.get_run(run_id).data.metrics
-        values[name] = [m[f"final_val_acc_{g}"] for g in splits.group_names]
-        mlflow.log_metrics({f"{name}/val_balanced_acc": m["final_val_balanced_acc"],
-                            **{f"{name}/val_acc_{g}": m[f"final_val_acc_{g}"] for g in splits.group_names}})
+        values[name] = [m[metric_name(f"final_val_acc_{g}")] for g in splits.group_names]
+        mlflow.log_metrics({f"{name}/val_balanced_acc": m[metric_name("final_val_balanced_acc")],
+                            **{f"{name}/val_acc_{g}": m[metric_name(f"final_val_acc_{g}")] for g in splits.group_names}})
     fig = figures.bars_by_group(values, splits.group_names, "val accuracy (calibrated)", "experts: accuracy per group")
     mlflow.log_figure(fig, "val_accuracy_by_group.png")
     figures.close(fig)

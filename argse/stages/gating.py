@@ -22,6 +22,7 @@ import torch
 
 from argse import ArgseError, figures, fmt_number, stage_registry, tracking
 from argse.config import GatingConfig
+from argse.tracking import integrity
 from argse.models.gating import GatingNet, gate_weights, gated_mixture, mixture_metrics
 from argse.stage_registry import GATE, GATE_META, GATE_RULE, GATING_STAGE, TAG_GATING_MODE
 from argse.stages.common import ExpertSet, load_experts, resolve_experts
@@ -47,7 +48,7 @@ def log_gate(gate: GatingNet, experts: ExpertSet, extra: dict | None = None) -> 
         torch.save({"state_dict": gate.state_dict(), "config": gate.config()}, Path(tmp) / GATE)
         meta = {"gate": gate.config(), "experts": experts.run_ids, "splits_run": experts.splits_run_id, **(extra or {})}
         (Path(tmp) / GATE_META).write_text(json.dumps(meta, indent=1))
-        mlflow.log_artifacts(tmp)
+        integrity.log_artifacts(tmp)
     metrics = weight_metrics(gate, experts)
     group_names = experts.splits.group_names
     values = {name: [metrics[f"weight_{name}_{g}"] for g in group_names] for name in experts.names}
@@ -161,7 +162,7 @@ def _selective(cfg: GatingConfig, experts: ExpertSet, pretrain_run_id: str) -> d
         weights_fit=experts.weights("tunev", cfg.test_prior), weights_val=experts.weights("val", cfg.test_prior),
         seed=cfg.seed, on_round=on_round,
         # Rounds are chosen by what evaluate ranks by; the uniform mixture competes as the start and
-        # stays unless the gate beats it beyond val's noise (README, gating; issue 12's finding).
+        # stays unless the gate beats it beyond val's noise (docs/stages.md, gating).
         select_by="aurc", uniform_start=True,
     )
     best = result.chosen
@@ -173,7 +174,10 @@ def _selective(cfg: GatingConfig, experts: ExpertSet, pretrain_run_id: str) -> d
         final.update({"gate_minus_uniform_val_aurc": gap, "gate_minus_uniform_val_aurc_lo": lo,
                       "gate_minus_uniform_val_aurc_hi": hi})
     mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})
-    mlflow.log_dict(result.rule.to_dict(), GATE_RULE)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / GATE_RULE).parent.mkdir(parents=True)
+        (Path(tmp) / GATE_RULE).write_text(json.dumps(result.rule.to_dict()))
+        integrity.log_artifacts(tmp)
     log_gate(gate, experts, {"mode": "selective", "best_round": result.best_round, "kept_uniform": result.kept_uniform,
                              "pretrain_run": pretrain_run_id})
     return final

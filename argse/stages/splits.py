@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 
 from argse import figures, tracking
+from argse.tracking import integrity
 from argse.config import SplitsConfig
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, SPLITS, Splits, make_splits
@@ -93,7 +94,7 @@ def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
                         "(achieved counts are logged in splits/class_counts.json)", int(np.sum(shortfall > 0)))
         with tempfile.TemporaryDirectory() as tmp:
             splits.save(Path(tmp) / SPLITS_DIR)
-            mlflow.log_artifacts(tmp)
+            integrity.log_artifacts(tmp)
         mlflow.log_metrics(summary(splits))
         mlflow.set_tag(TAG_SPLITS_FINGERPRINT, splits.fingerprint)
         tracking.log_split_inputs(splits, SPLITS)

@@ -1,5 +1,5 @@
 """Training the gating network: `train_pretrain` (class-balanced mixture NLL) and `train_selective`
-(alternate the plug-in rule and a smooth surrogate of its cost-sensitive L2R risk). DESIGN.md §5.
+(alternate the plug-in rule and a smooth surrogate of its cost-sensitive L2R risk). docs/design.md, *The gate*.
 
 Pure torch: no MLflow. The loops are written out here; `on_epoch` / `on_round` callbacks receive each
 row of metrics so the stage can log them. Both procedures are deterministic given `seed` (they run
@@ -237,7 +237,7 @@ def selective_surrogate(
     (alpha, mu, beta, cost c) when it is applied to `mixture` [N, C] with labels `y` [N].
 
     With a_y = K * beta_g(y) / alpha_g(y) (the rule's coef, per class), b_y = a_y - mu_g(y) and eta the
-    mixture, the rule's margin is m(x) = max_y a_y eta_y - sum_y b_y eta_y (DESIGN.md §4). Per sample:
+    mixture, the rule's margin is m(x) = max_y a_y eta_y - sum_y b_y eta_y (docs/design.md, *The rule*). Per sample:
 
         s_i   = sigmoid((m(x_i) + c) / scale)                             soft acceptance
         err_i = 1 - softmax_y(log(a_y eta_y(x_i)) / error_temperature)_{y_i}
@@ -319,15 +319,17 @@ def train_selective(
     val than round 0. `select_by="aurc"` selects on the val coverage-matched AURC of the objective's
     error over `coverages` (default: the comparison's grid; `argse.selective.matched.matched_aurc`),
     the number the evaluate stage ranks by, with each group error judged by its upper confidence
-    bound on val (`judged=True`), so that no gate is kept for a tail that val saw on a few images. With `uniform_start`, round 0 also evaluates the uniform
-    mixture (the gate with its last layer at zero, a member of the gate family) and starts from it
-    when it is better on the criterion (row 0 then has start_uniform 1 and the starting gate's value
-    in val_<criterion>_given); and, with `select_by="aurc"`, a best round that is not the uniform
-    mixture is kept only if it beats it beyond val's sampling noise: the 95% paired-bootstrap interval
-    of the AURC difference (`matched_aurc_gap`, `n_boot` resamples) lies below zero. Otherwise the gate
-    returned is the uniform mixture (`kept_uniform`). Val also chose the rounds, the rules' thresholds
-    and the exponentiated gradient, so a val gain is optimistic; a gain inside the noise is not taken. `select_by="error"` selects on the val selective error instead (max_k e_k for
-    "worst", mean_k e_k for "balanced"), which then is the quantity guaranteed not to worsen.
+    bound on val (`judged=True`), so that no gate is kept for a tail that val saw on a few images.
+    With `uniform_start`, round 0 also evaluates the uniform mixture (the gate with its last layer at
+    zero, a member of the gate family) and starts from it when it is better on the criterion (row 0 then
+    has start_uniform 1 and the starting gate's value in val_<criterion>_given); and, with
+    `select_by="aurc"`, a best round that is not the uniform mixture is kept only if it beats it beyond
+    val's sampling noise: the 95% paired-bootstrap interval of the AURC difference (`matched_aurc_gap`,
+    `n_boot` resamples) lies below zero. Otherwise the gate returned is the uniform mixture
+    (`kept_uniform`). Val also chose the rounds, the rules' thresholds and the exponentiated gradient,
+    so a val gain is optimistic; a gain inside the noise is not taken. `select_by="error"` selects on
+    the val selective error instead (max_k e_k for "worst", mean_k e_k for "balanced"), which then is
+    the quantity guaranteed not to worsen.
 
     Each history row, also handed to `on_round(round, row)`: round, val_balanced_error,
     val_worst_error, val_coverage, val_group_error (list [K]), val_balanced_risk, val_worst_risk,

@@ -8,6 +8,7 @@ import os
 import platform
 import random
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -138,10 +139,40 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def free_cores() -> tuple[int, float]:
-    """(CPU cores this process may use, of which free): the affinity set less the 1-minute load average."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores, max(0.0, cores - os.getloadavg()[0])
+def _cpu_times() -> dict[str, tuple[int, int]]:
+    """{cpuN: (idle jiffies, total jiffies)} from /proc/stat (idle includes iowait)."""
+    out = {}
+    with open("/proc/stat") as fh:
+        for line in fh:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                values = [int(v) for v in fields[:8]]
+                out[name] = (values[3] + values[4], sum(values))
+    return out
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity set)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def free_cores(window_s: float = 0.5) -> tuple[int, float]:
+    """(CPU cores this process may use, of which free now). Free: the idle share of those cores over
+    ``window_s`` seconds (/proc/stat), so a job that ended a few seconds ago does not count, as it
+    would in the 1-minute load average for a minute after; the cores less the load average where
+    /proc/stat cannot be read."""
+    allowed = usable_cores()
+    try:
+        before = _cpu_times()
+        time.sleep(window_s)
+        after = _cpu_times()
+        free = 0.0
+        for cpu in allowed:
+            (idle0, total0), (idle1, total1) = before[f"cpu{cpu}"], after[f"cpu{cpu}"]
+            free += (idle1 - idle0) / (total1 - total0) if total1 > total0 else 1.0
+    except (OSError, KeyError, ValueError):
+        free = len(allowed) - os.getloadavg()[0]
+    return len(allowed), min(float(len(allowed)), max(0.0, free))
 
 
 def memory_available() -> int | None:
