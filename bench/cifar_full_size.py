@@ -1,6 +1,7 @@
 """The original benchmark at its real size, offline: CIFAR-100-LT end to end on a generated folder.
 
     python bench/cifar_full_size.py [--epochs 3] [--data-dir /tmp/argse-cifar100-full] [--device auto]
+                                    [--per-class 500,100] [--write-only]
 
 Writes a CIFAR-100-format folder of the real sizes (the `cifar-100-python` pickles torchvision reads:
 50,000 train and 10,000 test 32x32 colour images, 100 classes) whose images carry a learnable class
@@ -11,7 +12,8 @@ train images; experts; gating; fit; evaluate with 100 classes; registration), se
 with `mlflow models serve` and sends it one request. Prints the wall time of each stage, the peak
 resident memory of the pipeline and its processes, and the projected time of the preset's 200 epochs
 on this machine (the measured per-epoch time of the experts stage, with the rest of the pipeline as
-measured).
+measured). `--per-class` shrinks the folder for a dry run of this script (e.g. `20,10` on a CPU before
+the GPU minutes); `--write-only` writes the folder and stops (bench/cuda_check.sh).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ N_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 500, 100
 STAGES = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
 
 
-def write_folder(root: Path, seed: int = 0) -> Path:
-    """The `cifar-100-python/{train,test,meta}` pickles at CIFAR-100's sizes, with a class signal: class
+def write_folder(root: Path, seed: int = 0, train_per_class: int = TRAIN_PER_CLASS,
+                 test_per_class: int = TEST_PER_CLASS) -> Path:
+    """The `cifar-100-python/{train,test,meta}` pickles at CIFAR-100's sizes (or the given sizes per
+    class), with a class signal: class
     c's images are its 8x8 random colour pattern, upsampled to 32x32, shifted by up to 6 pixels, at
     30% contrast under Gaussian noise of standard deviation 64 (of 255)."""
     folder = root / "cifar-100-python"
@@ -49,7 +53,7 @@ def write_folder(root: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     patterns = rng.uniform(-1.0, 1.0, size=(N_CLASSES, 3, 8, 8)).repeat(4, axis=2).repeat(4, axis=3)  # [C, 3, 32, 32]
-    for name, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
         labels = np.repeat(np.arange(N_CLASSES), per_class)
         rng.shuffle(labels)
         data = np.empty((len(labels), 3 * 32 * 32), dtype=np.uint8)
@@ -97,19 +101,24 @@ def stage_times(client, pipeline_id: str) -> dict[str, float]:
 
 
 def experts_epoch_wall(client, experts_parent: str) -> tuple[float, int]:
-    """The experts stage's wall seconds per epoch once training runs (the slowest expert's time from its
-    first to its last logged epoch, divided by the epochs between), and the epochs trained."""
+    """The experts stage's wall seconds per epoch of the three experts once training runs, and the
+    epochs trained. Each expert's epoch time is the time from its first to its last logged epoch
+    divided by the epochs between (the first epoch, with its start-up and any compilation, left
+    out); experts trained at once (their runs overlap in time) take the slowest one's, experts
+    trained one after another the sum."""
     parent = client.get_run(experts_parent)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{experts_parent}'")
-    per_epoch, epochs = 0.0, 0
+    per_expert, epochs = [], 0
     for child in children:
-        history = sorted(client.get_metric_history(child.info.run_id, "val_acc"), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(child.info.run_id, "train/val_acc"), key=lambda m: m.step)
         epochs = len(history)
         if len(history) >= 2:
-            per_epoch = max(per_epoch, (history[-1].timestamp - history[0].timestamp) / 1000 / (len(history) - 1))
+            per_expert.append((history[-1].timestamp - history[0].timestamp) / 1000 / (len(history) - 1))
         else:
-            per_epoch = max(per_epoch, child.data.metrics.get("epoch_seconds", 0.0))
-    return per_epoch, epochs
+            per_expert.append(child.data.metrics.get("timing/epoch_seconds", 0.0))
+    spans = sorted((c.info.start_time, c.info.end_time or c.info.start_time) for c in children)
+    at_once = any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    return (max(per_expert, default=0.0) if at_once else sum(per_expert)), epochs
 
 
 def serve_one_request(env: dict[str, str], model_uri: str, image: np.ndarray) -> str:
@@ -140,15 +149,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "argse-cifar100-full"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--per-class", default=f"{TRAIN_PER_CLASS},{TEST_PER_CLASS}",
+                        help="train,test images per class of a folder written anew (CIFAR-100's: 500,100)")
+    parser.add_argument("--write-only", action="store_true", help="write the folder and stop")
     args = parser.parse_args()
-
-    from mlflow.tracking import MlflowClient
+    try:
+        train_per_class, test_per_class = (int(n) for n in args.per_class.split(","))
+    except ValueError:
+        parser.error(f"--per-class {args.per_class!r}: give two whole numbers, train,test (e.g. 500,100)")
 
     data_dir = Path(args.data_dir)
     started = time.perf_counter()
-    write_folder(data_dir)
+    write_folder(data_dir, train_per_class=train_per_class, test_per_class=test_per_class)
     print(f"{cpu_name()}, {os.cpu_count()} cores; CIFAR-100-format folder {data_dir} "
-          f"({time.perf_counter() - started:.0f} s to write or find)")
+          f"({time.perf_counter() - started:.0f} s to write or find)", flush=True)
+    if args.write_only:
+        return
+
+    from mlflow.tracking import MlflowClient
+
     with tempfile.TemporaryDirectory(prefix="argse-cifar-") as tmp:
         work = Path(tmp)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MPLBACKEND": "Agg",
@@ -173,26 +192,33 @@ def main() -> None:
         times = stage_times(client, pipeline.info.run_id)
         experts_parent = client.search_runs(exps, "tags.\"argse.expert\" = 'all'")[0].info.run_id
         per_epoch, epochs = experts_epoch_wall(client, experts_parent)
+        gpu_memory = [r.data.metrics["timing/peak_gpu_memory_gb"] for r in runs if "timing/peak_gpu_memory_gb" in r.data.metrics]
+
+        print("| stage | wall |")
+        print("|:---|---:|")
+        for name in STAGES:
+            seconds = next((v for k, v in times.items() if k.startswith(name)), None)
+            print(f"| {name} | {'-' if seconds is None else f'{seconds:.0f} s'} |")
+        print(f"| pipeline (process) | {wall:.0f} s |")
+        print(f"\nall {len(runs)} stage runs FINISHED; peak resident memory of one process: {peak:.2f} GiB"
+              + (f"; peak GPU memory of one expert: {max(gpu_memory):.2f} GB" if gpu_memory else ""))
+        experts_wall = next(v for k, v in times.items() if k.startswith("experts"))
+        projected_experts = experts_wall + (200 - epochs) * per_epoch
+        projected = wall - experts_wall + projected_experts
+        print(f"experts stage: {per_epoch:.1f} s per epoch of the three experts ({epochs} epochs trained); "
+              f"projected for the preset's 200 epochs: experts {_duration(projected_experts)}, "
+              f"pipeline {_duration(projected)} on this machine", flush=True)
 
         source_images = pickle.load(open(data_dir / "cifar-100-python" / "test", "rb"))["data"][:1]
         image = source_images.reshape(1, 3, 32, 32).transpose(0, 2, 3, 1)[0]
+        started = time.perf_counter()
         answer = serve_one_request(env, "models:/ar-gse-cifar100-lt@champion", image)
+        print(f"served models:/ar-gse-cifar100-lt@champion ({time.perf_counter() - started:.0f} s to start the "
+              f"server and answer), one request: {answer}")
 
-    print("| stage | wall |")
-    print("|:---|---:|")
-    for name in STAGES:
-        seconds = next((v for k, v in times.items() if k.startswith(name)), None)
-        print(f"| {name} | {'-' if seconds is None else f'{seconds:.0f} s'} |")
-    print(f"| pipeline (process) | {wall:.0f} s |")
-    print(f"\nall {len(runs)} stage runs FINISHED; peak resident memory of one process: {peak:.2f} GiB")
-    print(f"served models:/ar-gse-cifar100-lt@champion, one request: {answer}")
-    experts_wall = next(v for k, v in times.items() if k.startswith("experts"))
-    projected_experts = experts_wall + (200 - epochs) * per_epoch
-    projected = wall - experts_wall + projected_experts
-    print(f"experts stage: {per_epoch:.1f} s per epoch of the three experts ({epochs} epochs trained); "
-          f"projected for the preset's 200 epochs: experts {projected_experts / 3600:.2f} h, "
-          f"pipeline {projected / 3600:.2f} h on this machine")
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 if __name__ == "__main__":
     main()

@@ -123,17 +123,21 @@ class Row:
     channels_last: bool
     cpu_bf16: bool = False
     best: float = 0.0
+    memory: float = 0.0  #: peak GPU memory of the row's training, in GB (CUDA only)
 
 
 def measure(row: Row, setup: Setup) -> float:
-    """Training images per second over ``--steps`` steps, after ``--warmup`` untimed ones."""
+    """Training images per second over ``--steps`` steps, after ``--warmup`` untimed ones (on CUDA the
+    row's peak GPU memory goes to ``row.memory``)."""
     args, device = setup.args, setup.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = resnet32(NUM_CLASSES).to(device)
     if row.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
     optimizer = torch.optim.SGD(
         model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
@@ -154,6 +158,7 @@ def measure(row: Row, setup: Setup) -> float:
             break
     if device.type == "cuda":
         torch.cuda.synchronize()
+        row.memory = max(row.memory, torch.cuda.max_memory_allocated(device) / 1e9)
     elapsed = time.perf_counter() - start
     batches.close()  # shuts the DataLoader workers down before the next row
     return seen / elapsed
@@ -183,6 +188,9 @@ def main(args: argparse.Namespace) -> None:
                  else "ours + CPU bf16 autocast (--precision bf16)")
         rows.append(Row(label, "channels_last", lambda: our_batches(setup, True), channels_last=True, cpu_bf16=True))
 
+    if args.rows:
+        keep = {0} | {int(i) for i in args.rows.split(",")}
+        rows = [row for i, row in enumerate(rows) if i in keep]
     load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
         for row in rows:
@@ -192,11 +200,12 @@ def main(args: argparse.Namespace) -> None:
         f"ResNet-32, 100 classes, batch {args.batch_size}, best of {args.rounds} rounds of "
         f"{args.steps} timed steps after {args.warmup} warm-up; device {_describe(device)}; "
         f"autocast {'bf16 on every row' if device.type == 'cuda' else 'off except the bf16 row'}"
-        + ("; torch.compile" if args.compile else "")
+        + (f"; torch.compile (mode {args.compile_mode})" if args.compile else "")
     )
     header = (
         f"{'pipeline':<50} {'layout':<14} {'img/s':>8} {'vs ref':>7} "
-        f"{'200 epochs CIFAR-100-LT':>24}"
+        f"{'200 epochs, 1 expert':>21} {'x 3 experts':>12}"
+        + (f" {'GPU memory':>11}" if device.type == "cuda" else "")
     )
     print(header)
     print("-" * len(header))
@@ -205,28 +214,36 @@ def main(args: argparse.Namespace) -> None:
         hours = 200 * CIFAR100_LT_TRAIN_IMAGES / row.best / 3600
         print(
             f"{row.pipeline:<50} {row.layout:<14} {row.best:>8.1f} {row.best / base:>6.2f}x "
-            f"{hours:>22.2f} h"
+            f"{_hours(hours):>21} {_hours(3 * hours):>12}"
+            + (f" {row.memory:>8.2f} GB" if device.type == "cuda" else "")
         )
     print("-" * len(header))
-    best_ours, same_layout_reference = max(
-        zip(rows[2:4], rows[0:2]), key=lambda pair: pair[0].best
-    )
-    # What `argse experts --precision auto` does on this device: CUDA and the CIFAR CPU fast path
-    # train channels_last with bf16 autocast where the hardware has bf16 units.
-    default = rows[-1] if default_bf16 else rows[3]
-    print(
-        f"ours as `argse experts` trains here ({default.pipeline.split(': ', 1)[-1]}, {default.layout}) / "
-        f"reference (NCHW, fp32): {default.best / base:.2f}x"
-    )
-    print(
-        f"ours fp32 ({best_ours.layout}) / reference (NCHW): {best_ours.best / base:.2f}x; "
-        f"data path alone (both {best_ours.layout}): "
-        f"{best_ours.best / same_layout_reference.best:.2f}x"
-    )
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    if len(rows) >= 4:  # every row measured (not --rows)
+        best_ours, same_layout_reference = max(
+            zip(rows[2:4], rows[0:2]), key=lambda pair: pair[0].best
+        )
+        # What `argse experts --precision auto` does on this device: CUDA and the CIFAR CPU fast path
+        # train channels_last with bf16 autocast where the hardware has bf16 units.
+        default = rows[-1] if default_bf16 else rows[3]
+        print(
+            f"ours as `argse experts` trains here ({default.pipeline.split(': ', 1)[-1]}, {default.layout}) / "
+            f"reference (NCHW, {precision}): {default.best / base:.2f}x"
+        )
+        print(
+            f"ours {precision} ({best_ours.layout}) / reference (NCHW): {best_ours.best / base:.2f}x; "
+            f"data path alone (both {best_ours.layout}): "
+            f"{best_ours.best / same_layout_reference.best:.2f}x"
+        )
     print(
         f"1-minute load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on "
         f"{os.cpu_count()} CPUs (other processes distort CPU timings)"
     )
+
+
+def _hours(hours: float) -> str:
+    """A projected training time: minutes below two hours, else hours."""
+    return f"{hours * 60:.1f} min" if hours < 2 else f"{hours:.2f} h"
 
 
 def _describe(device: torch.device) -> str:
@@ -249,6 +266,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="the reference's DataLoader workers")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0: default")
     parser.add_argument("--compile", action="store_true", help="torch.compile every row's model")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile's mode (e.g. reduce-overhead: CUDA graphs)")
+    parser.add_argument("--rows", default="", help="measure only these rows, e.g. 0,3 (0: the reference, "
+                                                   "always measured); default all")
     args = parser.parse_args()
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
