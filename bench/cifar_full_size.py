@@ -110,7 +110,7 @@ def experts_epoch_wall(client, experts_parent: str) -> tuple[float, int]:
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{experts_parent}'")
     per_expert, epochs = [], 0
     for child in children:
-        history = sorted(client.get_metric_history(child.info.run_id, "train/val_acc"), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(child.info.run_id, "epoch/val_acc"), key=lambda m: m.step)
         epochs = len(history)
         if len(history) >= 2:
             per_expert.append((history[-1].timestamp - history[0].timestamp) / 1000 / (len(history) - 1))

@@ -51,7 +51,7 @@ def test_at_once_gives_the_runs_and_the_logits_of_one_after_another(store, cli):
         for name, run in children.items():
             assert run.info.status == "FINISHED"
             assert parent.data.tags[expert_run_tag(name)] == run.info.run_id
-            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/val_acc")) == [1, 2, 3, 4]
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_acc")) == [1, 2, 3, 4]
             assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.pt"]
     at_once, serial = (_children(parents[mode]) for mode in ("yes", "no"))
     for name in EXPERT_NAMES:  # each expert keeps its own seed, batches and optimizer: the same numbers
@@ -155,7 +155,7 @@ def test_a_stage_killed_while_training_at_once_resumes_all_three_from_their_chec
         while time.time() < deadline and len(checkpointed) < 3:
             exps = [e.experiment_id for e in client.search_experiments()]
             for run in client.search_runs(exps, "tags.\"argse.stage\" = 'experts' and tags.\"argse.expert\" != 'all'"):
-                steps = client.get_metric_history(run.info.run_id, "train/val_acc")
+                steps = client.get_metric_history(run.info.run_id, "epoch/val_acc")
                 if len(steps) >= 2 and client.list_artifacts(run.info.run_id, "checkpoints"):
                     checkpointed[run.data.tags["argse.expert"]] = run.info.run_id
             time.sleep(0.2)
@@ -169,7 +169,7 @@ def test_a_stage_killed_while_training_at_once_resumes_all_three_from_their_chec
     while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
         time.sleep(0.2)
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "expert processes outlived the stage"
-    progress = {name: len(client.get_metric_history(run_id, "train/val_acc")) for name, run_id in checkpointed.items()}
+    progress = {name: len(client.get_metric_history(run_id, "epoch/val_acc")) for name, run_id in checkpointed.items()}
     assert all(0 < n < 40 for n in progress.values()), progress  # killed mid-training, every one of them
 
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -182,7 +182,7 @@ def test_a_stage_killed_while_training_at_once_resumes_all_three_from_their_chec
     assert sorted(r.data.tags["argse.expert"] for r in expert_runs) == sorted(EXPERT_NAMES + ("all",))  # no duplicate
     assert all(r.info.status == "FINISHED" for r in expert_runs)
     for name, run_id in checkpointed.items():
-        steps = sorted(m.step for m in client.get_metric_history(run_id, "train/val_acc"))
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "epoch/val_acc"))
         assert set(steps) == set(range(1, 41))
 
 

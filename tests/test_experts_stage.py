@@ -33,19 +33,20 @@ def test_expert_all_makes_three_children_with_the_interface_artifacts(experts_st
         assert {a.path for a in client.list_artifacts(run.info.run_id, "logits")} == {
             "logits/tunev.npz", "logits/val.npz", "logits/test.npz"}
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.pt"]
-        history = client.get_metric_history(run.info.run_id, "train/val_balanced_acc")
+        history = client.get_metric_history(run.info.run_id, "epoch/val_balanced_acc")
         assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
-        # The training curves come first in the UI's chart view: every per-epoch metric is under train/
-        # (or timing/), the single values under final/ and calibration/.
+        # The training curves come first in the UI's chart view (it sorts sections by name): every
+        # per-epoch metric is under epoch/ (or timing/), the single values under final/.
         assert {k for k in run.data.metrics if len(client.get_metric_history(run.info.run_id, k)) > 1} == {
-            "train/loss", "train/lr", "train/val_acc", "train/val_balanced_acc", "train/val_acc_head",
-            "train/val_acc_tail", "timing/epoch_seconds", "timing/images_per_second"}
-        assert {k.split("/")[0] for k in run.data.metrics} == {"train", "timing", "final", "calibration"}
-        for key in ("final/val_acc_head", "final/test_balanced_acc", "calibration/temperature",
-                    "calibration/val_nll_before", "calibration/val_ece_after"):
+            "epoch/loss", "epoch/lr", "epoch/val_acc", "epoch/val_balanced_acc", "epoch/val_acc_head",
+            "epoch/val_acc_tail", "timing/epoch_seconds", "timing/images_per_second"}
+        assert {k.split("/")[0] for k in run.data.metrics} == {"epoch", "final", "timing"}
+        assert sorted({k.split("/")[0] for k in run.data.metrics})[0] == "epoch"
+        for key in ("final/val_acc_head", "final/test_balanced_acc", "final/temperature",
+                    "final/val_nll_before", "final/val_ece_after"):
             assert key in run.data.metrics, key
         # Temperature scaling fitted on val never makes the val NLL worse.
-        assert run.data.metrics["calibration/val_nll_after"] <= run.data.metrics["calibration/val_nll_before"] + 1e-6
+        assert run.data.metrics["final/val_nll_after"] <= run.data.metrics["final/val_nll_before"] + 1e-6
 
 
 def test_logits_are_calibrated_and_the_logged_model_reproduces_them(experts_store):
@@ -62,7 +63,7 @@ def test_logits_are_calibrated_and_the_logged_model_reproduces_them(experts_stor
     with torch.no_grad():
         logits = model(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(logits, val["logits"], rtol=1e-4, atol=1e-4)
-    temperature = MlflowClient().get_run(ids["ce"]).data.metrics["calibration/temperature"]
+    temperature = MlflowClient().get_run(ids["ce"]).data.metrics["final/temperature"]
     assert float(model.temperature) == pytest.approx(temperature)
 
 
@@ -132,7 +133,7 @@ def test_sigkill_mid_training_then_resume_finishes_the_same_run(experts_store, t
             runs = [r for r in _only_run() if r.info.status == "RUNNING"]
             if runs:
                 run_id = runs[0].info.run_id
-                steps = [m.step for m in client.get_metric_history(run_id, "train/val_acc")]
+                steps = [m.step for m in client.get_metric_history(run_id, "epoch/val_acc")]
                 if len(steps) >= 3 and client.list_artifacts(run_id, "checkpoints"):
                     break
             time.sleep(0.3)
@@ -142,14 +143,14 @@ def test_sigkill_mid_training_then_resume_finishes_the_same_run(experts_store, t
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING"  # killed hard: nobody ended it
-    before = [m.step for m in client.get_metric_history(run_id, "train/val_acc")]
+    before = [m.step for m in client.get_metric_history(run_id, "epoch/val_acc")]
     done = subprocess.run([sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--resume", run_id],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming run" in done.stdout
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/val_acc"))
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "epoch/val_acc"))
     assert steps[-1] == 15 and set(range(1, 16)) == set(steps)
     assert set(before) <= set(steps)  # nothing logged before the kill is lost
     assert {"logits/val.npz", "logits/test.npz", "logits/tunev.npz"} == {
@@ -168,4 +169,4 @@ def test_torchrun_two_cpu_processes(experts_store, tmp_path):
     newest = _only_run()[0]
     assert newest.info.status == "FINISHED" and newest.data.tags["argse.expert"] == "ce"
     assert newest.info.run_id not in ids.values()
-    assert sorted(m.step for m in MlflowClient().get_metric_history(newest.info.run_id, "train/val_acc")) == [1, 2]
+    assert sorted(m.step for m in MlflowClient().get_metric_history(newest.info.run_id, "epoch/val_acc")) == [1, 2]

@@ -1,5 +1,5 @@
 """What a newcomer sees in the first hour: the quickstart's log in a file (one line per epoch, no
-progress bars, no pickling warning), bars on a terminal, run names that say what each run is (also
+progress bars, no pickling warning) and its rerun reusing every stage, bars on a terminal, run names that say what each run is (also
 under `mlflow run`), messages that say what happened, system information and a measured estimate
 with --verbose / --dry-run, and a champion that loads in a fresh venv without the package."""
 
@@ -40,7 +40,7 @@ def _children(parent, runs):
 
 
 @pytest.mark.slow
-def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_no_pickling_warning(store, tmp_path):
+def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_a_rerun_reuses_every_stage(store, tmp_path):
     log = tmp_path / "quickstart.log"
     # No dataset named: `mlflow run .` runs digits-lt.
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
@@ -74,6 +74,18 @@ def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_no_pi
     argse_run = next(r for r in runs if r.info.run_name == "argse")
     printed = re.findall(r"(?:argse|evaluate) run \w+: .*?cost ([0-9.e+-]+)", text)
     assert printed and set(printed) == {fmt_number(argse_run.data.metrics["cost"])}, printed
+    champion = client.get_model_version_by_alias("ar-gse-digits-lt", "champion")
+    assert champion.run_id == argse_run.info.run_id
+    assert pipeline.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in runs)
+
+    # The same command again reuses every stage: a new pipeline run and MLflow's launcher, nothing else.
+    again = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(store), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "| method |" in again.stdout, again.stdout[-3000:]  # the evaluate table, read back
+    runs_after = _runs()
+    assert len(runs_after) == len(runs) + 2
+    (newest,) = [r for r in runs_after[len(runs):] if r.info.experiment_id == home]
+    assert {newest.data.tags[f"argse.step.{step}"].split(" ")[0] for step in PIPELINE_STEPS} == {"reused"}
 
 
 @pytest.mark.slow

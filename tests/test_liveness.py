@@ -140,7 +140,7 @@ def test_status_reap_marks_a_killed_stage_failed_within_one_heartbeat_timeout(st
         running = []
         while time.time() < deadline and not running:
             running = [r for r in owners.running_runs("digits-lt") if r.data.tags.get("argse.expert") == "ce"
-                       and client.get_metric_history(r.info.run_id, "train/loss")]
+                       and client.get_metric_history(r.info.run_id, "epoch/loss")]
             time.sleep(0.2)
         assert running, "the expert never logged an epoch"
     finally:

@@ -1,4 +1,4 @@
-"""The pipeline: the quickstart through `mlflow run`, reuse, --start-from / --stop-at, the dry run,
+"""The pipeline: reuse (the quickstart's rerun through `mlflow run`: tests/test_first_hour.py), --start-from / --stop-at, the dry run,
 resuming a killed expert training (a real tracking server: tests/test_benchmark.py, tests/test_team_server.py)."""
 
 from __future__ import annotations
@@ -24,33 +24,6 @@ def _pipeline_runs(client=None):
 
 def _actions(run):
     return {step: run.data.tags.get(f"argse.step.{step}", "").split(" ")[0] for step in STEPS}
-
-
-@pytest.mark.slow
-def test_quickstart_through_mlflow_run_and_the_rerun_reuses_every_stage(store, tmp_path):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "-P", "dataset=digits-lt",
-           "-P", "epochs=3", "-P", "gating_epochs=10", "-P", "n_boot=20"]
-    first = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(store), capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "| method |" in first.stdout and "as champion" in first.stdout and "mlflow ui" in first.stdout, first.stdout[-3000:]
-    client = MlflowClient()
-    champion = client.get_model_version_by_alias("ar-gse-digits-lt", "champion")
-    (run,) = _pipeline_runs()
-    assert run.info.status == "FINISHED" and set(_actions(run).values()) == {"ran"}
-    evaluate_id = run.data.tags["argse.step.evaluate"].split(" ")[1]
-    assert client.get_run(evaluate_id).info.status == "FINISHED"
-    assert champion.run_id == run.data.tags["argse.step.argse"].split(" ")[1]
-
-    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
-    second = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(store), capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    newest = _pipeline_runs()[0]
-    assert set(_actions(newest).values()) == {"reused"}, second.stdout[-3000:]
-    assert "| method |" in second.stdout, second.stdout[-3000:]  # the evaluate table, read back
-    runs_after = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    # The new pipeline run and MLflow's launcher run in Default, nothing else: no stage ran again.
-    assert len(runs_after) == runs_before + 2
-    assert sorted(r.info.experiment_id == "0" for r in runs_after[:2]) == [False, True]
 
 
 def test_start_from_gating_reuses_splits_and_experts_and_reruns_the_rest(pipeline_store, cli):
@@ -102,7 +75,7 @@ def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_pa
         while time.time() < deadline and killed is None:
             exps = [e.experiment_id for e in client.search_experiments()]
             for run in client.search_runs(exps, "tags.\"argse.expert\" = 'logitadjust'"):
-                steps = client.get_metric_history(run.info.run_id, "train/val_acc")
+                steps = client.get_metric_history(run.info.run_id, "epoch/val_acc")
                 if len(steps) >= 3 and client.list_artifacts(run.info.run_id, "checkpoints"):
                     killed = run
             time.sleep(0.3)
@@ -115,7 +88,7 @@ def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_pa
     assert "resuming unfinished run" in done.stdout and "resuming run" in done.stdout
     run = client.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/val_acc"))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch/val_acc"))
     assert set(steps) == set(range(1, 31))
     ce = client.search_runs([run.info.experiment_id], "tags.\"argse.expert\" = 'ce'")
     assert len(ce) == 1 and ce[0].info.status == "FINISHED"  # finished before the kill: kept, not retrained

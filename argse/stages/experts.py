@@ -72,24 +72,24 @@ from argse.training.utils import (
 
 log = logging.getLogger(__name__)
 
-#: The sections of an expert run's metrics, in the order the MLflow UI's chart view shows them: the
-#: training curves first (logged every epoch), then the final accuracies per split and group, the
-#: calibration and the timings.
-SECTIONS = {"train_loss": "train/loss", "lr": "train/lr", "epoch_seconds": "timing/epoch_seconds",
+#: The sections of an expert run's metrics. The MLflow UI's chart view lists sections alphabetically,
+#: so the per-epoch training curves are "epoch/" (first), the run's single values "final/" (the
+#: accuracies per split and group, the temperature and the calibration), then "timing/".
+SECTIONS = {"train_loss": "epoch/loss", "lr": "epoch/lr", "epoch_seconds": "timing/epoch_seconds",
             "images_per_second": "timing/images_per_second",
-            "peak_gpu_memory_gb": "timing/peak_gpu_memory_gb", "temperature": "calibration/temperature"}
+            "peak_gpu_memory_gb": "timing/peak_gpu_memory_gb", "temperature": "final/temperature"}
 
 
 def metric_name(key: str) -> str:
-    """The MLflow name of an expert run's metric ``key``: ``val_acc`` -> ``train/val_acc`` (per epoch),
-    ``final_val_acc`` -> ``final/val_acc``, ``val_nll_after`` -> ``calibration/val_nll_after``."""
+    """The MLflow name of an expert run's metric ``key``: ``val_acc`` -> ``epoch/val_acc`` (per epoch),
+    ``final_val_acc`` -> ``final/val_acc``, ``val_nll_after`` -> ``final/val_nll_after``."""
     if key in SECTIONS:
         return SECTIONS[key]
     if key.startswith("final_"):
         return "final/" + key.removeprefix("final_")
     if key.startswith(("val_nll_", "val_ece_")):
-        return "calibration/" + key
-    return "train/" + key
+        return "final/" + key
+    return "epoch/" + key
 
 
 def log_expert_metrics(metrics: dict[str, float], step: int | None = None) -> None:
