@@ -138,7 +138,7 @@ def test_two_benchmarks_at_once_on_one_server_train_each_seed_once_and_agree(tmp
         cwd=tmp_path, env=subprocess_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_http(f"{uri}/health", server)
-        cmd = [sys.executable, "-m", "argse", "benchmark", "--dataset", "digits-lt", "--seeds", "0,1",
+        cmd = [sys.executable, "-m", "argse", "benchmark", "--dataset", "digits-lt", "--seeds", "0,1,2",
                "--workers", "2", *FAST]
         machines = []
         for name in ("a", "b"):
@@ -150,9 +150,9 @@ def test_two_benchmarks_at_once_on_one_server_train_each_seed_once_and_agree(tmp
             assert machine.returncode == 0, (out[-2000:], err[-2000:])
         client = MlflowClient(tracking_uri=uri)
         splits = _runs(client, "splits")
-        assert sorted(int(r.data.params["seed"]) for r in splits) == [0, 1]  # each seed's splits made once
+        assert sorted(int(r.data.params["seed"]) for r in splits) == [0, 1, 2]  # each seed's splits made once
         parents = _runs(client, "experts", " and tags.\"argse.expert\" = 'all'")
-        assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)  # each seed trained once
+        assert len(parents) == 3 and all(r.info.status == "FINISHED" for r in parents)  # each seed trained once
         summaries = _runs(client, "benchmark")
         assert len(summaries) == 2 and all(r.info.status == "FINISHED" for r in summaries)
         tables = [pd.read_csv(client.download_artifacts(r.info.run_id, "benchmark/table.csv", str(tmp_path)))
