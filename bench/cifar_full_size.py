@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import resource
 import socket
 import subprocess
@@ -71,16 +70,6 @@ def write_folder(root: Path, seed: int = 0, train_per_class: int = TRAIN_PER_CLA
         pickle.dump({"fine_label_names": [f"class_{c:02d}" for c in range(N_CLASSES)],
                      "coarse_label_names": [f"super_{c:02d}" for c in range(20)]}, fh)
     return folder
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def free_port() -> int:
@@ -153,6 +142,8 @@ def main() -> None:
                         help="train,test images per class of a folder written anew (CIFAR-100's: 500,100)")
     parser.add_argument("--write-only", action="store_true", help="write the folder and stop")
     args = parser.parse_args()
+
+    from argse.training.utils import cpu_model
     try:
         train_per_class, test_per_class = (int(n) for n in args.per_class.split(","))
     except ValueError:
@@ -161,7 +152,7 @@ def main() -> None:
     data_dir = Path(args.data_dir)
     started = time.perf_counter()
     write_folder(data_dir, train_per_class=train_per_class, test_per_class=test_per_class)
-    print(f"{cpu_name()}, {os.cpu_count()} cores; CIFAR-100-format folder {data_dir} "
+    print(f"{cpu_model()}, {os.cpu_count()} cores; CIFAR-100-format folder {data_dir} "
           f"({time.perf_counter() - started:.0f} s to write or find)", flush=True)
     if args.write_only:
         return

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,16 +42,6 @@ def argse(args: list[str], env: dict[str, str], cwd: Path) -> float:
     return seconds
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def gpu_name(device: str) -> str:
     """``NVIDIA H100 80GB HBM3; `` where the experts will train on CUDA, else nothing."""
     import torch
@@ -72,6 +61,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each expert")
     args = parser.parse_args()
 
+    from argse.training.utils import cpu_model
+
     from mlflow.tracking import MlflowClient
 
     from cifar_full_size import experts_epoch_wall
@@ -88,7 +79,7 @@ def main() -> None:
         common = ["--dataset", args.dataset, "--data-dir", args.data_dir]
         argse(["splits", *common], env, work)
         training = ["--epochs", str(args.epochs), "--device", args.device] + (["--compile"] if args.compile else [])
-        print(f"{cpu_name()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} before; {gpu_name(args.device)}"
+        print(f"{cpu_model()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} before; {gpu_name(args.device)}"
               f"{args.dataset} experts, {args.epochs} epochs each{', torch.compile' if args.compile else ''}")
         times: dict[str, list[float]] = {"no": [], "yes": []}
         parents: dict[str, list[str]] = {"no": [], "yes": []}

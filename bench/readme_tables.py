@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def commit() -> str:
@@ -87,6 +76,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     args = parser.parse_args()
 
+    from argse.training.utils import cpu_model
+
     from argse import stage_registry
 
     with tempfile.TemporaryDirectory(prefix="argse-readme-") as tmp:
@@ -112,7 +103,7 @@ def main() -> None:
             table = Path(client.download_artifacts(summary.info.run_id, f"{stage_registry.BENCHMARK_DIR}/table.md",
                                                    tmp)).read_text()
     print(f"`argse {' '.join(command)}` (what `mlflow run .` runs{'' if args.benchmark is None else ' -e benchmark'}), "
-          f"commit {commit()}, {cpu_name()} ({os.cpu_count()} cores), {precision(dataset)}, "
+          f"commit {commit()}, {cpu_model()} ({os.cpu_count()} cores), {precision(dataset)}, "
           f"fresh store, {seconds:.0f} s wall:\n")
     print(table)
 
