@@ -521,7 +521,6 @@ def choose_mode(cfg: ExpertsConfig, n_train: int, device: torch.device, ddp: Dis
                 train_images: int) -> tuple[bool, str]:
     """Whether the stage trains its ``n_train`` experts at once (one process each) or one after another,
     and why, in a phrase (:func:`check_at_once` has refused ``--at-once yes`` where it can never run)."""
-    cores, free = free_cores()
     if cfg.at_once == "no":
         return False, "--at-once no"
     impossible = at_once_impossible(cfg, ddp)
@@ -529,21 +528,24 @@ def choose_mode(cfg: ExpertsConfig, n_train: int, device: torch.device, ddp: Dis
         return False, impossible
     if n_train < 2:
         return False, f"{n_train} expert left to train"
-    if cfg.at_once == "yes":
-        return True, f"--at-once yes ({cores} cores, {free:.1f} free)"
-    if device.type != "cpu":
+    if cfg.at_once == "auto" and device.type != "cpu":
         return False, f"on {device.type} the experts would share one device (at once not measured there)"
-    if train_images * cfg.epochs < AT_ONCE_MIN_IMAGES:
+    if cfg.at_once == "auto" and train_images * cfg.epochs < AT_ONCE_MIN_IMAGES:
         return False, (f"{train_images * cfg.epochs:,} training images per expert: too little work to pay for "
                        f"starting {n_train} processes")
+    cores, free = free_cores()  # half a second of sampling: only where the answer depends on it
+    if cfg.at_once == "yes":
+        return True, f"--at-once yes ({cores} cores, {free:.1f} free)"
     if free < 1.5:
         return False, f"{free:.1f} of {cores} cores free (other processes busy): at once would be no faster"
     return True, f"{cores} cores, {free:.1f} free"
 
 
-def describe_mode(cfg: ExpertsConfig, n_experts: int, device: torch.device, ddp: Dist, train_images: int) -> str:
-    """:func:`choose_mode` in words: ``at once, 3 processes of 1 thread(s) (2 cores, 2.0 free)``."""
-    at_once, why = choose_mode(cfg, n_experts, device, ddp, train_images)
+def describe_mode(cfg: ExpertsConfig, n_experts: int, device: torch.device, ddp: Dist, train_images: int,
+                  choice: tuple[bool, str] | None = None) -> str:
+    """:func:`choose_mode` (or its ``choice``, already made) in words: ``at once, 3 processes of 1
+    thread(s) (2 cores, 2.0 free)``."""
+    at_once, why = choice or choose_mode(cfg, n_experts, device, ddp, train_images)
     how = f"at once, {n_experts} processes of {worker_threads(cfg, n_experts)} thread(s)" if at_once else "one after another"
     return f"{how} ({why})"
 
@@ -562,10 +564,11 @@ def _train_all(cfg: ExpertsConfig, jobs: list[Job], splits: Splits, splits_run_i
     for job in jobs:
         if job.action == "skip":
             click.echo(f"{job.name}: run {job.run_id} already FINISHED")
-    at_once, _ = choose_mode(cfg, len(todo), device, ddp, len(splits.indices["train"]))
-    if todo:
+    choice = choose_mode(cfg, len(todo), device, ddp, len(splits.indices["train"]))
+    at_once = choice[0]
+    if todo:  # the mode said is the mode taken: one sample of the free cores
         click.echo(f"experts: training {', '.join(job.name for job in todo)} "
-                   f"{describe_mode(cfg, len(todo), device, ddp, len(splits.indices['train']))}")
+                   f"{describe_mode(cfg, len(todo), device, ddp, len(splits.indices['train']), choice)}")
     ids = {job.name: job.run_id for job in jobs if job.action == "skip"}
     if at_once:
         ids.update(_train_at_once(cfg, todo, splits_run_id, upstream))
