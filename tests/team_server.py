@@ -7,6 +7,7 @@ the credentials, and stops both on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -48,6 +49,23 @@ def wait_for_http(url: str, process: subprocess.Popen, *, timeout: float = 120, 
                     said = process.stderr.read().decode(errors="replace") if process.stderr and process.poll() is not None else ""
                 raise RuntimeError(f"{url} did not answer: {said[-3000:]}") from None
             time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def credentials_in_env(credentials: tuple[str, str]):
+    """MLflow clients made in the block (this process) sign in as ``credentials`` (user, password);
+    the environment is restored after."""
+    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(dict(zip(keys, credentials)))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port() -> int:

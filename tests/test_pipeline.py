@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PIPELINE_ARGS, REPO, subprocess_env
+from conftest import PIPELINE_ARGS, subprocess_env
 
 STEPS = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
 

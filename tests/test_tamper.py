@@ -102,7 +102,7 @@ def test_changed_logits_stop_the_next_stage_and_verify_and_the_pipeline_retrains
 
     again = _argse(workdir, uri, *PIPELINE_ARGS)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"experts: run " in again.stdout and "is not reused: logits/val.npz is not what the run logged" in \
+    assert "experts: run " in again.stdout and "is not reused: logits/val.npz is not what the run logged" in \
         again.stdout, again.stdout[-3000:]
     (ce_now, _) = client.search_runs([ce.info.experiment_id], "tags.\"argse.expert\" = 'ce'",
                                      order_by=["attributes.start_time DESC"])

@@ -6,7 +6,6 @@ has a line here."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
-from team_server import ADMIN, PostgresCluster, TrackingServer, postgres_bin
+from team_server import ADMIN, PostgresCluster, TrackingServer, credentials_in_env, postgres_bin
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     postgres_bin() is None,
@@ -37,21 +36,6 @@ def _argse(server, credentials, *args) -> subprocess.CompletedProcess:
     env["MPLBACKEND"] = "Agg"
     return subprocess.run([sys.executable, "-m", "argse", *args], cwd=server.workdir, env=env, capture_output=True,
                           text=True, timeout=600)
-
-
-@contextlib.contextmanager
-def _as(credentials):
-    """MlflowClient calls made in the block carry these credentials."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = credentials
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +76,7 @@ def test_a_maintainer_runs_the_shared_pipeline_and_a_teammate_their_own(team):
     server, _, alice, bob = team
     assert alice.returncode == 0, alice.stderr[-3000:]
     assert bob.returncode == 0, bob.stderr[-3000:]
-    with _as(ALICE):
+    with credentials_in_env(ALICE):
         client = MlflowClient(server.uri)
         assert client.get_model_version_by_alias("ar-gse-digits-lt", "champion").version == "1"
         assert client.get_model_version_by_alias("ar-gse-digits-lt-bob", "champion").version == "1"
@@ -100,7 +84,7 @@ def test_a_maintainer_runs_the_shared_pipeline_and_a_teammate_their_own(team):
 
 def test_a_teammate_cannot_change_a_maintainers_runs_artifacts_experiment_or_model(team):
     server, _, _, _ = team
-    with _as(ALICE):
+    with credentials_in_env(ALICE):
         admin_view = MlflowClient(server.uri)
         fit = _runs(admin_view, "ar-gse/digits-lt", "argse")[0]
         champion = admin_view.get_model_version_by_alias("ar-gse-digits-lt", "champion")
@@ -117,7 +101,7 @@ def test_a_teammate_cannot_change_a_maintainers_runs_artifacts_experiment_or_mod
         "move champion": lambda c: c.set_registered_model_alias("ar-gse-digits-lt", "champion", "1"),
         "register a version": lambda c: c.create_model_version("ar-gse-digits-lt", champion.source, fit.info.run_id),
     }
-    with _as(BOB):
+    with credentials_in_env(BOB):
         client = MlflowClient(server.uri)
         for what, attempt in attempts.items():
             # MLflow raises MlflowException for the tracking API and requests' HTTPError for artifacts.
@@ -130,7 +114,7 @@ def test_a_teammate_cannot_change_a_maintainers_runs_artifacts_experiment_or_mod
                           auth=BOB, timeout=30)
     assert answer.status_code == 403, (answer.status_code, answer.text[:300])
     # And everything of alice's is as she left it.
-    with _as(ALICE):
+    with credentials_in_env(ALICE):
         client = MlflowClient(server.uri)
         after = client.get_run(fit.info.run_id)
         assert after.info.status == "FINISHED" and after.data.tags["argse.stage"] == "argse"
@@ -141,7 +125,7 @@ def test_a_teammate_cannot_change_a_maintainers_runs_artifacts_experiment_or_mod
 
 def test_a_candidate_becomes_champion_only_through_a_maintainer_and_by_the_criterion(team):
     server, _, _, _ = team
-    with _as(BOB):
+    with credentials_in_env(BOB):
         candidate = _runs(MlflowClient(server.uri), "ar-gse/digits-lt/bob", "argse")[0].info.run_id
     refused = _argse(server, BOB, "team", "promote", candidate)
     assert refused.returncode == 1

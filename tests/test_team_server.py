@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from argse.stages.argse import CHAMPION_PARAM
 from conftest import REPO
-from team_server import ADMIN, USER, PostgresCluster, TrackingServer, postgres_bin
+from team_server import ADMIN, USER, PostgresCluster, TrackingServer, credentials_in_env, postgres_bin
 
 pytestmark = pytest.mark.skipif(
     postgres_bin() is None,
@@ -36,17 +36,11 @@ def server(tmp_path_factory):
     """The team server, and this process acting as a teammate (credentials in the environment)."""
     cluster = PostgresCluster().start()
     team = TrackingServer(cluster, tmp_path_factory.mktemp("team-server"))
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         team.start()
-        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = USER
-        yield team
+        with credentials_in_env(USER):
+            yield team
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         team.stop()
         cluster.stop()
 
