@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from argse.selective import PluginRule, fit_at_coverage, fit_balanced, selective_errors
+from argse.selective.fit import top_share_cut
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from test_selective_fit import easy, hard_tail, one_thread, sample  # noqa: F401 (fixtures)
 
@@ -139,3 +140,36 @@ def test_a_rule_that_starves_a_group_gets_per_group_thresholds_that_accept_a_sha
         predicted = out.group == k
         assert 0.5 <= float(out.accept[predicted].double().mean()) <= 0.5 + 1 / int(predicted.sum()) + 1e-12
     assert int((out.accept & tail).sum()) >= MIN_GROUP_ACCEPTED
+
+
+def _cut_by_hand(values, weight, level):
+    """The top-share cut of one row, the slow way: walk the samples in decreasing order, adding their
+    weight, and stop at the first whose running share reaches the level (less 1e-12)."""
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    total, taken = sum(weight), 0.0
+    for i in order:
+        taken += weight[i]
+        if taken / total >= level - 1e-12:
+            return values[i]
+    return values[order[-1]]
+
+
+@pytest.mark.parametrize("case", range(60))
+def test_top_share_cut_is_the_value_a_walk_down_the_sorted_row_stops_at(case):
+    rng = np.random.default_rng(case)
+    rows, n = int(rng.integers(1, 12)), int(rng.integers(1, 4000))
+    values = rng.normal(size=(rows, n))
+    if case % 3 == 0:
+        values = np.round(values, 1)  # long runs of ties
+    if case % 5 == 0:
+        values[:, : n // 2] *= 1e-7  # half the row in one narrow cluster
+    if case % 11 == 0:
+        values[:] = 0.25  # one value
+    weight = rng.random(n) + 1e-3
+    if case % 4 == 0:
+        weight = rng.choice([0.02, 1.0, 7.0], size=n)  # a few class weights, as a split's
+    level = rng.random(rows)
+    level[0] = 1.0
+    got = top_share_cut(torch.from_numpy(values), torch.from_numpy(weight), torch.from_numpy(level))
+    for r in range(rows):
+        assert float(got[r]) == _cut_by_hand(values[r].tolist(), weight.tolist(), float(level[r]))
