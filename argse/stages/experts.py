@@ -214,7 +214,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
                disable=not bars, position=position)
 
     def evaluate() -> dict[str, float]:
-        logits = predict_logits(backbone, val)
+        logits = predict_logits(backbone, val, bf16=bf16)  # watching training: its precision
         return {f"val_{k}": v for k, v in accuracy_metrics(logits, val.labels, splits.class_to_group,
                                                              splits.group_names).items()}
 
@@ -371,14 +371,17 @@ def estimate(cfg: ExpertsConfig, splits: Splits, device: torch.device, steps: in
     eval_images = DeviceImages(images[:min(EVAL_BATCH, len(images))], labels[:min(EVAL_BATCH, len(images))],
                                mean=[0.5] * c, std=[0.25] * c, augmentation="none", device=device,
                                channels_last=channels_last)
-    started = time.perf_counter()
-    predict_logits(backbone, eval_images)
-    sync()
-    eval_seconds = (time.perf_counter() - started) / len(eval_images)
+    eval_seconds = {}  # per image: per-epoch val in training's precision, the final logits in float32
+    for precision in {bf16, False}:
+        predict_logits(backbone, eval_images, bf16=precision)  # warm-up
+        started = time.perf_counter()
+        predict_logits(backbone, eval_images, bf16=precision)
+        sync()
+        eval_seconds[precision] = (time.perf_counter() - started) / len(eval_images)
 
     steps_per_epoch = -(-n_train // cfg.batch_size)
-    per_expert = (cfg.epochs * (steps_per_epoch * step_seconds + n_eval["val"] * eval_seconds)
-                  + sum(n_eval.values()) * eval_seconds)
+    per_expert = (cfg.epochs * (steps_per_epoch * step_seconds + n_eval["val"] * eval_seconds[bf16])
+                  + sum(n_eval.values()) * eval_seconds[False])
     experts = len(cfg.experts())
     image_bytes = (n_train + sum(n_eval.values())) * h * w * c
     if device.type == "cuda":

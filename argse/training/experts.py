@@ -114,12 +114,15 @@ def train(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: DeviceImages) -> torch.Tensor:
-    """Raw logits of every image, in order (float32 on the CPU). Computed in float32 even when training
-    uses bf16, so the logged logits are what the logged model computes."""
+def predict_logits(model: nn.Module, images: DeviceImages, bf16: bool = False) -> torch.Tensor:
+    """Raw logits of every image, in order (float32 on the CPU). In float32 unless `bf16` (autocast,
+    as training computes): the logged logits are computed in float32, so they are what the logged
+    model computes; the per-epoch val metrics, which only watch training, in training's precision."""
     was_training = model.training
     model.eval()
-    out = [model(x).float().cpu() for x, _ in images.eval_batches(EVAL_BATCH)]
+    device = next(model.parameters()).device
+    with autocast_context(device, enabled=bf16, cpu_bf16=bf16):
+        out = [model(x).float().cpu() for x, _ in images.eval_batches(EVAL_BATCH)]
     model.train(was_training)
     return torch.cat(out)
 
