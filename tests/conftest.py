@@ -29,10 +29,19 @@ SLOW_FIXTURES = {"digits_experts", "digits_chain", "digits_pipeline", "experts_s
 
 
 def pytest_collection_modifyitems(config, items):
-    """`pytest -m "not slow"` is the fast part: the unit tests, seconds in all."""
+    """`pytest -m "not slow"` is the fast part: the unit tests, seconds in all.
+
+    The files are ordered by their number of slow tests, most first (a file keeps its order inside):
+    the suite runs one file per worker (pyproject.toml's `--dist loadfile`), and the long files
+    started first finish while the short ones fill the other worker, instead of one long file
+    starting last and running alone."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # stable: each file's tests keep their order
 
 
 def _use_copy(db: Path, workdir: Path, mp: pytest.MonkeyPatch) -> str:
