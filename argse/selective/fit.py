@@ -218,7 +218,7 @@ def _top_share_cut_cpu(values: np.ndarray, weight: np.ndarray, level: np.ndarray
     total, goal = weight.sum(), level - 1e-12
     step = n // _SAMPLE
     if rows == 0 or step < 2:
-        return _walk(values, np.broadcast_to(weight, values.shape), np.zeros(rows), np.full(rows, n), goal, total)
+        return _walk_whole(values, weight, goal, total)
     sample = values[:, ::step]
     order = np.argsort(-sample, axis=1)
     ranked = np.take_along_axis(sample, order, axis=1)
@@ -241,9 +241,14 @@ def _top_share_cut_cpu(values: np.ndarray, weight: np.ndarray, level: np.ndarray
     candidates[row, place], candidate_weight[row, place] = values[row, col], weight[col]
     cut = _walk(candidates, candidate_weight, above, np.maximum(count, 1), goal, total)
     if missed.any():
-        cut[missed] = _walk(values[missed], np.broadcast_to(weight, (int(missed.sum()), n)), np.zeros(int(missed.sum())),
-                            np.full(int(missed.sum()), n), goal[missed], total)
+        cut[missed] = _walk_whole(values[missed], weight, goal[missed], total)
     return cut
+
+
+def _walk_whole(values: np.ndarray, weight: np.ndarray, goal: np.ndarray, total: float) -> np.ndarray:
+    """`_walk` over whole rows: every sample a candidate, none above them."""
+    rows, n = values.shape
+    return _walk(values, np.broadcast_to(weight, (rows, n)), np.zeros(rows), np.full(rows, n), goal, total)
 
 
 def _walk(candidates: np.ndarray, weight: np.ndarray, above: np.ndarray, count: np.ndarray, goal: np.ndarray,
