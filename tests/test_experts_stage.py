@@ -170,3 +170,25 @@ def test_torchrun_two_cpu_processes(experts_store, tmp_path):
     assert newest.info.status == "FINISHED" and newest.data.tags["argse.expert"] == "ce"
     assert newest.info.run_id not in ids.values()
     assert sorted(m.step for m in MlflowClient().get_metric_history(newest.info.run_id, "epoch/val_acc")) == [1, 2]
+
+
+def test_predicted_logits_are_float32_unless_asked_for_training_precision():
+    """`predict_logits`: float32 by default (the logged logits), bf16 autocast with `bf16=True` (the
+    per-epoch val metrics); each equal to the network called by hand on the normalised images."""
+    from argse.data.device import DeviceImages
+    from argse.models.backbones import build_backbone
+    from argse.training.experts import predict_logits
+
+    torch.manual_seed(0)
+    model = build_backbone("resnet8-grey", 10).eval()
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28, 1), dtype=np.uint8)
+    data = DeviceImages(images, np.arange(40) % 10, mean=[0.5], std=[0.25], augmentation="none")
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x).float()
+    assert torch.allclose(predict_logits(model, data), full, atol=1e-5)
+    assert torch.allclose(predict_logits(model, data, bf16=True), half, atol=1e-5)
+    assert not torch.allclose(half, full, atol=1e-5)  # the two precisions differ: the flag takes effect
+    assert model.training is False
