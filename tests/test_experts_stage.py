@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from argse.stages.experts import load_expert_logits
 from argse.stages.splits import load_splits
-from conftest import subprocess_env
+from argse.tracking import integrity
+from conftest import REPO, subprocess_env
 
 EXPERT_NAMES = ("ce", "logitadjust", "balsoftmax")
 
@@ -155,6 +157,40 @@ def test_sigkill_mid_training_then_resume_finishes_the_same_run(experts_store, t
     assert set(before) <= set(steps)  # nothing logged before the kill is lost
     assert {"logits/val.npz", "logits/test.npz", "logits/tunev.npz"} == {
         a.path for a in client.list_artifacts(run_id, "logits")}
+
+
+def test_killed_between_a_checkpoints_digest_and_its_file_then_resumed(experts_store, tmp_path):
+    """The window CI once hit: the digest of the epoch-4 checkpoint is recorded, the process dies before
+    the file is logged, the resume starts from epoch 2 and writes epoch 4 again; that must finish, and
+    the file it logged must be the one the digests vouch for."""
+    uri, ids = experts_store
+    env = subprocess_env(uri)
+    env["PYTHONPATH"] = str(REPO / "tests" / "killpoints") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "6",
+           "--checkpoint-every", "2"]  # the splits run: "latest"
+    killed = subprocess.run(cmd, cwd=tmp_path, env={**env, "ARGSE_KILL_AT": "integrity:epoch-4"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (run,) = [r for r in _only_run() if r.info.status == "RUNNING" and r.data.tags["argse.expert"] == "ce"]
+    run_id = run.info.run_id
+    key = "argse.sha256/checkpoints/last.pt/epoch-"
+    assert {k for k in run.data.params if k.startswith(key)} == {key + "2", key + "4"}  # epoch 4's file never came
+    first = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt",
+                                                dst_path=str(tmp_path / "first"))
+    saved = torch.load(first, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 2 and saved["config"]["splits_run"] == ids["splits"]  # the run it read, not "latest"
+
+    done = subprocess.run([sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--resume", run_id],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming run" in done.stdout and "after epoch 2/6" in done.stdout, done.stdout[-2000:]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    digests = integrity.recorded(run_id)["checkpoints/last.pt"]
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt",
+                                                dst_path=str(tmp_path / "down"))
+    assert integrity.sha256(local) == digests[-1]  # the last one recorded is the file logged
+    integrity.verify(run_id, local, "checkpoints/last.pt")
 
 
 def test_torchrun_two_cpu_processes(experts_store, tmp_path):

@@ -229,11 +229,15 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
         elif cfg.verbose:
             tqdm.write(f"{name} {progress} ({row['epoch_seconds']:.1f} s)")
 
+    # The checkpoint's config names this expert and the splits run it read, however the run was started
+    # ("latest", --expert all, --resume). (A resumed run continues exactly: the same weights, optimizer and
+    # random state as a run never stopped; only pickle's sharing of objects makes the file's bytes differ.)
+    saved_config = dataclasses.replace(cfg, expert=name, splits_run=data.splits_run_id).params()
     with tempfile.TemporaryDirectory(prefix="argse-ckpt-") as tmp:
         def on_checkpoint(epoch: int) -> None:
             local = Path(tmp) / CHECKPOINT
             local.parent.mkdir(exist_ok=True)
-            torch.save(state.checkpoint(cfg.params()), local)
+            torch.save(state.checkpoint(saved_config), local)
             integrity.log_artifact(local, local.parent.name, version=f"epoch-{epoch}")
 
         train(state, data.train, epochs=cfg.epochs, batch_size=local_batch, device=device, bf16=bf16,

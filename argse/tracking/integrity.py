@@ -3,7 +3,8 @@ run that wrote it as a param (write-once: nobody can change it afterwards), and 
 
 Params ``argse.sha256/<artifact path>`` hold the digests (``argse.sha256/logits/val.npz``); a file the
 run rewrites (the training checkpoint) gets one param per version (``.../checkpoints/last.pt/epoch-10``)
-and must match one of them. A run logged before digests existed has none, and is read as it is.
+and must match one of them; a version written again after a resume, with other bytes, gets its own
+(``.../epoch-10.2``). A run logged before digests existed has none, and is read as it is.
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ def files_under(local: str | Path, artifact_path: str) -> dict[str, Path]:
 def record(local: str | Path, artifact_path: str, *, version: str | None = None, run_id: str | None = None) -> None:
     """Log the digest of every file of ``local`` (a file or a folder logged as ``artifact_path``) as
     params of the active run (or ``run_id``); ``version`` keys a file that the run will log again."""
-    params = {}
-    for path, file in files_under(local, artifact_path).items():
-        params[PREFIX + path + (f"/{version}" if version else "")] = sha256(file)
     client = MlflowClient()
     run_id = run_id or mlflow.active_run().info.run_id
-    items = list(params.items())
+    logged = client.get_run(run_id).data.params if version else {}
+    params = {}
+    for path, file in files_under(local, artifact_path).items():
+        key, digest = PREFIX + path + (f"/{version}" if version else ""), sha256(file)
+        if version:
+            # A process killed between a digest and its file leaves the digest: the resumed run writes
+            # that version again, not bit for bit, so the new digest goes beside it (params are write-once).
+            attempt = 1
+            while logged.get(key if attempt == 1 else f"{key}.{attempt}", digest) != digest:
+                attempt += 1
+            key = key if attempt == 1 else f"{key}.{attempt}"
+        params[key] = digest
+    items = [(k, v) for k, v in params.items() if logged.get(k) != v]
     for start in range(0, len(items), 100):  # the API takes 100 params a batch
         from mlflow.entities import Param
 

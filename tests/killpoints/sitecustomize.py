@@ -6,6 +6,7 @@ their module is imported.
 
     pipeline:<step>     after the pipeline ran the step (splits, experts, gating-selective, ...)
     experts:checkpoint  after an expert logged its first checkpoint
+    integrity:epoch-N   after a run recorded the digest of its epoch-N checkpoint, before the file
     argse:registered    after the fit registered its model, inside its run
     argse:finished      after the fit's run FINISHED, before the champion alias moves
 """
@@ -68,8 +69,19 @@ def _fit(module) -> None:
     module.register, module.crown = registered, crowning
 
 
+def _integrity(module) -> None:
+    original = module.record
+
+    def record(local, artifact_path, *, version=None, run_id=None):
+        original(local, artifact_path, version=version, run_id=run_id)
+        if POINT == f"integrity:{version}":
+            _kill()
+
+    module.record = record
+
+
 PATCHES = {"pipeline": ("argse.stages.pipeline", _pipeline), "experts": ("argse.stages.experts", _experts),
-           "argse": ("argse.stages.argse", _fit)}
+           "argse": ("argse.stages.argse", _fit), "integrity": ("argse.tracking.integrity", _integrity)}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
