@@ -647,8 +647,12 @@ def fit_at_coverage(
     mu iterate the fixed point of `fit_balanced` on the fitting split with the acceptance set held at
     the top share tau of it; the iterate with the lowest sum_k beta_k e_k on the selection split (at
     coverage tau there too) is kept. For `objective="worst"` beta follows the exponentiated gradient
-    of `fit_worst` (beta_k <- beta_k * exp(step * e_k)), and the round with the lowest max_k e_k on the
-    selection split is kept (its record is `rule.history`, with `coverage` the selection split's).
+    of `fit_worst` at a pace scaled to the coverage (beta_k <- beta_k * exp(step / tau * e_k)), and the
+    round with the lowest max_k e_k on the selection split is kept (its record is `rule.history`, with
+    `coverage` the selection split's). The errors of the accepted shrink with the coverage (the least
+    confident are rejected first), and a fixed step's move with them: at tau = 0.2 every e_k is a few
+    hundredths, beta moves a few percent a round and `rounds` do not reach the worst-group optimum's
+    weights; step / tau keeps the paper's step at full coverage.
     Every e_k that a choice or the update of beta reads is judged by its upper confidence bound on the
     selection split at one-sided confidence `evidence` (`argse.selective.metrics.error_bound`; see
     `FitOptions`): at a low coverage the rule that accepts one tail sample, correctly, is not mistaken
@@ -675,11 +679,12 @@ def fit_at_coverage(
 
     fits: list[tuple[torch.Tensor, _LevelFit]] = []
     init = None
+    pace = float(step) / level[:, None]  # the step at coverage tau: step / tau (see the docstring)
     for _ in range(rounds if objective == "worst" else 1):
         result = _fit_at_levels(problem, beta, level, int(n_starts), int(max_iter), init)
         fits.append((beta, result))
         init = (result.alpha, result.mu)
-        beta = beta * torch.exp(float(step) * result.judged_error)
+        beta = beta * torch.exp(pace * result.judged_error)
         beta = beta / beta.sum(dim=1, keepdim=True)
 
     rules = []
