@@ -193,6 +193,33 @@ def test_killed_between_a_checkpoints_digest_and_its_file_then_resumed(experts_s
     integrity.verify(run_id, local, "checkpoints/last.pt")
 
 
+def test_killed_after_its_model_was_logged_then_resumed_finishes_and_verifies(experts_store, tmp_path):
+    """Killed after the expert's model and its digests were logged, before the run ended: the resume
+    logs the model again (a new MLmodel, other bytes); it finishes, and `argse verify` passes."""
+    uri, ids = experts_store
+    env = subprocess_env(uri)
+    env["PYTHONPATH"] = str(REPO / "tests" / "killpoints") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "2",
+           "--checkpoint-every", "2", "--splits-run", ids["splits"]]
+    killed = subprocess.run(cmd, cwd=tmp_path, env={**env, "ARGSE_KILL_AT": "integrity:model/"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (run,) = [r for r in _only_run() if r.info.status == "RUNNING" and r.data.tags["argse.expert"] == "ce"]
+    run_id = run.info.run_id
+    assert "argse.sha256/model/MLmodel" in run.data.params
+
+    argse = [sys.executable, "-m", "argse"]
+    done = subprocess.run([*argse, "experts", "--dataset", "digits-lt", "--resume", run_id], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "after epoch 2/2" in done.stdout, done.stdout[-2000:]
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert "argse.sha256/model/MLmodel/again-2" in MlflowClient().get_run(run_id).data.params
+    verified = subprocess.run([*argse, "verify", run_id], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert verified.returncode == 0, verified.stderr[-2000:]
+
+
 def test_torchrun_two_cpu_processes(experts_store, tmp_path):
     uri, ids = experts_store
     proc = subprocess.run(

@@ -1,6 +1,7 @@
-"""The digests of a rewritten file (the training checkpoint): a resume that writes a version again with
-other bytes (its process was killed between the digest and the file) records the new digest beside the
-old one instead of failing on MLflow's write-once params, and reading accepts what the run wrote last."""
+"""The digests of a file written again: a resumed run whose process was killed between a digest and its
+file (or after both, before the run ended) writes the file again, not always bit for bit; the new
+digest goes beside the old one instead of failing on MLflow's write-once params, reading accepts what
+the run wrote last, and a file nobody recorded is still refused."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_a_version_written_again_with_other_bytes_is_recorded_beside_the_first(s
         third = integrity.sha256(ckpt)
         integrity.record(ckpt, "checkpoints/last.pt", version="epoch-4")
     key = integrity.PREFIX + "checkpoints/last.pt/epoch-4"
-    assert _digest_params(run.info.run_id) == {key: first, f"{key}.2": second, f"{key}.3": third}
+    assert _digest_params(run.info.run_id) == {key: first, f"{key}/again-2": second, f"{key}/again-3": third}
     assert integrity.recorded(run.info.run_id) == {"checkpoints/last.pt": [first, second, third]}
 
 
@@ -50,11 +51,19 @@ def test_the_file_a_resumed_run_logged_is_verified_and_another_is_refused(store,
         integrity.verify(run.info.run_id, local, "checkpoints/last.pt")
 
 
-def test_an_unversioned_digest_stays_write_once(store, tmp_path):
-    logits = tmp_path / "val.npz"
-    with mlflow.start_run():
-        logits.write_bytes(b"a")
-        integrity.record(logits, "logits/val.npz")
-        logits.write_bytes(b"b")
-        with pytest.raises(mlflow.exceptions.MlflowException, match="Changing param values is not allowed"):
-            integrity.record(logits, "logits/val.npz")
+def test_a_file_written_again_gets_a_digest_of_its_own_and_a_third_file_is_refused(store, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    with mlflow.start_run() as run:
+        (model / "MLmodel").write_text("model_uuid: one")
+        (model / "weights.pkl").write_bytes(b"w")
+        integrity.record(model, "model")
+        (model / "MLmodel").write_text("model_uuid: two")  # logged again after a resume: a new uuid
+        integrity.record(model, "model")
+    key = integrity.PREFIX + "model/MLmodel"
+    params = _digest_params(run.info.run_id)
+    assert sorted(params) == [key, f"{key}/again-2", integrity.PREFIX + "model/weights.pkl"]
+    integrity.verify(run.info.run_id, model, "model")
+    (model / "MLmodel").write_text("model_uuid: three")
+    with pytest.raises(integrity.ArtifactChanged, match="model/MLmodel is not what the run logged"):
+        integrity.verify(run.info.run_id, model, "model")

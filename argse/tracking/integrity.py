@@ -3,14 +3,16 @@ run that wrote it as a param (write-once: nobody can change it afterwards), and 
 
 Params ``argse.sha256/<artifact path>`` hold the digests (``argse.sha256/logits/val.npz``); a file the
 run rewrites (the training checkpoint) gets one param per version (``.../checkpoints/last.pt/epoch-10``)
-and must match one of them; a version written again after a resume, with other bytes, gets its own
-(``.../epoch-10.2``). A run logged before digests existed has none, and is read as it is.
+and must match one of them; a file a resumed run writes again, with other bytes, gets one more
+(``.../epoch-10/again-2``, ``argse.sha256/model/MLmodel/again-2``). A run logged before digests
+existed has none, and is read as it is.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 import mlflow
@@ -19,6 +21,9 @@ from mlflow.tracking import MlflowClient
 from argse import ArgseError
 
 PREFIX = "argse.sha256/"
+AGAIN = "/again-"  # a file written again by a resumed run: key/again-2, key/again-3, ...
+_AGAIN = re.compile(re.escape(AGAIN) + r"\d+$")
+_VERSION = re.compile(r"/epoch-\d+$")
 #: Files MLflow itself writes into a logged model after it was logged (on registration).
 MLFLOW_BOOKKEEPING = ("registered_model_meta",)
 
@@ -47,27 +52,34 @@ def files_under(local: str | Path, artifact_path: str) -> dict[str, Path]:
 
 def record(local: str | Path, artifact_path: str, *, version: str | None = None, run_id: str | None = None) -> None:
     """Log the digest of every file of ``local`` (a file or a folder logged as ``artifact_path``) as
-    params of the active run (or ``run_id``); ``version`` keys a file that the run will log again."""
+    params of the active run (or ``run_id``); ``version`` keys a file that the run will log again.
+    A digest already recorded is not recorded twice; a file recorded before with other bytes gets a
+    key of its own (:func:`_free_key`)."""
     client = MlflowClient()
     run_id = run_id or mlflow.active_run().info.run_id
-    logged = client.get_run(run_id).data.params if version else {}
+    logged = client.get_run(run_id).data.params
     params = {}
     for path, file in files_under(local, artifact_path).items():
-        key, digest = PREFIX + path + (f"/{version}" if version else ""), sha256(file)
-        if version:
-            # A process killed between a digest and its file leaves the digest: the resumed run writes
-            # that version again, not bit for bit, so the new digest goes beside it (params are write-once).
-            attempt = 1
-            while logged.get(key if attempt == 1 else f"{key}.{attempt}", digest) != digest:
-                attempt += 1
-            key = key if attempt == 1 else f"{key}.{attempt}"
-        params[key] = digest
+        digest = sha256(file)
+        params[_free_key(logged, PREFIX + path + (f"/{version}" if version else ""), digest)] = digest
     items = [(k, v) for k, v in params.items() if logged.get(k) != v]
     for start in range(0, len(items), 100):  # the API takes 100 params a batch
         from mlflow.entities import Param
 
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
     _recorded.cache_clear()
+
+
+def _free_key(logged: dict[str, str], key: str, digest: str) -> str:
+    """``key``, or ``key/again-N``: the first that is free or already holds ``digest``. A process killed
+    between a digest and its file (or after both, before its run ended) leaves the digest; the resumed
+    run writes the file again, not always bit for bit (a model's MLmodel, a checkpoint's pickle), and
+    params are write-once, so the new digest goes beside the old one."""
+    candidate, attempt = key, 1
+    while logged.get(candidate, digest) != digest:
+        attempt += 1
+        candidate = f"{key}{AGAIN}{attempt}"
+    return candidate
 
 
 def log_artifacts(local_dir: str | Path, artifact_path: str | None = None) -> None:
@@ -103,7 +115,7 @@ def recorded(run_id: str) -> dict[str, list[str]]:
     """``{artifact path: [digests]}`` that ``run_id`` recorded (a rewritten file has several)."""
     out: dict[str, list[str]] = {}
     for key, value in _recorded(run_id):
-        path, _, version = key.rpartition("/") if "/epoch-" in key else (key, "", "")
+        path = _VERSION.sub("", _AGAIN.sub("", key))
         out.setdefault(path, []).append(value)
     return out
 

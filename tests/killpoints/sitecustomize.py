@@ -6,7 +6,9 @@ their module is imported.
 
     pipeline:<step>     after the pipeline ran the step (splits, experts, gating-selective, ...)
     experts:checkpoint  after an expert logged its first checkpoint
-    integrity:epoch-N   after a run recorded the digest of its epoch-N checkpoint, before the file
+    integrity:<text>    after a run recorded digests of files whose artifact path (or version) holds
+                        <text>, before it logged the files: integrity:epoch-4 (the epoch-4 checkpoint),
+                        integrity:logits/ (an expert's logits), integrity:model/ (after its model)
     argse:registered    after the fit registered its model, inside its run
     argse:finished      after the fit's run FINISHED, before the champion alias moves
 """
@@ -74,7 +76,8 @@ def _integrity(module) -> None:
 
     def record(local, artifact_path, *, version=None, run_id=None):
         original(local, artifact_path, version=version, run_id=run_id)
-        if POINT == f"integrity:{version}":
+        names = [*module.files_under(local, artifact_path), *([version] if version else [])]
+        if any(POINT.removeprefix("integrity:") in name for name in names):
             _kill()
 
     module.record = record
