@@ -438,7 +438,8 @@ class ArgseConfig(StageConfig):
         help="Pick the cost whose rule accepts this share of val (default 0.8 when --cost is not given).")
     test_prior: str = option("lt", choices=PRIORS, help="Label prior the L2R risk is measured under.")
     rounds: int = option(20, pipeline="eg_rounds", help="Exponentiated-gradient rounds (worst).")
-    step: float = option(2.0, pipeline="eg_step", help="Exponentiated-gradient step size (worst); a fit at coverage tau uses step / tau.")
+    step: float = option(2.0, pipeline="eg_step",
+                         help="Exponentiated-gradient step size (worst); a fit at coverage tau uses step / tau.")
     n_starts: int = option(12, help="Starting points of the (alpha, mu) fixed point.")
     group_thresholds_mode: str = option("global", choices=("global", "per-group"),
                                         help="per-group: one threshold per predicted group, each reaching --target-coverage.")

@@ -169,6 +169,13 @@ def subprocess_env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
+def with_kill_point(env: dict[str, str], point: str) -> dict[str, str]:
+    """``env`` for a subprocess that SIGKILLs itself at ``point``: the kill points are installed from the
+    test side (tests/killpoints/sitecustomize.py), never by the product."""
+    return {**env, "PYTHONPATH": str(REPO / "tests" / "killpoints") + os.pathsep + env.get("PYTHONPATH", ""),
+            "ARGSE_KILL_AT": point}
+
+
 # -- session stores with trained runs ---------------------------------------------------------------
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from argse.stages.experts import load_expert_logits
 from argse.stages.splits import load_splits
 from argse.tracking import integrity
-from conftest import REPO, subprocess_env
+from conftest import subprocess_env, with_kill_point
 
 EXPERT_NAMES = ("ce", "logitadjust", "balsoftmax")
 
@@ -159,19 +158,25 @@ def test_sigkill_mid_training_then_resume_finishes_the_same_run(experts_store, t
         a.path for a in client.list_artifacts(run_id, "logits")}
 
 
+def _killed_at(point: str, env: dict[str, str], cwd, *options: str):
+    """Train the ce expert (a checkpoint every 2 epochs) in a subprocess that kills itself at `point`;
+    the run it leaves RUNNING."""
+    cmd = [sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce",
+           "--checkpoint-every", "2", *options]
+    killed = subprocess.run(cmd, cwd=cwd, env=with_kill_point(env, point), capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (run,) = [r for r in _only_run() if r.info.status == "RUNNING" and r.data.tags["argse.expert"] == "ce"]
+    return run
+
+
 def test_killed_between_a_checkpoints_digest_and_its_file_then_resumed(experts_store, tmp_path):
     """The window CI once hit: the digest of the epoch-4 checkpoint is recorded, the process dies before
     the file is logged, the resume starts from epoch 2 and writes epoch 4 again; that must finish, and
     the file it logged must be the one the digests vouch for."""
     uri, ids = experts_store
     env = subprocess_env(uri)
-    env["PYTHONPATH"] = str(REPO / "tests" / "killpoints") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "6",
-           "--checkpoint-every", "2"]  # the splits run: "latest"
-    killed = subprocess.run(cmd, cwd=tmp_path, env={**env, "ARGSE_KILL_AT": "integrity:epoch-4"},
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    (run,) = [r for r in _only_run() if r.info.status == "RUNNING" and r.data.tags["argse.expert"] == "ce"]
+    run = _killed_at("integrity:epoch-4", env, tmp_path, "--epochs", "6")  # the splits run: "latest"
     run_id = run.info.run_id
     key = "argse.sha256/checkpoints/last.pt/epoch-"
     assert {k for k in run.data.params if k.startswith(key)} == {key + "2", key + "4"}  # epoch 4's file never came
@@ -198,13 +203,7 @@ def test_killed_after_its_model_was_logged_then_resumed_finishes_and_verifies(ex
     logs the model again (a new MLmodel, other bytes); it finishes, and `argse verify` passes."""
     uri, ids = experts_store
     env = subprocess_env(uri)
-    env["PYTHONPATH"] = str(REPO / "tests" / "killpoints") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "2",
-           "--checkpoint-every", "2", "--splits-run", ids["splits"]]
-    killed = subprocess.run(cmd, cwd=tmp_path, env={**env, "ARGSE_KILL_AT": "integrity:model/"},
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    (run,) = [r for r in _only_run() if r.info.status == "RUNNING" and r.data.tags["argse.expert"] == "ce"]
+    run = _killed_at("integrity:model/", env, tmp_path, "--epochs", "2", "--splits-run", ids["splits"])
     run_id = run.info.run_id
     assert "argse.sha256/model/MLmodel" in run.data.params
 

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from argse.stages.argse import CHAMPION_PARAM
-from conftest import REPO
+from conftest import REPO, with_kill_point
 from team_server import ADMIN, USER, PostgresCluster, TrackingServer, credentials_in_env, postgres_bin
 
 pytestmark = pytest.mark.skipif(
@@ -50,8 +50,8 @@ def _env(server, credentials=USER, **extra) -> dict[str, str]:
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["MPLBACKEND"] = "Agg"
-    if "ARGSE_KILL_AT" in extra:  # the kill points are installed from the test side (tests/killpoints)
-        env["PYTHONPATH"] = str(REPO / "tests" / "killpoints") + os.pathsep + env["PYTHONPATH"]
+    if "ARGSE_KILL_AT" in extra:
+        env = with_kill_point(env, extra.pop("ARGSE_KILL_AT"))
     env.update(extra)
     return env
 
