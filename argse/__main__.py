@@ -1,6 +1,6 @@
-"""``python -m argse`` (and ``torchrun -m argse``) runs the CLI."""
+"""``python -m argse`` (and ``torchrun -m argse``) runs the CLI, through :mod:`argse.launch`."""
 
-from argse.cli import main
+from argse.launch import main
 
 if __name__ == "__main__":
     main()

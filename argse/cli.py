@@ -16,7 +16,8 @@ from typing import Callable, Collection
 import click
 
 from argse import ArgseError, ArgseUsageError, __version__
-from argse.config import DATASETS as PRESETS_NAMES
+from argse.presets import DATASETS as PRESETS_NAMES
+from argse.presets import apply_portable_kernels
 from argse.config import (
     EVAL_SPLITS,
     BenchmarkConfig,
@@ -232,6 +233,7 @@ def _run(cls: type, module: str, kwargs: dict, **extra) -> None:
         import torch
 
         torch.set_num_threads(cfg.preset.cpu_threads)
+    apply_portable_kernels(cfg.preset)
     if (cfg.verbose or cfg.dry_run) and os.environ.get("RANK", "0") == "0":
         for line in _system_lines(click.get_current_context().info_name, cfg):
             click.echo(line)

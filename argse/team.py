@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from argse import ArgseError, stage_registry
-from argse.config import DATASETS
+from argse.presets import DATASETS
 
 ROLES = ("maintainer", "teammate")
 

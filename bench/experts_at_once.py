@@ -67,7 +67,7 @@ def main() -> None:
 
     from cifar_full_size import experts_epoch_wall
 
-    from argse.config import PRESETS
+    from argse.presets import PRESETS
     from argse.stage_registry import expert_run_tag
 
     with tempfile.TemporaryDirectory(prefix="argse-bench-") as tmp:

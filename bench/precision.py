@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from argse.config import PRESETS
+from argse.presets import PRESETS
 from argse.data.device import DeviceImages
 from argse.models.backbones import build_backbone
 from argse.training.utils import autocast_context, cpu_has_native_bf16

@@ -35,7 +35,7 @@ def precision(dataset: str) -> str:
     """What the dataset's preset trains in on this CPU (`--precision auto`, as `argse experts` decides)."""
     import torch
 
-    from argse.config import PRESETS
+    from argse.presets import PRESETS
     from argse.training.utils import training_mode
 
     preset = PRESETS[dataset]

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError
-from argse.config import PRESETS
+from argse.presets import PRESETS
 from argse.data import loaders
 from argse.data.device import DeviceImages
 from argse.data.loaders import FASHION_CLASSES, FASHION_FILES, LOADERS, load_fashion_mnist, load_source

@@ -60,7 +60,7 @@ def test_digits_net_is_small_and_shapes_match() -> None:
 
 
 def test_each_preset_names_a_backbone_and_an_unknown_name_is_one_sentence() -> None:
-    from argse.config import PRESETS
+    from argse.presets import PRESETS
 
     assert build_backbone(PRESETS["cifar100-lt"].backbone, 100)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
     assert isinstance(build_backbone(PRESETS["digits-lt"].backbone, 10), DigitsNet)

@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from argse import __version__, mlproject, stage_registry
 from argse.cli import cli, shim
+from argse.presets import PRESETS
 from argse.config import (
-    PRESETS,
     STAGE_CONFIGS,
     ExpertsConfig,
     GatingConfig,

@@ -37,6 +37,7 @@ from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, Splits
 from argse.models.backbones import build_backbone, count_parameters, estimate_training_flops
 from argse.models.experts import ExpertModel
+from argse.presets import apply_portable_kernels
 from argse.selective import ece
 from argse.stage_registry import (
     CHECKPOINT,
@@ -674,6 +675,7 @@ def _expert_process(work: WorkerJob) -> None:
     """The body of one expert process: train, calibrate and log one expert in its run."""
     _exit_with_parent()
     torch.set_num_threads(work.threads)
+    apply_portable_kernels(work.cfg.preset)
     tracking.configure(work.tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)
     job, cfg = work.job, work.cfg

@@ -186,6 +186,16 @@ def memory_available() -> int | None:
     return None
 
 
+def cpu_kernels() -> str:
+    """Which CPU kernels torch computes with: ``portable kernels`` (the vector extensions unused, MKL on
+    its portable path, oneDNN off: the same numbers on any x86 CPU, see ``argse.presets``) or the
+    vector extensions torch chose for this CPU (``AVX512 kernels``)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "DEFAULT" and not torch.backends.mkldnn.enabled and os.environ.get("MKL_CBWR") == "COMPATIBLE":
+        return "portable kernels (the same numbers on any x86 CPU)"
+    return f"{capability} kernels"
+
+
 def describe_system(device: torch.device, bf16: bool, *, device_option: str = "", precision_option: str = "",
                     scope: str = "") -> list[str]:
     """Two lines for ``--verbose`` and ``--dry-run``: the library versions, then the device the work
@@ -207,7 +217,7 @@ def describe_system(device: torch.device, bf16: bool, *, device_option: str = ""
                     f"{torch.cuda.device_count()} GPU(s) visible; host {cpu}")
     else:
         threads = torch.get_num_threads()
-        hardware = f"{cpu}; {threads} torch thread{'s' if threads != 1 else ''}"
+        hardware = f"{cpu}; {threads} torch thread{'s' if threads != 1 else ''}; {cpu_kernels()}"
     precision = "bf16 autocast" if bf16 else "fp32"
     return [f"system: torch {torch.__version__}, torchvision {installed('torchvision')}, mlflow {installed('mlflow')}, "
             f"Python {platform.python_version()}",
