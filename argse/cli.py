@@ -31,6 +31,7 @@ from argse.config import (
     Option,
     PassThrough,
     PipelineConfig,
+    SingleStageConfig,
     SplitsConfig,
     StageConfig,
     options,
@@ -225,6 +226,7 @@ def _run(cls: type, module: str, kwargs: dict, **extra) -> None:
     import importlib
 
     from argse import stages
+    from argse.stages.reuse import reuse_alone
 
     kwargs = common(kwargs)
     experiment = kwargs.pop("_experiment")
@@ -238,6 +240,9 @@ def _run(cls: type, module: str, kwargs: dict, **extra) -> None:
         for line in _system_lines(click.get_current_context().info_name, cfg):
             click.echo(line)
     stage = importlib.import_module(f".{module}", package=stages.__name__)
+    alone = isinstance(cfg, SingleStageConfig) and not (cfg.dry_run or cfg.rerun or getattr(cfg, "resume", None))
+    if alone and reuse_alone(cfg, stage, experiment):
+        return
     stage.run(cfg, experiment=experiment)
 
 

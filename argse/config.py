@@ -249,7 +249,17 @@ class StageConfig:
 
 
 @dataclass
-class SplitsConfig(StageConfig):
+class SingleStageConfig(StageConfig):
+    """Options of a stage started on its own (``argse experts``, ``mlflow run . -e experts``), which
+    the pipeline and the benchmark decide for themselves."""
+
+    rerun: bool = option(False, hashed=False, pipeline=False,
+                         help="Run the stage even when a FINISHED run with the same options, code and inputs exists "
+                              "(by default that run is reused and nothing new is run).")
+
+
+@dataclass
+class SplitsConfig(SingleStageConfig):
     STAGE: ClassVar[str] = "splits"
 
     imb_factor: float | None = option(preset="imb_factor", help="Imbalance factor: largest over smallest train class.")
@@ -278,7 +288,7 @@ AT_ONCE = ("auto", "yes", "no")
 
 
 @dataclass
-class ExpertsConfig(StageConfig):
+class ExpertsConfig(SingleStageConfig):
     STAGE: ClassVar[str] = "experts"
 
     expert: str = option("all", choices=EXPERTS + ("all",), pipeline=False, help="The expert to train, or all three.")
@@ -321,7 +331,7 @@ class ExpertsConfig(StageConfig):
 
 
 @dataclass
-class GatingConfig(StageConfig):
+class GatingConfig(SingleStageConfig):
     STAGE: ClassVar[str] = "gating"
 
     mode: str = option(stage_registry.GATING_STAGE.modes[0], choices=stage_registry.GATING_STAGE.modes, required=True,
@@ -350,7 +360,7 @@ class GatingConfig(StageConfig):
 
 
 @dataclass
-class ArgseConfig(StageConfig):
+class ArgseConfig(SingleStageConfig):
     STAGE: ClassVar[str] = "argse"
 
     gating_run: str = option("latest", help="The selective gating run: latest, a run id or runs:/<id>/gating.")
@@ -387,7 +397,7 @@ class ArgseConfig(StageConfig):
 
 
 @dataclass
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(SingleStageConfig):
     STAGE: ClassVar[str] = "evaluate"
 
     model_uri: str = option("latest", help="latest (newest FINISHED argse run), an argse run id, runs:/<id>/model "
@@ -627,7 +637,7 @@ class BenchmarkConfig(StageConfig):
 
 __all__ = [
     "option", "options", "Option", "parse_group_thresholds",
-    "StageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig", "EvaluateConfig", "PipelineConfig",
+    "StageConfig", "SingleStageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig", "EvaluateConfig", "PipelineConfig",
     "PassThrough", "pipeline_options", "STAGE_CONFIGS", "BenchmarkConfig", "benchmark_pass_through", "parse_seeds",
     "parse_priors",
 ]

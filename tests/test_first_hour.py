@@ -78,6 +78,18 @@ def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_a_rer
     assert champion.run_id == argse_run.info.run_id
     assert pipeline.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in runs)
 
+    # One stage started alone, as the project is used (`mlflow run . -e experts`), with the quickstart's
+    # options: it reuses the quickstart's experts and leaves only MLflow's launcher, which names them.
+    alone = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "experts", "--env-manager", "local",
+                            "-P", f"epochs={EPOCHS}"], cwd=tmp_path, env=subprocess_env(store), capture_output=True,
+                           text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert f"experts: reused FINISHED run {experts.info.run_id} (experts): the same options, code and inputs" in alone.stdout
+    (experts_launcher,) = [r for r in _runs() if r.info.run_id not in {r.info.run_id for r in runs}]
+    assert experts_launcher.info.run_name == "mlflow run: experts digits-lt reused a run of ar-gse/digits-lt"
+    assert experts_launcher.data.tags["argse.launched"] == f"ar-gse/digits-lt/{experts.info.run_id}"
+    runs = _runs()
+
     # The same command again reuses every stage: a new pipeline run and MLflow's launcher, nothing else.
     again = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(store), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -86,6 +98,8 @@ def test_quickstart_logged_to_a_file_has_one_line_per_epoch_named_runs_and_a_rer
     assert len(runs_after) == len(runs) + 2
     (newest,) = [r for r in runs_after[len(runs):] if r.info.experiment_id == home]
     assert {newest.data.tags[f"argse.step.{step}"].split(" ")[0] for step in PIPELINE_STEPS} == {"reused"}
+    assert "nothing registered" in again.stdout
+    assert [str(v.version) for v in client.search_model_versions("name = 'ar-gse-digits-lt'")] == ["1"]
 
 
 @pytest.mark.slow
@@ -110,6 +124,22 @@ def test_a_rerun_that_reuses_the_fit_says_nothing_was_registered(pipeline_store,
     assert "as champion" not in result.out
     names = [r.info.run_name for r in _runs() if r.data.tags.get("argse.stage") == "pipeline"]
     assert names == ["pipeline digits-lt: ran splits..evaluate", "pipeline digits-lt: reused splits..evaluate"]
+
+
+def test_a_stage_started_alone_reuses_its_finished_twin_and_reruns_when_asked(pipeline_store, cli):
+    """The fit with the pipeline's options, started alone, reuses the pipeline's fit (nothing new is run
+    or registered); `--rerun` fits again."""
+    before = _runs()
+    (fit,) = [r for r in before if r.data.tags.get("argse.stage") == "argse"]
+    result = cli("fit", "--dataset", "digits-lt", "--rounds", "5")
+    assert result.code == 0, result.err
+    assert result.out.strip() == (f"fit: reused FINISHED run {fit.info.run_id} (argse): the same options, code and "
+                                  "inputs; nothing new was run (--rerun runs it again)")
+    assert len(_runs()) == len(before)
+    result = cli("fit", "--dataset", "digits-lt", "--rounds", "5", "--rerun")
+    assert result.code == 0, result.err
+    assert "registered ar-gse-digits-lt v2" in result.out
+    assert len(_runs()) == len(before) + 1
 
 
 def test_a_dry_run_under_mlflow_run_names_the_run_it_leaves_empty(store, cli, monkeypatch):

@@ -36,7 +36,7 @@ from argse import selective
 from argse.selective import FitOptions, PluginRule, fit_group_thresholds, selective_errors
 from argse.selective.matched import matched_aurc
 from argse.selective.metrics import weighted_coverage
-from argse.stages.common import ExpertSet, load_experts
+from argse.stages.common import ExpertSet, load_experts, splits_of
 from argse.stage_registry import (
     ARGSE_STAGE,
     EG_HISTORY,
@@ -47,6 +47,7 @@ from argse.stage_registry import (
     TAG_REGISTERED_MODEL,
     TAG_VERSION_RISK,
     TAG_VERSION_RUN,
+    join_expert_runs,
     split_expert_runs,
 )
 from argse.stages.gating import load_gate
@@ -122,6 +123,13 @@ def resolve_inputs(cfg: ArgseConfig, experiment: str | None):
     return gating_run, ids
 
 
+def upstream(cfg: ArgseConfig, experiment: str | None) -> dict[str, str]:
+    """The runs a fit of ``cfg`` reads, as its run records them: the selective gating run, its experts
+    and their splits."""
+    gating_run, ids = resolve_inputs(cfg, experiment)
+    return ARGSE_STAGE.upstream(gating=gating_run.info.run_id, experts=join_expert_runs(ids), splits=splits_of(ids))
+
+
 def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:
@@ -135,12 +143,11 @@ def run(cfg: ArgseConfig, *, experiment: str | None = None) -> str | None:
         return None
 
     with tracking.stage_run("argse", cfg.dataset, cfg.params(), experiment=experiment, run_name="argse") as active:
-        gating_run, ids = resolve_inputs(cfg, experiment)
-        experts = load_experts(ids, cfg.test_prior)
-        tracking.set_upstream("argse", cfg.params(), ARGSE_STAGE.upstream(
-            gating=gating_run.info.run_id, experts=experts.ids_tag, splits=experts.splits_run_id))
+        inputs = upstream(cfg, experiment)
+        tracking.set_upstream("argse", cfg.params(), inputs)
+        experts = load_experts(split_expert_runs(inputs["experts_run"]), cfg.test_prior)
         tracking.log_split_inputs(experts.splits, ("tunev", "val"))
-        gate = load_gate(gating_run.info.run_id)
+        gate = load_gate(inputs["gating_run"])
         rule, summary = fit_and_log(cfg, experts, gate)
         model_info = log_servable(cfg, experts, gate, rule)
         version = register(cfg, model_info, active.info.run_id, summary[CHAMPION_METRIC])

@@ -118,6 +118,11 @@ def resolve_experts(ref: str, *, dataset: str, experiment: str | None = None) ->
     return ids
 
 
+def splits_of(run_ids: dict[str, str]) -> str:
+    """The splits run the experts ``run_ids`` were trained on (:func:`resolve_experts` checks they share one)."""
+    return MlflowClient().get_run(next(iter(run_ids.values()))).data.tags[stage_registry.TAG_UPSTREAM + "splits"]
+
+
 def expert_shifts(run_ids: dict[str, str], splits: Splits, prior: str) -> torch.Tensor:
     """[E, C]: each expert's `posterior_shift` to the target ``prior``, from its loss and its run's la_tau."""
     client = MlflowClient()
@@ -133,8 +138,7 @@ def load_experts(run_ids: dict[str, str], prior: str = "lt") -> ExpertSet:
     are each expert's under the target ``prior`` (`posterior_shift`), so that they estimate one quantity."""
     from argse.stages.experts import load_expert_logits
 
-    client = MlflowClient()
-    splits_run_id = client.get_run(next(iter(run_ids.values()))).data.tags[stage_registry.TAG_UPSTREAM + "splits"]
+    splits_run_id = splits_of(run_ids)
     splits = load_splits(splits_run_id)
     shifts = expert_shifts(run_ids, splits, prior)
     probs, logits, labels = {}, {}, {}

@@ -31,9 +31,11 @@ from argse.tracking import integrity
 from argse.tracking.metric_names import metric_dict
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from argse.serving import predict_frame
-from argse.stage_registry import COVERAGE_POINTS, EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI
+from argse.stage_registry import (
+    COVERAGE_POINTS, EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI, join_expert_runs,
+)
 from argse.stages.argse import resolve_inputs
-from argse.stages.common import ExpertSet, load_experts
+from argse.stages.common import ExpertSet, load_experts, splits_of
 from argse.stages.gating import load_gate
 
 #: The columns logged as metrics, per method (the rest is in results/table.csv): few enough for the
@@ -95,6 +97,15 @@ def check_model(run_id: str, images: np.ndarray, expected) -> float:
     return float((served["prediction"].to_numpy() == expected["prediction"].to_numpy()).mean())
 
 
+def upstream(cfg: EvaluateConfig, experiment: str | None) -> dict[str, str]:
+    """The runs an evaluation of ``cfg`` reads, as its run records them: the fit behind the model, its
+    gating run, its experts and their splits."""
+    argse_run, _ = resolve_model(cfg, experiment)
+    gating_run, ids = resolve_gating_for(argse_run, cfg, experiment)
+    return EVALUATE_STAGE.upstream(argse=argse_run.info.run_id, gating=gating_run.info.run_id,
+                                   experts=join_expert_runs(ids), splits=splits_of(ids))
+
+
 def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:
@@ -107,9 +118,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
         argse_run, uri = resolve_model(cfg, experiment)
         gating_run, ids = resolve_gating_for(argse_run, cfg, experiment)
         experts = load_experts(ids, cfg.test_prior)
-        tracking.set_upstream("evaluate", cfg.params(), EVALUATE_STAGE.upstream(
-            argse=argse_run.info.run_id, gating=gating_run.info.run_id, experts=experts.ids_tag,
-            splits=experts.splits_run_id))
+        tracking.set_upstream("evaluate", cfg.params(), upstream(cfg, experiment))
         mlflow.set_tag(TAG_MODEL_URI, uri)
         tracking.log_split_inputs(experts.splits, ("tunev", "val", cfg.split))
         gate = load_gate(gating_run.info.run_id)

@@ -305,6 +305,11 @@ def _resolve_splits(cfg: ExpertsConfig, experiment: str | None) -> str:
     return tracking.resolve_upstream("splits", cfg.splits_run, dataset=cfg.dataset, experiment=experiment).info.run_id
 
 
+def upstream(cfg: ExpertsConfig, experiment: str | None) -> dict[str, str]:
+    """The runs an experts run of ``cfg`` reads, as its run records them: the splits run."""
+    return EXPERTS_STAGE.upstream(splits=_resolve_splits(cfg, experiment))
+
+
 def _config_from_run(run, cfg: ExpertsConfig) -> ExpertsConfig:
     """The configuration a run was started with, for ``--resume``: every hashed option from its params
     (:meth:`~argse.config.StageConfig.restore`), the expert and the splits run from its tags."""
@@ -464,16 +469,16 @@ def _run(cfg: ExpertsConfig, device: torch.device, ddp: Dist, experiment: str | 
     with tracking.stage_run("experts", cfg.dataset, cfg.params(), experiment=experiment,
                             run_name=f"expert-{label}" if single else "experts",
                             tags={stage_registry.TAG_EXPERT: label}) as outer:
-        splits_run_id = _resolve_splits(cfg, experiment)
-        upstream = EXPERTS_STAGE.upstream(splits=splits_run_id)
-        tracking.set_upstream("experts", cfg.params(), upstream)
+        inputs = upstream(cfg, experiment)
+        splits_run_id = inputs["splits_run"]
+        tracking.set_upstream("experts", cfg.params(), inputs)
         splits, _ = _shared_splits(ddp, splits_run_id)
         if single:
             data = load_data(splits, splits_run_id, cfg, device)
             tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
             _train_and_log(label, cfg, data, device, ddp, None, outer.info.run_id)
             return {label: outer.info.run_id}
-        ids = _train_all(cfg, plan(cfg, []), splits, splits_run_id, upstream, device, ddp)
+        ids = _train_all(cfg, plan(cfg, []), splits, splits_run_id, inputs, device, ddp)
         click.echo(f"experts run {outer.info.run_id}: " + ", ".join(f"{n} {i}" for n, i in ids.items()))
         return {**ids, "all": outer.info.run_id}
 

@@ -24,8 +24,8 @@ from argse import ArgseError, figures, fmt_number, stage_registry, tracking
 from argse.config import GatingConfig
 from argse.tracking import integrity
 from argse.models.gating import GatingNet, gate_weights, gated_mixture, mixture_metrics
-from argse.stage_registry import GATE, GATE_META, GATE_RULE, GATING_STAGE, TAG_GATING_MODE
-from argse.stages.common import ExpertSet, load_experts, resolve_experts
+from argse.stage_registry import GATE, GATE_META, GATE_RULE, GATING_STAGE, TAG_GATING_MODE, join_expert_runs, split_expert_runs
+from argse.stages.common import ExpertSet, load_experts, resolve_experts, splits_of
 from argse.training.gating import train_pretrain, train_selective
 
 
@@ -70,6 +70,16 @@ def load_gate(run_id: str) -> GatingNet:
     return gate.eval()
 
 
+def upstream(cfg: GatingConfig, experiment: str | None) -> dict[str, str]:
+    """The runs a gating run of ``cfg`` reads, as its run records them: the experts, their splits and,
+    in selective mode, the pretrain run."""
+    ids = resolve_experts(cfg.experts_run, dataset=cfg.dataset, experiment=experiment)
+    inputs = {"experts": join_expert_runs(ids), "splits": splits_of(ids)}
+    if cfg.mode == "selective":
+        inputs["pretrain"] = _resolve_pretrain(cfg, inputs["experts"], experiment).info.run_id
+    return GATING_STAGE.upstream(cfg.mode, **inputs)
+
+
 def run(cfg: GatingConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:
@@ -83,19 +93,14 @@ def run(cfg: GatingConfig, *, experiment: str | None = None) -> str | None:
 
     with tracking.stage_run("gating", cfg.dataset, cfg.params(), experiment=experiment,
                             run_name=f"gating-{cfg.mode}", tags={TAG_GATING_MODE: cfg.mode}) as active:
-        ids = resolve_experts(cfg.experts_run, dataset=cfg.dataset, experiment=experiment)
-        experts = load_experts(ids, cfg.test_prior)
-        inputs = {"experts": experts.ids_tag, "splits": experts.splits_run_id}
-        pretrain = None
-        if cfg.mode == "selective":
-            pretrain = _resolve_pretrain(cfg, experts.ids_tag, experiment)
-            inputs["pretrain"] = pretrain.info.run_id
-        tracking.set_upstream("gating", cfg.params(), GATING_STAGE.upstream(cfg.mode, **inputs))
+        inputs = upstream(cfg, experiment)
+        experts = load_experts(split_expert_runs(inputs["experts_run"]), cfg.test_prior)
+        tracking.set_upstream("gating", cfg.params(), inputs)
         tracking.log_split_inputs(experts.splits, ("tunev", "val"))
         if cfg.mode == "pretrain":
             summary = _pretrain(cfg, experts)
         else:
-            summary = _selective(cfg, experts, pretrain.info.run_id)
+            summary = _selective(cfg, experts, inputs["pretrain_run"])
         click.echo(f"gating run {active.info.run_id} ({cfg.mode}): " + ", ".join(
             f"{k} {int(v) if k.startswith('best_') else fmt_number(v)}" for k, v in summary.items()))
         return active.info.run_id

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from argse import ArgseError, stage_registry, tracking
 from argse.config import PipelineConfig
 from argse.stage_registry import PIPELINE_PLAN, PIPELINE_STEPS, PipelineStep
+from argse.stages import reuse
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Pipeline:
             cached = None if rerun else tracking.find_cached_run(
                 stage, step.hash, tracking.code_version(), dataset=self.cfg.dataset, experiment=self.experiment,
                 lineage=step.lineage)
-            damaged = None if cached is None or dry_run else self._damaged(plan, cached)
+            damaged = None if cached is None or dry_run else reuse.damage(plan.stage, cached)
             if damaged is not None:
                 click.echo(f"{name}: run {cached.info.run_id} is not reused: {damaged}; running the stage again")
                 cached = None
@@ -107,23 +108,6 @@ class Pipeline:
                 continue
             self._run_stage(step)
             upstream_fresh = True
-
-    def _damaged(self, plan: PipelineStep, run) -> str | None:
-        """Why a cached run must not be reused (an artifact it logged has changed since), or None: every
-        artifact of the run (and of an experts run's three expert runs) against its recorded digest."""
-        from argse.tracking.integrity import ArtifactChanged, verify_run
-
-        ids = [run.info.run_id]
-        if plan.stage is stage_registry.EXPERTS_STAGE:
-            ids += [i for i in stage_registry.expert_runs_of_parent(run.data.tags).values() if i]
-        for run_id in ids:
-            try:
-                verify_run(run_id)
-            except ArtifactChanged as exc:
-                return str(exc).removeprefix(f"run {run_id}: ")
-            except ArgseError:  # logged before digests existed (or nothing to check): as it is
-                continue
-        return None
 
     def _record(self, plan: PipelineStep, run) -> None:
         if plan.stage is stage_registry.EXPERTS_STAGE:

@@ -74,6 +74,11 @@ def summary(splits: Splits) -> dict[str, float]:
     return metrics
 
 
+def upstream(cfg: SplitsConfig, experiment: str | None) -> dict[str, str]:
+    """The runs a splits run reads: none."""
+    return {}
+
+
 def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
     """Run the stage; return the run id (``None`` for a dry run)."""
     if cfg.dry_run:

@@ -40,7 +40,7 @@ from argse.tracking.lookup import (
     run_id_of,
     search_finished,
 )
-from argse.tracking.runs import set_upstream, stage_run, top_level_name
+from argse.tracking.runs import point_launcher, set_upstream, stage_run, top_level_name
 from argse.tracking.server import RunBroken, TrackingServerError, redact, server_problem
 from argse.tracking.store import (
     absolute_uri,
@@ -94,6 +94,7 @@ __all__ = [
     "log_split_inputs",
     "named_experiment",
     "owner",
+    "point_launcher",
     "reap_stale_runs",
     "redact",
     "resolve_upstream",

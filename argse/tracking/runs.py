@@ -95,9 +95,7 @@ def stage_run(
         else:
             run = mlflow.start_run(experiment_id=exp_id, run_name=run_name and top_level_name(run_name, dataset))
             if launched:  # one experiment per dataset: `mlflow run`'s own run only points here
-                where = client.get_experiment(exp_id).name
-                client.update_run(launched, name=f"mlflow run: {top_level_name(run_name or stage, dataset)} in {where}")
-                client.set_tag(launched, TAG_LAUNCHED, f"{where}/{run.info.run_id}")
+                point_launcher(launched, run, f"{top_level_name(run_name or stage, dataset)} in")
     previous_handler = _arm_interrupt() if active is None else None
     HEARTBEAT.add(run.info.run_id)
     try:
@@ -128,6 +126,15 @@ def stage_run(
         HEARTBEAT.remove(run.info.run_id)
         if previous_handler is not None:
             signal.signal(signal.SIGUSR1, previous_handler)
+
+
+def point_launcher(launched: str, run: Run, what: str) -> None:
+    """Leave the run ``mlflow run`` made (``launched``) as a launcher: named ``mlflow run: <what>
+    <experiment>`` and tagged with the run that holds the work (``argse.launched``)."""
+    client = MlflowClient()
+    where = client.get_experiment(run.info.experiment_id).name
+    client.update_run(launched, name=f"mlflow run: {what} {where}")
+    client.set_tag(launched, TAG_LAUNCHED, f"{where}/{run.info.run_id}")
 
 
 def set_upstream(stage: str, params: Mapping[str, Any], upstream: Mapping[str, str]) -> None:
