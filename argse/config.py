@@ -293,7 +293,7 @@ class ExpertsConfig(SingleStageConfig):
 
     expert: str = option("all", choices=EXPERTS + ("all",), pipeline=False, help="The expert to train, or all three.")
     epochs: int | None = option(preset="epochs", help="Training epochs.")
-    lr: float | None = option(preset="lr", help="Base learning rate at batch 128 (scaled linearly with --batch-size).")
+    lr: float | None = option(preset="lr", help="Learning rate at batch 128; the schedule peaks at lr x batch size / 128 (param lr.peak).")
     batch_size: int | None = option(preset="batch_size", help="Batch size.")
     la_tau: float = option(1.0, help="LogitAdjust temperature tau.")
     label_smoothing: float = option(0.0, help="Label smoothing of the experts' cross-entropy (0: none).")

@@ -17,6 +17,10 @@ from team_server import free_port, wait_for_http  # noqa: F401 (one helper each 
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The expert runs' system metrics are sampled every half second in the tests (3 s in use), so that even
+# the tests' short trainings have some (tests/test_experts_stage.py).
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
 
 PIPELINE_ARGS = ("pipeline", "--dataset", "digits-lt", "--epochs", "4", "--gating-epochs", "10",

@@ -347,6 +347,9 @@ def test_to_markdown_has_a_header_and_one_line_per_method(comparison):
     short = comparison.to_markdown(columns=["aurc_worst"], digits=3).strip().splitlines()
     assert short[0] == "| method | aurc_worst |"
     assert re.fullmatch(r"\| ar-gse\[worst\] \| 0\.\d{3} \|", short[2])
+    counts = comparison.to_markdown(columns=["empty_group_points", "thin_group_points"]).strip().splitlines()
+    for line, (_, row) in zip(counts[2:], comparison.table.iterrows()):  # counts as integers, not 8.0000
+        assert line.endswith(f"| {int(row['empty_group_points'])} | {int(row['thin_group_points'])} |"), line
 
 
 def test_a_fixed_rule_is_used_as_given(data):

@@ -38,10 +38,17 @@ def test_expert_all_makes_three_children_with_the_interface_artifacts(experts_st
         assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
         # The training curves come first in the UI's chart view (it sorts sections by name): every
         # per-epoch metric is under epoch/ (or timing/), the single values under final/.
-        assert {k for k in run.data.metrics if len(client.get_metric_history(run.info.run_id, k)) > 1} == {
+        assert {k for k in run.data.metrics if len(client.get_metric_history(run.info.run_id, k)) > 1
+                and not k.startswith("system/")} == {
             "epoch/loss", "epoch/lr", "epoch/val_acc", "epoch/val_balanced_acc", "epoch/val_acc_head",
             "epoch/val_acc_tail", "timing/epoch_seconds", "timing/images_per_second"}
-        assert {k.split("/")[0] for k in run.data.metrics} == {"epoch", "final", "timing"}
+        assert {k.split("/")[0] for k in run.data.metrics} == {"epoch", "final", "system", "timing"}
+        # The learning rate the schedule peaks at, beside the option it comes from (given for batch 128).
+        assert run.data.params["lr"] == "0.05" and run.data.params["batch_size"] == "64"
+        assert float(run.data.params["lr.peak"]) == pytest.approx(0.025)
+        assert max(m.value for m in client.get_metric_history(run.info.run_id, "epoch/lr")) <= 0.025 + 1e-12
+        # What the run used, sampled by MLflow while it trained (its Model metrics' "system" section).
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
         assert sorted({k.split("/")[0] for k in run.data.metrics})[0] == "epoch"
         for key in ("final/val_acc_head", "final/test_balanced_acc", "final/temperature",
                     "final/val_nll_before", "final/val_ece_after"):

@@ -128,8 +128,10 @@ class Comparison:
             "| " + " | ".join(header) + " |",
             "|" + "|".join([":---"] + ["---:"] * len(names)) + "|",
         ]
+        counts = {c for c in names if pd.api.types.is_integer_dtype(self.table[c])}  # e.g. empty_group_points
         for _, row in self.table.iterrows():  # a loop over methods
-            cells = [str(row["method"]).replace("|", "\\|")] + [_format(row[c], digits) for c in names]
+            cells = [str(row["method"]).replace("|", "\\|")] + [str(int(row[c])) if c in counts else _format(row[c], digits)
+                                                                for c in names]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 

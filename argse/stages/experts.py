@@ -66,6 +66,7 @@ from argse.training.utils import (
     free_cores,
     usable_cores,
     make_optimizer_and_scheduler,
+    peak_lr,
     on_terminal,
     resolve_device,
     seed_everything,
@@ -187,6 +188,7 @@ def train_expert(name: str, cfg: ExpertsConfig, data: Data, device: torch.device
         backbone = backbone.to(memory_format=torch.channels_last)
     if ddp.main:
         mlflow.set_tags({TAG_PRECISION: "bf16" if bf16 else "fp32", TAG_CHANNELS_LAST: str(channels_last)})
+        mlflow.log_param("lr.peak", f"{peak_lr(cfg.lr, cfg.batch_size):g}")  # what epoch/lr peaks at
     model: torch.nn.Module = backbone
     if ddp.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -468,7 +470,7 @@ def _run(cfg: ExpertsConfig, device: torch.device, ddp: Dist, experiment: str | 
     label = cfg.experts()[0] if single else "all"
     with tracking.stage_run("experts", cfg.dataset, cfg.params(), experiment=experiment,
                             run_name=f"expert-{label}" if single else "experts",
-                            tags={stage_registry.TAG_EXPERT: label}) as outer:
+                            tags={stage_registry.TAG_EXPERT: label}, system_metrics=single) as outer:
         inputs = upstream(cfg, experiment)
         splits_run_id = inputs["splits_run"]
         tracking.set_upstream("experts", cfg.params(), inputs)
@@ -590,7 +592,8 @@ def _train_all(cfg: ExpertsConfig, jobs: list[Job], splits: Splits, splits_run_i
         for job in todo:
             kwargs = {"resume_run_id": job.run_id} if job.action == "resume" else {"run_name": f"expert-{job.name}"}
             with tracking.stage_run("experts", cfg.dataset, dataclasses.replace(cfg, expert=job.name).params(),
-                                    upstream=upstream, tags={stage_registry.TAG_EXPERT: job.name}, **kwargs) as active:
+                                    upstream=upstream, tags={stage_registry.TAG_EXPERT: job.name}, system_metrics=True,
+                                    **kwargs) as active:
                 state = load_checkpoint(active.info.run_id) if job.action == "resume" else None
                 if job.action == "start":
                     tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
@@ -686,7 +689,8 @@ def _expert_process(work: WorkerJob) -> None:
     job, cfg = work.job, work.cfg
     try:
         with tracking.stage_run("experts", cfg.dataset, dataclasses.replace(cfg, expert=job.name).params(),
-                                upstream=work.upstream, resume_run_id=job.run_id, tags={stage_registry.TAG_EXPERT: job.name}):
+                                upstream=work.upstream, resume_run_id=job.run_id, tags={stage_registry.TAG_EXPERT: job.name},
+                                system_metrics=True):
             device = resolve_device(cfg.device)
             splits = load_splits(work.splits_run_id)
             state = load_checkpoint(job.run_id) if job.action == "resume" else None
@@ -747,7 +751,7 @@ def _resume(cfg: ExpertsConfig, device: torch.device, experiment: str | None) ->
     cfg = _config_from_run(run, cfg)
     name = cfg.expert
     with tracking.stage_run("experts", cfg.dataset, cfg.params(), upstream=EXPERTS_STAGE.upstream(splits=cfg.splits_run),
-                            resume_run_id=run.info.run_id, tags={stage_registry.TAG_EXPERT: name}):
+                            resume_run_id=run.info.run_id, tags={stage_registry.TAG_EXPERT: name}, system_metrics=True):
         state = load_checkpoint(run.info.run_id)
         splits = load_splits(cfg.splits_run)
         data = load_data(splits, cfg.splits_run, cfg, device)

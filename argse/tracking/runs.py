@@ -56,6 +56,7 @@ def stage_run(
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     resume_run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Run]:
     """Start (or resume) the MLflow run of a stage; tag it, log its params; end it FINISHED, or
     FAILED when the body raises (KILLED on Ctrl-C), so ``latest`` never resolves to a broken run.
@@ -63,7 +64,8 @@ def stage_run(
     runs dead processes left RUNNING (:func:`reap_stale_runs`). When the error is the tracking server's
     (see :func:`server_problem`), the run gets one short try to end and the error becomes a
     :class:`TrackingServerError` with that one line. A :class:`RunBroken` error also tags the run
-    ``argse.resumable=false``, so it is replaced rather than resumed.
+    ``argse.resumable=false``, so it is replaced rather than resumed. ``system_metrics``: MLflow samples
+    the machine's CPU, memory (and GPU, with pynvml) into the run's ``system/`` metrics while it is open.
 
     Which run: ``resume_run_id`` if given; a child of the active run when there is one (pipeline,
     ``--expert all``), named ``run_name``; the run ``mlflow run`` handed over in ``MLFLOW_RUN_ID`` when
@@ -78,9 +80,10 @@ def stage_run(
         HEARTBEAT.reset()
         reap_stale_runs(dataset, experiment)
     if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id, nested=active is not None)
+        run = mlflow.start_run(run_id=resume_run_id, nested=active is not None, log_system_metrics=system_metrics)
     elif active is not None:
-        run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True)
+        run = mlflow.start_run(experiment_id=active.info.experiment_id, run_name=run_name, nested=True,
+                               log_system_metrics=system_metrics)
     else:
         # Consume MLflow's run: runs started inside this one must not resume it again.
         launched = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -89,11 +92,12 @@ def stage_run(
         if launched and client.get_run(launched).info.experiment_id == exp_id:
             # `mlflow run` made it before this process started, under a random name: give it the
             # name a top-level run gets.
-            run = mlflow.start_run(run_id=launched)
+            run = mlflow.start_run(run_id=launched, log_system_metrics=system_metrics)
             if run_name:
                 client.update_run(run.info.run_id, name=top_level_name(run_name, dataset))
         else:
-            run = mlflow.start_run(experiment_id=exp_id, run_name=run_name and top_level_name(run_name, dataset))
+            run = mlflow.start_run(experiment_id=exp_id, run_name=run_name and top_level_name(run_name, dataset),
+                                   log_system_metrics=system_metrics)
             if launched:  # one experiment per dataset: `mlflow run`'s own run only points here
                 point_launcher(launched, run, f"{top_level_name(run_name or stage, dataset)} in")
     previous_handler = _arm_interrupt() if active is None else None

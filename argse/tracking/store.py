@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, __version__
-from argse.tracking.tags import DEFAULT_EXPERIMENT_ID, HTTP_TIMEOUT_S
+from argse.tracking.tags import DEFAULT_EXPERIMENT_ID, EXPERIMENT_KIND, HTTP_TIMEOUT_S, SYSTEM_METRICS_S
 
 
 def absolute_uri(uri: str) -> str:
@@ -37,6 +38,11 @@ def configure(tracking_uri: str | None = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
     # Our own progress bars show the long work; MLflow's per-download bars only clutter stderr.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The expert runs' system metrics (stage_run(system_metrics=True)): a sample every few seconds, so
+    # that a run of a minute has a curve; MLflow's four lines per run about starting and stopping the
+    # sampler are not news.
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SYSTEM_METRICS_S))
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,13 +95,26 @@ def _experiment_id(name: str, create: bool) -> str | None:
             raise ArgseError(
                 f"experiment {name!r} is deleted: restore it (mlflow experiments restore) or pick another --experiment"
             )
+        if create:
+            mark_training_experiment(exp)
         return exp.experiment_id
     if not create:
         return None
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
     except MlflowException:  # created concurrently
         return client.get_experiment_by_name(name).experiment_id
+
+
+def mark_training_experiment(exp) -> None:
+    """Tag an experiment a stage is about to write to as a model-training one (:data:`EXPERIMENT_KIND`),
+    where it lacks the tag (made by an older version, or by hand) and this user may tag it."""
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:
+            try:
+                MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+            except MlflowException:  # READ on a team server: the admin's grant tags it
+                return
 
 
 def search_experiment_ids(dataset: str, experiment: str | None = None) -> list[str]:

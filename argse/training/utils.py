@@ -12,11 +12,17 @@ import time
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
 from argse import DEVICES
 REFERENCE_BATCH_SIZE = 128
+
+
+def peak_lr(lr: float, batch_size: int) -> float:
+    """The learning rate the schedule peaks at: ``lr`` is given for batch 128 and scales linearly."""
+    return lr * batch_size / REFERENCE_BATCH_SIZE
 
 
 def make_optimizer_and_scheduler(
@@ -31,7 +37,7 @@ def make_optimizer_and_scheduler(
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD (momentum 0.9, nesterov) and a per-iteration schedule: linear warm-up, then cosine to 0.
 
-    The peak learning rate is ``lr * batch_size / 128``. Weight decay applies to every parameter
+    The peak learning rate is :func:`peak_lr`. Weight decay applies to every parameter
     (BatchNorm and biases included), as in the usual CIFAR long-tail recipes. Call
     ``scheduler.step()`` after every ``optimizer.step()``.
     """
@@ -45,9 +51,8 @@ def make_optimizer_and_scheduler(
         )
     if not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"warmup_epochs must lie in [0, epochs={epochs}]; got {warmup_epochs}.")
-    peak_lr = lr * batch_size / REFERENCE_BATCH_SIZE
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        model.parameters(), lr=peak_lr(lr, batch_size), momentum=0.9, nesterov=True, weight_decay=weight_decay
     )
     total_steps = epochs * steps_per_epoch
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
@@ -139,15 +144,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _cpu_times() -> dict[str, tuple[int, int]]:
-    """{cpuN: (idle jiffies, total jiffies)} from /proc/stat (idle includes iowait)."""
+def _cpu_times() -> dict[str, tuple[float, float]]:
+    """{cpuN: (idle seconds, total seconds)} since boot, per core (psutil; idle includes iowait)."""
     out = {}
-    with open("/proc/stat") as fh:
-        for line in fh:
-            name, *fields = line.split()
-            if name.startswith("cpu") and name != "cpu":
-                values = [int(v) for v in fields[:8]]
-                out[name] = (values[3] + values[4], sum(values))
+    for n, times in enumerate(psutil.cpu_times(percpu=True)):
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        busy = sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+        out[f"cpu{n}"] = (idle, idle + busy)
     return out
 
 
@@ -158,9 +161,9 @@ def usable_cores() -> list[int]:
 
 def free_cores(window_s: float = 0.5) -> tuple[int, float]:
     """(CPU cores this process may use, of which free now). Free: the idle share of those cores over
-    ``window_s`` seconds (/proc/stat), so a job that ended a few seconds ago does not count, as it
-    would in the 1-minute load average for a minute after; the cores less the load average where
-    /proc/stat cannot be read."""
+    ``window_s`` seconds (per-core CPU times), so a job that ended a few seconds ago does not count, as
+    it would in the 1-minute load average for a minute after; the cores less the load average where
+    the times cannot be read."""
     allowed = usable_cores()
     try:
         before = _cpu_times()
@@ -176,14 +179,12 @@ def free_cores(window_s: float = 0.5) -> tuple[int, float]:
 
 
 def memory_available() -> int | None:
-    """Bytes of memory available to new processes (``MemAvailable`` in /proc/meminfo), None where unknown."""
+    """Bytes of memory available to new processes (psutil's ``available``: Linux's MemAvailable), None
+    where unknown."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError):
+        return None
 
 
 def cpu_kernels() -> str:
