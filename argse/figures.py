@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
@@ -45,9 +46,15 @@ LINE_STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
 
 
-def _legend_outside(ax) -> None:
-    """The legend to the right of the axes, where it cannot cover a curve."""
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+def _legend_outside(ax, extra: list | None = None) -> None:
+    """The legend to the right of the axes, where it cannot cover a curve; ``extra`` handles (what a
+    marker means) come after every series."""
+    handles, labels = ax.get_legend_handles_labels()
+    for handle in extra or []:
+        handles.append(handle)
+        labels.append(handle.get_label())
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+              frameon=False)
 
 
 def bars_by_group(values: dict[str, np.ndarray], group_names, ylabel: str, title: str):
@@ -72,11 +79,13 @@ def risk_coverage_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ylabe
                          bands: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, xlabel: str = "coverage"):
     """One line per method: risk against coverage, markers on the measured points; each method has its
     own colour, line style and marker, so coinciding curves stay distinguishable. `thin` maps a method
-    to a boolean per point: those points are ringed in black (`thin_label` in the legend), for points
-    whose error rests on a group with too few accepted samples. `bands` maps a method to the (low,
-    high) risk at each point, shaded in its colour (e.g. the range over seeds). The y axis shows the
-    range of the first three curves (pass them best first); points above it sit on its top edge."""
-    fig, ax = plt.subplots(figsize=(9.5, 5))
+    to a boolean per point: those points are ringed in the method's colour (`thin_label` in the
+    legend), for points whose error rests on a group with too few accepted samples. `bands` maps a
+    method to the (low, high) risk at each point, shaded in its colour (e.g. the range over seeds). The
+    y axis shows the range of the first three curves (pass them best first); points above it are
+    triangles in the method's colour on its top edge. What rings and triangles mean is said after the
+    methods in the legend; the title stands clear of the triangles."""
+    fig, ax = plt.subplots(figsize=(10, 5))
     colours = plt.get_cmap("tab10").colors
     # The competitive range: up to a little above the best curves (the caller passes them best first);
     # a point beyond it (e.g. a group emptied, error 1.0) is drawn on the top edge as a triangle.
@@ -94,21 +103,27 @@ def risk_coverage_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], ylabe
         shown = np.minimum(risk, top)
         out = risk > top
         if out.any():
-            ax.plot(coverage[out], shown[out], linestyle="none", marker="^", markersize=7, color=colour, clip_on=False,
-                    label=None if above else f"above {top:.3g} (off the scale)")
+            ax.plot(coverage[out], shown[out], linestyle="none", marker="^", markersize=7, color=colour, clip_on=False)
             above = True
         flags = np.asarray(thin.get(label, np.zeros(len(coverage), bool)) if thin else np.zeros(len(coverage), bool))
         if flags.any():
             ax.plot(coverage[flags], shown[flags], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
-                    markeredgecolor="black", markeredgewidth=1.2, clip_on=False, label=None if ringed else thin_label)
+                    markeredgecolor=colour, markeredgewidth=1.5, clip_on=False)
             ringed = True
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, top)
-    ax.set_title(title)
+    ax.set_title(title, pad=14 if above or ringed else 6)  # clear of the markers on the top edge
     ax.grid(alpha=0.3)
-    _legend_outside(ax)
+    meaning = []
+    if above:
+        meaning.append(Line2D([], [], linestyle="none", marker="^", markersize=7, color="0.4",
+                              label=f"above {top:.3g} (off the scale)"))
+    if ringed:
+        meaning.append(Line2D([], [], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
+                              markeredgecolor="0.4", markeredgewidth=1.5, label=thin_label))
+    _legend_outside(ax, meaning)
     fig.tight_layout()
     return fig
 
