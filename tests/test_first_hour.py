@@ -122,6 +122,10 @@ def test_a_rerun_that_reuses_the_fit_says_nothing_was_registered(pipeline_store,
     assert re.search(r"argse run \w+ \(reused\): nothing registered; ar-gse-digits-lt@champion is v1, this run's model",
                      result.out), result.out
     assert "as champion" not in result.out
+    # The address that opens MLflow's UI (3.17) on the run list, not on its GenAI pages.
+    home = MlflowClient().get_experiment_by_name("ar-gse/digits-lt").experiment_id
+    assert (f"(then open http://127.0.0.1:5000/#/experiments/{home}/runs?workflowType=machine_learning: the run list "
+            "of ar-gse/digits-lt)") in result.out
     names = [r.info.run_name for r in _runs() if r.data.tags.get("argse.stage") == "pipeline"]
     assert names == ["pipeline digits-lt: ran splits..evaluate", "pipeline digits-lt: reused splits..evaluate"]
 

@@ -270,11 +270,12 @@ def _finale(pipeline: Pipeline) -> None:
         click.echo(f"the model: models:/{register_name}@champion; serve it (from any folder):")
         click.echo(f"  MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{register_name}@champion "
                    "--env-manager local --host 127.0.0.1 --port 5001")
+    experiment_id = mlflow.active_run().info.experiment_id
     if uri.startswith("http"):
-        click.echo(f"see the runs: {uri} (experiment {home})")
+        click.echo(f"see the runs: {tracking.runs_page(experiment_id, uri)} (the run list of {home})")
     else:
-        click.echo(f"see the runs: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000, "
-                   f"experiment {home})")
+        click.echo(f"see the runs: mlflow ui --backend-store-uri {uri}  (then open {tracking.runs_page(experiment_id)}: "
+                   f"the run list of {home})")
 
 
 def verdict(pipeline: Pipeline, table, client: MlflowClient, argse_run_id: str) -> list[str]:

@@ -49,6 +49,7 @@ from argse.tracking.store import (
     configure,
     home_experiment,
     named_experiment,
+    runs_page,
     search_experiment_ids,
 )
 from argse.tracking.tags import (
@@ -99,6 +100,7 @@ __all__ = [
     "redact",
     "resolve_upstream",
     "run_id_of",
+    "runs_page",
     "search_experiment_ids",
     "search_finished",
     "server_problem",

@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, __version__
-from argse.tracking.tags import DEFAULT_EXPERIMENT_ID, EXPERIMENT_KIND, HTTP_TIMEOUT_S, SYSTEM_METRICS_S
+from argse.tracking.tags import DEFAULT_EXPERIMENT_ID, HTTP_TIMEOUT_S, SYSTEM_METRICS_S
 
 
 def absolute_uri(uri: str) -> str:
@@ -95,26 +95,20 @@ def _experiment_id(name: str, create: bool) -> str | None:
             raise ArgseError(
                 f"experiment {name!r} is deleted: restore it (mlflow experiments restore) or pick another --experiment"
             )
-        if create:
-            mark_training_experiment(exp)
         return exp.experiment_id
     if not create:
         return None
     try:
-        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        return client.create_experiment(name)
     except MlflowException:  # created concurrently
         return client.get_experiment_by_name(name).experiment_id
 
 
-def mark_training_experiment(exp) -> None:
-    """Tag an experiment a stage is about to write to as a model-training one (:data:`EXPERIMENT_KIND`),
-    where it lacks the tag (made by an older version, or by hand) and this user may tag it."""
-    for key, value in EXPERIMENT_KIND.items():
-        if exp.tags.get(key) != value:
-            try:
-                MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
-            except MlflowException:  # READ on a team server: the admin's grant tags it
-                return
+def runs_page(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The address of an experiment's run list in MLflow's UI (3.17), in its Model training view: the
+    UI opens an experiment on its GenAI pages unless the address says otherwise (its GenAI / Model
+    training switch decides, whatever the experiment's tags say)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def search_experiment_ids(dataset: str, experiment: str | None = None) -> list[str]:

@@ -21,7 +21,4 @@ SERVER_LOST_AFTER_S = 15.0  # no heartbeat got through for this long: the stage 
 SYSTEM_METRICS_S = 3  # seconds between two samples of an expert run's system metrics
 HTTP_TIMEOUT_S = 10  # MLflow's per-request timeout (one retry), unless MLFLOW_HTTP_REQUEST_TIMEOUT says otherwise
 DEFAULT_EXPERIMENT_ID = "0"
-#: The experiment tag MLflow's UI reads to open an experiment on its runs (a model-training experiment)
-#: rather than on its GenAI pages; the project's experiments carry it from their creation.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
