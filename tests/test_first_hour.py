@@ -170,7 +170,7 @@ def test_verbose_shows_the_system_for_a_stage_on_the_cpu(store, cli):
     result = cli("splits", "--dataset", "digits-lt", "--verbose")
     assert result.code == 0, result.err
     assert result.out.startswith("system: torch ")
-    assert re.search(r"^device: cpu \(.+ torch threads?\); precision fp32; this stage computes on the CPU$",
+    assert re.search(r"^device: cpu \(.+ torch threads?; (portable|\w+) kernels.*\); precision fp32; this stage computes on the CPU$",
                      result.out, re.M), result.out
 
 

@@ -42,7 +42,9 @@ def test_digits_splits_run_logs_artifacts_metrics_inputs_and_figure(store, cli):
 
 def test_same_seed_twice_gives_identical_indices(store, cli):
     assert cli("splits", "--dataset", "digits-lt", "--seed", "5").code == 0
-    assert cli("splits", "--dataset", "digits-lt", "--seed", "5").code == 0
+    again = cli("splits", "--dataset", "digits-lt", "--seed", "5")  # by default it would reuse the first run
+    assert again.code == 0 and "reused" in again.out
+    assert cli("splits", "--dataset", "digits-lt", "--seed", "5", "--rerun").code == 0
     a, b = (load_splits(r.info.run_id) for r in _runs())
     for name in ("train", "tunev", "val", "test"):
         np.testing.assert_array_equal(a.indices[name], b.indices[name])
