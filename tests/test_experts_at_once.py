@@ -37,7 +37,8 @@ def test_at_once_gives_the_runs_and_the_logits_of_one_after_another(store, cli):
     assert cli("splits", "--dataset", "digits-lt").code == 0
     parents = {}
     for mode in ("yes", "no"):
-        result = cli("experts", "--dataset", "digits-lt", "--epochs", "4", "--at-once", mode)
+        # --rerun: the second mode has the same options (--at-once is not one of the run's), which it would reuse
+        result = cli("experts", "--dataset", "digits-lt", "--epochs", "4", "--at-once", mode, "--rerun")
         assert result.code == 0, result.err
         said = "at once, 3 processes of 1 thread(s)" if mode == "yes" else "one after another (--at-once no)"
         assert f"experts: training ce, logitadjust, balsoftmax {said}" in result.out
