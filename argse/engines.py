@@ -122,7 +122,10 @@ class RayEngine:
         try:
             returncode, output = ray.get(task.remote(command[1:], self.code))
         except ray.exceptions.RayError as exc:
-            log.write(f"error: its Ray task failed ({TASK_RETRIES} retries): {first_line(exc)}\n")
+            # An error raised in the task (a node without argse: ModuleNotFoundError) is in ``cause``; the
+            # rest (the node died on every retry, ...) say what happened in their first line.
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
+            log.write(f"error: its Ray task failed: {type(cause).__name__}: {first_line(cause)}\n")
             return subprocess.CompletedProcess(command, 1)
         log.write(output)
         return subprocess.CompletedProcess(command, returncode)
@@ -148,7 +151,8 @@ def connect_ray(address: str | None, *, device: str, home_experiment: str, cores
     given = address or os.environ.get("RAY_ADDRESS")
     _check_reachable(given)
     try:
-        ray.init(address=given or "auto", logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=given or "auto", logging_level=logging.WARNING, log_to_driver=False,
+                 ignore_reinit_error=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"at {given}" if given else "on this machine (no --ray-address or RAY_ADDRESS given)"
         raise ArgseUsageError(f"--engine ray: no Ray cluster answered {where}: {first_line(exc)}; start one with "

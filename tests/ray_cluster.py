@@ -68,6 +68,24 @@ def listeners() -> list[tuple[str, str]]:
     return [(line.split()[3], line.split()[-1] if len(line.split()) > 5 else "") for line in out.splitlines()]
 
 
+def tracking_server(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on 127.0.0.1 with its runs in ``folder/mlflow.db`` (copy a migrated store there
+    to skip the migrations) and serving the artifacts, which it keeps in ``folder/artifacts``: the
+    nodes reach both through it alone. Returns the process, started, and its URI; wait for
+    ``<uri>/health`` before using it (its log: ``folder/server.log``)."""
+    from team_server import free_port
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=folder, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"))
+    return server, uri
+
+
 class Node:
     """One ``ray start --block`` process, started in ``cwd`` with ``env`` (a node's processes inherit
     it: the raylet, its workers and what they run)."""

@@ -10,6 +10,7 @@ summary equals, number for number, the `--engine local` summary of the same seed
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, free_port, subprocess_env, wait_for_http
-from ray_cluster import Cluster, addresses, listeners, loopback_only_network, namespace_problem
+from ray_cluster import Cluster, addresses, listeners, loopback_only_network, namespace_problem, tracking_server
 
 # The team tests' tiny pipeline (tests/test_team_roles.py), with the coverages the summary reads (1, 0.8,
 # 0.6), a checkpoint every epoch (the kill lands between the two epochs of the first expert) and the CPU
@@ -37,9 +38,7 @@ TAG_NODE = "argse.ray.node"
 
 
 def _ray_missing() -> str | None:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:
         return 'Ray is not installed (the extra: pip install -e ".[ray]"; .ci/run installs it)'
     return None
 
@@ -76,15 +75,8 @@ def world(tmp_path_factory, _migrated_db):
         local = subprocess.Popen([sys.executable, "-m", "argse", "benchmark", "--seeds", SEEDS, "--workers", "2",
                                   "--device", "cpu", *TINY], cwd=work / "local", env=subprocess_env(local_uri),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        port = free_port()
-        uri = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{work / 'server' / 'mlflow.db'}",
-             "--serve-artifacts", "--artifacts-destination", str(work / "server" / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=work / "server", env={**subprocess_env(uri), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=subprocess.DEVNULL, stderr=open(work / "server" / "server.log", "w"))
-        env = {k: v for k, v in subprocess_env(uri).items() if not k.startswith("MLFLOW_")}
+        env = {k: v for k, v in subprocess_env("").items() if not k.startswith("MLFLOW_")}
+        server, uri = tracking_server(work / "server", env)
         arm = work / "kill-the-worker"
         # The worker node's processes (and so the pipelines it runs) carry the kill point: armed once
         # `arm` names a pid, it kills that process's whole tree at an expert's checkpoint, once.
