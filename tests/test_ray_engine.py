@@ -11,7 +11,6 @@ summary equals, number for number, the `--engine local` summary of the same seed
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import subprocess
 import sys
@@ -76,14 +75,15 @@ def world(tmp_path_factory, _migrated_db):
                                   "--device", "cpu", *TINY], cwd=work / "local", env=subprocess_env(local_uri),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         env = {k: v for k, v in subprocess_env("").items() if not k.startswith("MLFLOW_")}
-        server, uri = tracking_server(work / "server", env)
         arm = work / "kill-the-worker"
         # The worker node's processes (and so the pipelines it runs) carry the kill point: armed once
         # `arm` names a pid, it kills that process's whole tree at an expert's checkpoint, once.
         cluster = Cluster(env, cpus=3, gpus=1, worker_env={
             "PYTHONPATH": str(REPO / "tests" / "killpoints") + ":" + env["PYTHONPATH"],
             "ARGSE_KILL_AT": "experts:checkpoint", "ARGSE_KILL_NODE": str(arm)})
+        server = None
         try:
+            server, uri = tracking_server(work / "server", env)
             cluster.start()
             wait_for_http(f"{uri}/health", server, log=work / "server" / "server.log")
             yield World(uri, cluster, arm, local, local_uri, work)
@@ -92,8 +92,9 @@ def world(tmp_path_factory, _migrated_db):
                 local.kill()
                 local.communicate()
             cluster.stop()
-            server.terminate()
-            server.wait(timeout=30)
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
 
 
 def _runs(client: MlflowClient, stage: str) -> list:
@@ -135,6 +136,8 @@ def test_a_benchmark_on_two_nodes_survives_a_dead_worker_and_equals_the_local_su
     (summary,) = _runs(client, "benchmark")
     assert summary.info.status == "FINISHED"
     assert summary.data.tags["argse.benchmark.engine"] == f"ray {world.cluster.address}"
+    log = Path(client.download_artifacts(summary.info.run_id, "benchmark/logs/seed0-lt.log", str(world.work)))
+    assert log.read_text().splitlines()[0].endswith(", given CPU 3")  # what Ray gave the task: no GPU
 
     pipelines = _runs(client, "pipeline")
     finished = [r for r in pipelines if r.info.status == "FINISHED"]
@@ -195,6 +198,8 @@ def test_a_cuda_pipeline_asks_ray_for_one_gpu(world):
 @pytest.mark.slow
 def test_an_unreachable_ray_address_is_one_line_and_exit_2_within_30_s(world):
     address = f"127.0.0.1:{free_port()}"  # inside the namespace: nothing listens there
+    client = MlflowClient(tracking_uri=world.uri)
+    before = len(_runs(client, "benchmark"))
     started = time.monotonic()
     done = _argse("benchmark", "--seeds", "0", "--engine", "ray", "--ray-address", address, *TINY,
                   uri=world.uri, cwd=world.work / "driver", timeout=120)
@@ -202,6 +207,7 @@ def test_an_unreachable_ray_address_is_one_line_and_exit_2_within_30_s(world):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith(f"error: --ray-address {address}: nothing answers there")
+    assert len(_runs(client, "benchmark")) == before  # no run
 
 
 # ------------------------------------------------------------------------------------ without a cluster
@@ -249,4 +255,28 @@ def test_a_pipeline_asks_for_a_gpu_where_it_trains_on_cuda_else_the_local_engine
     assert pipeline_request("auto", 0.0, 3, 3.0) == cpu
     assert pipeline_request("cpu", 4.0, 3, 3.0) == cpu
     assert describe_request(cpu) == "3 CPUs and 3 GiB of memory" and describe_request({"num_gpus": 1}) == "1 GPU"
-    assert json.loads(json.dumps(cpu)) == cpu  # plain numbers: they pass to ray.remote(...).options as they are
+
+
+def test_engine_ray_refuses_artifacts_in_a_folder_of_one_machine(store):
+    from argse import ArgseUsageError
+    from argse.engines import _check_artifact_location
+
+    client = MlflowClient()
+    client.create_experiment("served", artifact_location="mlflow-artifacts:/served")  # what `mlflow server` gives
+    client.create_experiment("local folder")  # a SQLite store's: ./mlruns beside it
+    _check_artifact_location("served")
+    _check_artifact_location("not made yet")
+    with pytest.raises(ArgseUsageError, match="experiment local folder keeps its artifacts in .*, a folder of one machine"):
+        _check_artifact_location("local folder")
+
+
+def test_engine_ray_refuses_a_tracking_server_on_the_loopback_when_nodes_are_elsewhere():
+    from argse import ArgseUsageError
+    from argse.engines import _check_tracking_host
+
+    here, there = {"NodeManagerAddress": "127.0.0.1"}, {"NodeManagerAddress": "10.0.0.7"}
+    _check_tracking_host("http://127.0.0.1:5000", [here, here])  # a cluster of this machine (the tests')
+    _check_tracking_host("http://10.0.0.5:5000", [here, there])
+    for uri in ("http://127.0.0.1:5000", "http://localhost:5000", "http://[::1]:5000"):
+        with pytest.raises(ArgseUsageError, match="nodes at 10.0.0.7 cannot reach"):
+            _check_tracking_host(uri, [here, there])
