@@ -81,7 +81,9 @@ def tracking_server(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
          "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=folder, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        # Telemetry off: its thread, finding no network, unsets _MLFLOW_TELEMETRY_SESSION_ID while the
+        # `mlflow server` command copies os.environ to start its workers (a KeyError, seen once here).
+        cwd=folder, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
         stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "w"))
     return server, uri
 
