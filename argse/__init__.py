@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 EXPERTS = ("ce", "logitadjust", "balsoftmax")  # the experts' training losses (argse.training.losses)
 OBJECTIVES = ("balanced", "worst")  # what a plug-in rule is fitted for (argse.selective)
 DEVICES = ("auto", "cpu", "cuda")  # --device: where expert training runs (argse.training.utils.resolve_device)
+ENGINES = ("local", "ray")  # argse benchmark --engine: where its pipelines run (argse.engines)
 
 
 def fmt_number(value: float) -> str:

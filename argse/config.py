@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping
 
-from argse import DEVICES, EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
+from argse import DEVICES, ENGINES, EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
 from argse.data.splits import EVAL_SPLITS, PRIORS
 from argse.presets import DATASETS, PRESETS, DatasetPreset, preset
 
@@ -597,6 +597,12 @@ class BenchmarkConfig(StageConfig):
                                          help=f"The target label priors, one pipeline each per seed ({', '.join(PRIORS)}).")
     workers: int | None = option(hashed=False, help="Pipelines run side by side (default: what the machine's "
                                                    "cores and memory fit; --dry-run says which).")
+    engine: str = option("local", choices=ENGINES, hashed=False,
+                         help="Where the pipelines run: local (processes of this machine) or ray (one task each on a "
+                              "Ray cluster; the extra: pip install -e \".[ray]\"; docs/cluster.md).")
+    ray_address: str | None = option(hashed=False, metavar="HOST:PORT",
+                                     help="--engine ray: the head node's address (default: RAY_ADDRESS, else the "
+                                          "cluster this machine joined with `ray start`).")
     force: bool = option(False, hashed=False, help="Rerun every pipeline even when an identical one finished.")
     stage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -604,6 +610,8 @@ class BenchmarkConfig(StageConfig):
         cfg = self._resolved()
         if cfg.workers is not None and cfg.workers < 1:
             raise ArgseUsageError(f"--workers {cfg.workers} must be >= 1 (or left out: what the machine fits)")
+        if cfg.ray_address and cfg.engine != "ray":
+            raise ArgseUsageError(f"--ray-address is for --engine ray (the engine is {cfg.engine}): add --engine ray")
         known = {p.name for p in benchmark_pass_through()}
         unknown = sorted(set(cfg.stage_options) - known)
         if unknown:

@@ -34,6 +34,9 @@ TAG_DRY_RUN = "argse.dry_run"  # pipeline: a run `mlflow run` made for a dry run
 TAG_STEP = "argse.step."  # + pipeline step name, on the pipeline run: "<action> <run id>"
 TAG_BENCHMARK_PIPELINE = "argse.benchmark.pipeline."  # + "seed<S>.<prior>", on a benchmark run: the pipeline it read
 TAG_BENCHMARK_FAILED = "argse.benchmark.failed."  # + "seed<S>.<prior>", on a benchmark run: why that pipeline failed
+TAG_BENCHMARK_ENGINE = "argse.benchmark.engine"  # on a benchmark run: where its pipelines ran (local, ray <address>)
+TAG_RAY_NODE = "argse.ray.node"  # on every run a pipeline made on a Ray node: the node's id
+TAG_RAY_NODE_IP = "argse.ray.node_ip"  # ... and its address
 
 # -- artifact paths, relative to the run's artifact root -------------------------------------------
 
@@ -148,9 +151,10 @@ EVALUATE_STAGE = Stage(
     reads=(Input("argse", "argse", option="model_uri"), Input("gating", "gating-selective"),
            Input("experts", "experts"), Input("splits", "splits")),
     tags=(TAG_MODEL_URI,), artifacts=(f"{RESULTS_DIR}/{RESULTS_TABLE}",))
-PIPELINE_STAGE = Stage("pipeline", command="pipeline", entry_point="main", step=None, tags=(TAG_DRY_RUN, TAG_STEP))
+PIPELINE_STAGE = Stage("pipeline", command="pipeline", entry_point="main", step=None,
+                       tags=(TAG_DRY_RUN, TAG_STEP, TAG_RAY_NODE, TAG_RAY_NODE_IP))
 BENCHMARK_STAGE = Stage("benchmark", command="benchmark", entry_point="benchmark", step=None,
-                        tags=(TAG_BENCHMARK_PIPELINE, TAG_BENCHMARK_FAILED),
+                        tags=(TAG_BENCHMARK_PIPELINE, TAG_BENCHMARK_FAILED, TAG_BENCHMARK_ENGINE),
                         artifacts=(f"{BENCHMARK_DIR}/{RESULTS_TABLE}",))
 
 STAGES: Mapping[str, Stage] = MappingProxyType(

@@ -6,6 +6,7 @@
 experts). A pipeline that already FINISHED with the same options and code is reused without starting
 anything, so a rerun, or a second machine on a team server, adds only what is missing; two pipelines
 of the same seed started at once by two benchmarks wait for each other (``argse.stages.pipeline``).
+``--engine ray`` runs each pipeline as a task of a Ray cluster instead (:mod:`argse.engines`).
 
 The summary run (``benchmark <dataset>: seeds 0-2``) reads each pipeline's evaluate tables and logs,
 per prior and method, the mean, standard deviation and each seed's value of the areas and the errors
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +34,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, figures, tracking
+from argse import ArgseError, engines, figures, tracking
 from argse.config import BenchmarkConfig
 from argse.selective.seeds import METRICS, PAIRED, mean_curves, summarise
 from argse.stage_registry import (
@@ -42,6 +42,7 @@ from argse.stage_registry import (
     COVERAGE_POINTS,
     RESULTS_DIR,
     RESULTS_TABLE,
+    TAG_BENCHMARK_ENGINE,
     TAG_BENCHMARK_FAILED,
     TAG_BENCHMARK_PIPELINE,
     TAG_STEP,
@@ -110,7 +111,10 @@ def run(cfg: BenchmarkConfig, *, experiment: str | None = None) -> str | None:
         found = None if cfg.force else cached_pipeline(cfg, job.seed, job.prior, experiment)
         if found is not None:
             job.run_id, job.action = found.info.run_id, "reused"
-    workers, why = choose_workers(cfg)
+    engine = engines.connect(cfg.engine, cfg.ray_address, device=cfg.device, cores=PIPELINE_CORES,
+                             memory_gib=PIPELINE_MEMORY_GIB,
+                             home_experiment=tracking.home_experiment(cfg.dataset, experiment))
+    workers, why = choose_workers(cfg) if engine.name == "local" else engine.slots(len(cfg.seeds), cfg.workers)
     if cfg.dry_run:
         click.echo(cfg.dry_run_header("benchmark"))
         click.echo(f"  workers: {workers} ({why})")
@@ -122,11 +126,12 @@ def run(cfg: BenchmarkConfig, *, experiment: str | None = None) -> str | None:
     name = f"benchmark {cfg.dataset}: seeds {seed_span(cfg.seeds)}"
     with tracking.stage_run("benchmark", cfg.dataset, cfg.params(), experiment=experiment, run_name="benchmark") as active:
         MlflowClient().update_run(active.info.run_id, name=name)
+        mlflow.set_tag(TAG_BENCHMARK_ENGINE, engine.describe())
         todo = [job for job in jobs if job.action != "reused"]
         click.echo(f"{name}: {len(jobs) - len(todo)} pipeline(s) reused, {len(todo)} to run, "
                    f"{workers if todo else 0} at a time ({why})")
         with tempfile.TemporaryDirectory(prefix="argse-benchmark-") as tmp:
-            _run_pipelines(cfg, todo, workers, experiment, Path(tmp))
+            _run_pipelines(cfg, engine, todo, workers, experiment, Path(tmp))
             mlflow.log_artifacts(tmp, f"{BENCHMARK_DIR}/logs")
         mlflow.set_tags({TAG_BENCHMARK_PIPELINE + job.key: job.run_id for job in jobs if job.run_id})
         failed = [job for job in jobs if job.action == "failed"]
@@ -146,8 +151,10 @@ def _pipeline_command(cfg: BenchmarkConfig, job: Job, experiment: str | None) ->
             + (["--experiment", experiment] if experiment else []))
 
 
-def _run_pipelines(cfg: BenchmarkConfig, todo: list[Job], workers: int, experiment: str | None, logs: Path) -> None:
-    """Run the pipelines of ``todo``: one thread per seed slot, a seed's priors one after another."""
+def _run_pipelines(cfg: BenchmarkConfig, engine: engines.Engine, todo: list[Job], workers: int, experiment: str | None,
+                   logs: Path) -> None:
+    """Run the pipelines of ``todo`` on ``engine`` (:mod:`argse.engines`): one thread per seed slot, a
+    seed's priors one after another."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
     lock = threading.Lock()
@@ -160,8 +167,7 @@ def _run_pipelines(cfg: BenchmarkConfig, todo: list[Job], workers: int, experime
             job.log = logs / f"seed{job.seed}-{job.prior}.log"
             started = time.perf_counter()
             with open(job.log, "w") as out:
-                done = subprocess.run(_pipeline_command(cfg, job, experiment), env=env, stdout=out,
-                                      stderr=subprocess.STDOUT, text=True)
+                done = engine.run(_pipeline_command(cfg, job, experiment), env, out)
             job.seconds = time.perf_counter() - started
             text = job.log.read_text()
             job.run_id = next((line.split()[2] for line in text.splitlines() if line.startswith("pipeline run ")), None)

@@ -11,6 +11,11 @@ their module is imported.
                         integrity:logits/ (an expert's logits), integrity:model/ (after its model)
     argse:registered    after the fit registered its model, inside its run
     argse:finished      after the fit's run FINISHED, before the champion alias moves
+
+With ``ARGSE_KILL_NODE=<file>`` as well, a point fires only while ``<file>`` exists, and once: the first
+process to reach it takes the file (renames it to ``<file>.fired``) and kills the process whose pid it
+holds with all its descendants (``process_tree.kill_tree``), itself among them: a whole Ray node, when
+the file names the ``ray start --block`` process that started the node.
 """
 
 import importlib.abc
@@ -20,9 +25,19 @@ import signal
 import sys
 
 POINT = os.environ.get("ARGSE_KILL_AT", "")
+NODE = os.environ.get("ARGSE_KILL_NODE", "")
 
 
 def _kill() -> None:
+    if NODE:
+        try:
+            os.rename(NODE, NODE + ".fired")  # of the processes that reach the point, one takes it
+        except FileNotFoundError:
+            return  # not armed, or fired already
+        from process_tree import kill_tree
+
+        with open(NODE + ".fired") as f:
+            kill_tree(int(f.read()))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
