@@ -560,6 +560,20 @@ def _decision(client: MlflowClient, name: str, version, before, best, best_value
             f"{_source(version, mine)} >= {_source(best, best_value)}; {_compared(among)})")
 
 
+def standing(client: MlflowClient, name: str, version) -> str:
+    """Where ``version`` of ``name`` stands now, in a phrase: champion, compared with it, or not."""
+    champion = _champion(client, name)
+    if champion is None:
+        return f"no {CHAMPION}"
+    if champion.version == version.version:
+        return CHAMPION
+    mine, theirs = compared_on_of(client, version), compared_on_of(client, champion)
+    if mine != theirs:
+        differ = [f"{a} vs {b}" for a, b in zip((mine or "").split(", "), (theirs or "").split(", ")) if a != b]
+        return f"not compared with {CHAMPION} v{champion.version} ({'; '.join(differ) or 'nothing recorded'})"
+    return f"compared with {CHAMPION} v{champion.version}, not better"
+
+
 def crown_by_hand(ref: str) -> str:
     """Make the version ``ref`` (``models:/<name>/<version>``) champion, whatever it was compared with:
     a maintainer's choice where the criterion cannot choose (a version on other splits, another
@@ -588,4 +602,4 @@ def crown_by_hand(ref: str) -> str:
 
 
 __all__ = ["run", "fit_rule", "cost_for_coverage", "operating_point", "register", "crown", "best_version",
-           "crown_by_hand", "Candidate", "compared_on", "splits_digest"]
+           "crown_by_hand", "standing", "Candidate", "compared_on", "splits_digest"]
