@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import click
 
@@ -120,8 +121,12 @@ def grant(user: str, role: str, dataset: str) -> list[str]:
         raise ArgseError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.server import get_app_client
     from mlflow.tracking import MlflowClient
+
+    from mlflow.server import get_app_client
+
+    # MLflow's auth app imports a Starlette module that warns about its own deprecation: not the user's.
+    warnings.filterwarnings("ignore", message=r"starlette\.middleware\.wsgi is deprecated")
 
     uri = mlflow.get_tracking_uri()
     client = MlflowClient()
