@@ -215,16 +215,14 @@ def check_model(root: Path) -> str:
                            "MLFLOW_TRACKING_URI to the tracking server it was logged to") from None
     expected = {path.removeprefix(f"{MODEL}/"): values for path, values in digests.items()
                 if path.startswith(f"{MODEL}/")}
-    from argse.tracking.integrity import files_under, sha256
-
-    found = files_under(root, "")
+    found = integrity.files_under(root, "")
     for name in sorted(set(expected) - set(found)):
         raise ModelRefused(f"run {run_id}: {MODEL}/{name}, a file of the model it logged, is missing: do not serve it")
     for name, file in found.items():
         if name not in expected:
             raise ModelRefused(f"run {run_id}: {MODEL}/{name} is not among the files the run logged (it was added): "
                                "do not serve it")
-        digest = sha256(file)
+        digest = integrity.sha256(file)
         if digest not in expected[name]:
             raise ModelRefused(f"run {run_id}: {MODEL}/{name} is not what the run logged (sha256 expected "
                                f"{expected[name][-1][:16]}..., found {digest[:16]}...): do not serve it; refit with "

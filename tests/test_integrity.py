@@ -16,6 +16,12 @@ from mlflow.tracking import MlflowClient
 from argse.tracking import integrity
 
 
+@pytest.fixture(autouse=True)
+def _experiment(store):
+    """The runs in an experiment of the test's own store (Default's artifacts would land in the checkout)."""
+    mlflow.set_experiment("integrity")
+
+
 def _digest_keys(run_id: str) -> tuple[list[str], list[str]]:
     """The run's params and tags that hold digests."""
     data = MlflowClient().get_run(run_id).data

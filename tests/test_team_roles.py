@@ -308,11 +308,17 @@ def test_a_balanced_fit_is_never_compared_with_worst_fits(team):
         balanced = _runs(MlflowClient(server.uri), "ar-gse/digits-lt/bob", "argse")[0].info.run_id
     promoted = _argse(server, ALICE, "team", "promote", balanced)
     assert promoted.returncode == 0, promoted.stderr[-3000:]
-    assert re.search(r"as ar-gse-digits-lt v(\d+) .*champion stays v1: v\1 is not compared with it \(objective "
-                     r"balanced vs objective worst\).*argse crown models:/ar-gse-digits-lt/\1", promoted.stdout), \
-        promoted.stdout[-2000:]
+    found = re.search(r"as ar-gse-digits-lt v(\d+) .*champion stays v1: v\1 is not compared with it \(objective "
+                      r"balanced vs objective worst\).*argse crown models:/ar-gse-digits-lt/\1", promoted.stdout)
+    assert found, promoted.stdout[-2000:]
     with credentials_in_env(ALICE):
         assert MlflowClient(server.uri).get_model_version_by_alias("ar-gse-digits-lt", "champion").version == "1"
+    # The command the line names: a maintainer's choice, not a teammate's.
+    ref = f"models:/ar-gse-digits-lt/{found.group(1)}"
+    assert "403" in _one_line(_argse(server, BOB, "crown", ref))
+    crowned = _argse(server, ALICE, "crown", ref)
+    assert crowned.returncode == 0, crowned.stderr[-2000:]
+    assert crowned.stdout.startswith(f"ar-gse-digits-lt@champion is v{found.group(1)} by hand (it was v1)"), crowned.stdout
 
 
 def test_the_loader_refuses_a_model_whose_provenance_or_weights_were_edited(team, tmp_path):
