@@ -24,6 +24,7 @@ must be, file for file, what this refit builds, and its criterion what the refit
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -322,8 +323,6 @@ class Candidate:
         if not gating:
             raise ArgseError(f"run {self.run_id} names no gating run (tag {stage_registry.TAG_UPSTREAM}gating): "
                              "promote the run `argse fit` made")
-        import dataclasses
-
         return dataclasses.replace(cfg, gating_run=gating, register_name=register_name).resolve()
 
     def check_criterion(self, value: float, compared: str) -> None:
