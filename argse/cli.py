@@ -19,6 +19,7 @@ from argse import ArgseError, ArgseUsageError, __version__
 from argse.presets import DATASETS as PRESETS_NAMES
 from argse.presets import apply_portable_kernels
 from argse.config import (
+    BENCHMARK_REGISTER_NAME,
     EVAL_SPLITS,
     BenchmarkConfig,
     benchmark_pass_through,
@@ -310,7 +311,10 @@ def pipeline(**kwargs):
 def benchmark_options(f):
     """The pipeline options ``argse benchmark`` passes to each pipeline (:func:`argse.config.benchmark_pass_through`)."""
     for p in reversed(benchmark_pass_through()):
-        f = click_option(p.option, name=p.name, default=p.default, help=_pass_through_help(p))(f)
+        text = _pass_through_help(p)
+        if p.name == "register_name":
+            text = f"fit: Registered model name (default {BENCHMARK_REGISTER_NAME.format(dataset='<dataset>')})."
+        f = click_option(p.option, name=p.name, default=p.default, help=text)(f)
     return f
 
 
@@ -328,7 +332,7 @@ def benchmark(**kwargs):
 
 
 #: Commands that are tools, not stages (they make no run).
-TOOLS = ("status", "verify", "team")
+TOOLS = ("status", "verify", "crown", "team")
 
 
 @cli.command()
@@ -347,6 +351,22 @@ def verify(ref, tracking_uri, experiment):
     checked = verify_run(run_id)
     click.echo(f"run {run_id}: {len(checked)} file(s) are what the run logged ({', '.join(checked[:4])}"
                + (f", ... {len(checked) - 4} more)" if len(checked) > 4 else ")"))
+
+
+@cli.command()
+@click.argument("ref")
+@tracking_options
+def crown(ref, tracking_uri, experiment):
+    """Make a registered version champion by hand: REF is models:/<name>/<version>.
+
+    For a version the criterion does not compare with the champion (fitted on other splits, for
+    another objective or prior): from then on the versions comparable with it compete. Its run must be
+    a FINISHED fit whose files are what it logged."""
+    from argse import tracking
+    from argse.stages.argse import crown_by_hand
+
+    tracking.configure(tracking_uri or click.get_current_context().find_root().params.get("tracking_uri"))
+    click.echo(crown_by_hand(ref))
 
 
 @cli.command()

@@ -572,6 +572,11 @@ def parse_priors(text: str | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(values)
 
 
+#: Where the benchmark's pipelines register their models unless --register-name names another: a model
+#: of their own, so that seeds fitted on other splits never compete with (nor move) the champion of
+#: ``ar-gse-<dataset>``, the quickstart's.
+BENCHMARK_REGISTER_NAME = "ar-gse-{dataset}-benchmark"
+
 #: The pipeline options the benchmark sets itself for each pipeline it starts, in place of the
 #: pipeline's own: one pipeline per seed (``--seeds``) and test prior (``--test-prior``, a list here).
 BENCHMARK_OWN = ("test_prior",)
@@ -622,8 +627,10 @@ class BenchmarkConfig(StageConfig):
         return cfg
 
     def pipeline_config(self, seed: int, prior: str) -> "PipelineConfig":
-        """The resolved config of the pipeline of one seed and prior."""
+        """The resolved config of the pipeline of one seed and prior (registering in the benchmark's
+        own model unless --register-name names one: :data:`BENCHMARK_REGISTER_NAME`)."""
         given = {k: v for k, v in self.stage_options.items() if v is not None}
+        given.setdefault("register_name", BENCHMARK_REGISTER_NAME.format(dataset=self.dataset))
         return PipelineConfig(dataset=self.dataset, data_dir=self.data_dir, seed=seed, device=self.device,
                               verbose=self.verbose, stage_options={**given, "test_prior": prior}).resolve()
 
@@ -647,5 +654,5 @@ __all__ = [
     "option", "options", "Option", "parse_group_thresholds",
     "StageConfig", "SingleStageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig", "EvaluateConfig", "PipelineConfig",
     "PassThrough", "pipeline_options", "STAGE_CONFIGS", "BenchmarkConfig", "benchmark_pass_through", "parse_seeds",
-    "parse_priors",
+    "parse_priors", "BENCHMARK_REGISTER_NAME",
 ]

@@ -1,11 +1,13 @@
-"""The served AR-GSE model, logged from code (MLflow 3's models from code).
+"""The loader MLflow imports to load the served AR-GSE model (MLflow's ``loader_module`` flavour).
 
-MLflow runs this file when the model is logged and when it is loaded; the ``argse`` package it
-imports travels with the model (``code_paths``). Nothing else should import it.
+The model folder holds data only; MLflow calls :func:`_load_pyfunc` with its ``data/components``
+folder, and the code that runs is this installed package: every file of the model is checked against
+the digests its run sealed on the tracking server before any of them is read
+(:func:`argse.serving.load_checked`).
 """
 
-from mlflow.models import set_model
+from argse.serving import load_checked
 
-from argse.serving import ARGSEModel
 
-set_model(ARGSEModel())
+def _load_pyfunc(data_path: str):
+    return load_checked(data_path)

@@ -1,48 +1,62 @@
 """The final AR-GSE model as an MLflow pyfunc: three experts, their temperatures, the gate and the rule.
 
-Input (the contract, declared in the model's signature): a batch of raw images whose pixels are
-integers in 0..255, a uint8 array ``[N, H, W, C]`` (``[N, H, W]`` for the one-channel digits). MLflow
-enforces it: ``predict`` in Python refuses other dtypes and shapes; the scoring server casts a JSON
-request's numbers to uint8 (so send integers: a fraction is cut off) and refuses integers outside
-0..255. The model checks the same again for callers that bypass MLflow (:func:`as_images`).
-An empty batch gets an empty answer. Output: one row per image with ``prediction``, ``accept``,
-``margin``, ``group`` (the name of the predicted class's group: ``head`` / ``tail``) and ``confidence``
-(the mixture's probability of the predicted class). The inference parameter ``cost`` (a number >= 0)
-changes the rejection cost at predict time: an image is accepted when its margin is at least ``-cost``,
-so a higher cost accepts more (rules with per-group thresholds ignore it, as their thresholds replace
-the cost). The rejector abstains on hard images of the classes it was trained on; it is not an out-of-
-distribution detector, and answers an image of something else (a blank one included) like any other.
+Input (the contract, in the model's metadata and checked by the model itself): a batch of raw images
+whose pixels are integers in 0..255, an array ``[N, H, W, C]`` (``[N, H, W]`` for the one-channel
+digits), uint8 or any integer dtype. Anything else is refused with one line that says what to send
+(HTTP 400 from ``mlflow models serve``): floats (the scoring server would otherwise cast ``0.5`` to 0
+and answer a black image), integers outside 0..255, another shape, a request with no images. The
+signature declares the outputs and the ``cost`` parameter, not the input: a declared uint8 input
+makes MLflow cast a request's numbers to uint8 before the model sees them, cutting fractions off.
+A Python batch of zero images of the right shape gets an empty answer. Output: one row per image with
+``prediction``, ``accept``, ``margin``, ``group`` (the name of the predicted class's group: ``head`` /
+``tail``) and ``confidence`` (the mixture's probability of the predicted class). The inference
+parameter ``cost`` (a number >= 0) changes the rejection cost at predict time: an image is accepted
+when its margin is at least ``-cost``, so a higher cost accepts more (rules with per-group thresholds
+ignore it, as their thresholds replace the cost). The rejector abstains on hard images of the classes
+it was trained on; it is not an out-of-distribution detector, and answers an image of something else
+(a blank one included) like any other.
 
-The model is logged *from code* (MLflow 3): ``served_model.py`` builds :class:`ARGSEModel`, and the
-``argse`` package travels with the model (``code_paths``), so it loads where argse is not installed.
+The model holds data only: ``data/components`` (the experts' and the gate's weights, the rule, and
+``meta.json`` with the provenance) and MLflow's own files. Its code is this installed package: MLflow
+loads it through the ``loader_module`` flavour (:mod:`argse.served_model`), which checks every file
+of the model against the digests the run that logged it sealed on the tracking server, and reads
+weights only with ``torch.load(weights_only=True)`` (docs/team-server.md says why).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from argse import ArgseError, __version__
 from argse.models.backbones import build_backbone
 from argse.models.experts import ExpertModel
 from argse.models.gating import GatingNet, gated_mixture
 from argse.selective import PluginRule
 from argse.stage_registry import MODEL
 
-
 # The answer's columns, their dtypes and their MLflow signature types.
 OUTPUT_COLUMNS = {"prediction": (np.int64, "long"), "accept": (bool, "boolean"), "margin": (np.float64, "double"),
                   "group": (str, "string"), "confidence": (np.float64, "double")}
-MODEL_CODE = Path(__file__).with_name("served_model.py")
+LOADER = "argse.served_model"  # the module MLflow imports to load the model (it defines _load_pyfunc)
+COMPONENTS = "data/components"  # inside the model folder: what the loader reads
+EXPERT_FILE = "expert_{name}.pt"
+GATE_FILE = "gate.pt"
+RULE_FILE = "rule.json"
+META_FILE = "meta.json"
+#: The fields of meta.json that say where the model comes from: the run that logged it (whose sealed
+#: digests the loader checks every file against) and the runs its files were copied from.
+PROVENANCE = ("run_id", "upstream")
 
 
 class ContractError(MlflowException):
@@ -77,17 +91,19 @@ def as_images(images, image_shape) -> np.ndarray:
     h, w, c = image_shape
     contract = input_contract(image_shape)
     images = images.to_numpy() if isinstance(images, pd.DataFrame) else np.asarray(images)
+    shapes = ((h, w, c),) + (((h, w),) if c == 1 else ())
     if images.size == 0:
-        return np.zeros((0, h, w, c), dtype=np.uint8)
+        if images.ndim in (3, 4) and images.shape[1:] in shapes:
+            return np.zeros((0, h, w, c), dtype=np.uint8)
+        raise ContractError(f"{contract}; got no images (an empty request): send at least one")
     if images.dtype.kind == "f":
         low, high = float(np.nanmin(images)), float(np.nanmax(images))
-        raise ContractError(f"{contract}; got floats in [{low:g}, {high:g}]: scale them to 0..255 and round "
-                            "(x * 255 for [0, 1], x * 255 / 16 for scikit-learn's 0..16 digits)")
+        raise ContractError(f"{contract}; got floats in [{low:g}, {high:g}]: scale them to 0..255 and round to "
+                            "integers (x * 255 for [0, 1], x * 255 / 16 for scikit-learn's 0..16 digits)")
     if images.dtype.kind not in "iu":
         kind = {"b": "booleans", "U": "text", "S": "bytes", "O": "mixed values"}.get(images.dtype.kind, str(images.dtype))
         raise ContractError(f"{contract}; got {kind}")
-    ok = images.shape[1:] in ((h, w, c),) + (((h, w),) if c == 1 else ())
-    if images.ndim not in (3, 4) or not ok:
+    if images.ndim not in (3, 4) or images.shape[1:] not in shapes:
         raise ContractError(f"{contract}; got shape {list(images.shape)}")
     low, high = int(images.min()), int(images.max())
     if low < 0 or high > 255:
@@ -108,28 +124,21 @@ def as_cost(value) -> float | None:
     return cost
 
 
-class ARGSEModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc; build its artifacts with :func:`save_components`."""
+class ARGSEModel:
+    """The served model: what :func:`load_checked` returns for MLflow to call ``predict`` on."""
 
-    def load_context(self, context) -> None:
-        folder = Path(context.artifacts["components"])
-        meta = json.loads((folder / "meta.json").read_text())
-        check_components(folder, meta.get("run_id"))
+    def __init__(self, folder: Path):
+        meta = json.loads((folder / META_FILE).read_text())
         self.meta = meta
         self.experts = []
         for name in meta["experts"]:
-            saved = torch.load(folder / f"expert_{name}.pt", map_location="cpu", weights_only=True)
-            model = ExpertModel(build_backbone(backbone_of(meta), meta["num_classes"]), saved["mean"], saved["std"])
+            saved = torch.load(folder / EXPERT_FILE.format(name=name), map_location="cpu", weights_only=True)
+            model = ExpertModel(build_backbone(meta["backbone"], meta["num_classes"]), saved["mean"], saved["std"])
             model.load_state_dict(saved["state_dict"])
             self.experts.append(model.eval())
-        saved = torch.load(folder / "gate.pt", map_location="cpu", weights_only=True)
-        self.gate = GatingNet.from_config(saved["config"])
-        self.gate.load_state_dict(saved["state_dict"])
-        self.gate.eval()
-        self.rule = PluginRule.from_dict(json.loads((folder / "rule.json").read_text()))
-        # Models logged before the experts' posteriors were moved to the target prior have no shifts.
-        self.shifts = torch.tensor(meta.get("posterior_shifts", [[0.0] * meta["num_classes"]] * len(self.experts)),
-                                   dtype=torch.float64)
+        self.gate = load_gate_file(folder / GATE_FILE)
+        self.rule = PluginRule.from_dict(json.loads((folder / RULE_FILE).read_text()))
+        self.shifts = torch.tensor(meta["posterior_shifts"], dtype=torch.float64)
 
     @torch.no_grad()
     def posteriors(self, images) -> torch.Tensor:
@@ -139,40 +148,86 @@ class ARGSEModel(mlflow.pyfunc.PythonModel):
         logits = torch.stack([expert(x).double() for expert in self.experts], dim=1)
         return (logits + self.shifts[None]).softmax(dim=2)
 
-    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        # The ndarray hint tells MLflow to validate with the logged signature, not with hints.
+    def predict(self, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         cost = as_cost((params or {}).get("cost"))
         images = as_images(model_input, self.meta["image_shape"])
         if len(images) == 0:
             return _frame({name: [] for name in OUTPUT_COLUMNS})
         return predict_frame(self.rule, gated_mixture(self.gate, self.posteriors(images)), cost,
-                             group_names=self.meta.get("group_names"))
+                             group_names=self.meta["group_names"])
 
 
-def check_components(folder: Path, run_id: str | None) -> None:
-    """Check the model's files against the digests its fit run recorded (write-once params), before any
-    of them is read: one line naming the run and the file where one differs. Models logged before the
-    digests existed have no run id and are read as they are."""
-    if not run_id:
-        return
-    from argse.tracking.integrity import ArtifactChanged, recorded, sha256
+def load_gate_file(path: Path) -> GatingNet:
+    """A gate as the gating stage saves it (``{"state_dict", "config"}``), weights only."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    gate = GatingNet.from_config(saved["config"])
+    gate.load_state_dict(saved["state_dict"])
+    return gate.eval()
+
+
+def load_checked(data_path: str | Path) -> ARGSEModel:
+    """The model whose components are at ``data_path``, after :func:`check_model` (MLflow's entry)."""
+    components = Path(data_path)
+    root = next((p for p in (components, *components.parents) if (p / "MLmodel").is_file()), None)
+    if root is None or components != root / COMPONENTS:
+        raise ModelRefused(f"{components} is not the {COMPONENTS} folder of an argse model: load the model folder "
+                           "(or models:/...) that `argse fit` logged")
+    check_model(root)
+    return ARGSEModel(components)
+
+
+class ModelRefused(MlflowException):
+    """The loader refuses a model it cannot vouch for: one line naming the run and the file."""
+
+
+def check_model(root: Path) -> str:
+    """Check every file of the model folder ``root`` against the digests its run sealed, read from the
+    tracking server (never from the folder itself): one line naming the run and the file where one
+    differs, is missing or was added. The run is the one meta.json and MLmodel both name; a model
+    without that provenance is refused. Only the run that is logging the model (the active run of this
+    process, checking what it just logged) may be read before its digests are sealed. Returns the run id."""
+    from mlflow.models import Model
+
+    from argse.tracking import integrity
 
     try:
-        digests = recorded(run_id)
+        meta = json.loads((root / COMPONENTS / META_FILE).read_text())
+        logged_by = Model.load(str(root / "MLmodel")).run_id
+    except (OSError, ValueError, MlflowException) as exc:
+        raise ModelRefused(f"this model's {COMPONENTS}/{META_FILE} or MLmodel cannot be read ({type(exc).__name__}): "
+                           "do not serve it") from None
+    missing = [field for field in PROVENANCE if not meta.get(field)]
+    if missing:
+        raise ModelRefused(f"this model's {META_FILE} has no {', '.join(missing)} (its provenance): it cannot be checked "
+                           "against the run that logged it; do not serve it, refit with `argse fit`")
+    run_id = meta["run_id"]
+    if logged_by != run_id:
+        raise ModelRefused(f"this model's {META_FILE} names run {run_id} but its MLmodel run {logged_by}: one was "
+                           "edited; do not serve it")
+    active = mlflow.active_run()
+    try:
+        digests = integrity.recorded(run_id, sealed_only=not (active and active.info.run_id == run_id))
+    except integrity.ArtifactChanged as exc:
+        raise ModelRefused(str(exc)) from None
     except Exception as exc:  # the tracking server: unreachable, or the run is gone
-        raise MlflowException(f"cannot check this model's files against run {run_id} that logged it "
-                              f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}): "
-                              "set MLFLOW_TRACKING_URI to the tracking server it was logged to") from None
-    by_name = {path.split("/components/", 1)[1]: values for path, values in digests.items() if "/components/" in path}
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = file.relative_to(folder).as_posix()
-        if name not in by_name:
-            raise ArtifactChanged(f"run {run_id}: model/.../components/{name} is not among the files the run logged")
-        found = sha256(file)
-        if found not in by_name[name]:
-            raise ArtifactChanged(f"run {run_id}: model/.../components/{name} is not what the run logged (sha256 "
-                                  f"expected {by_name[name][-1][:16]}..., found {found[:16]}...): do not serve it; "
-                                  "refit with `argse fit`")
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelRefused(f"cannot check this model's files against run {run_id} that logged it ({line}): set "
+                           "MLFLOW_TRACKING_URI to the tracking server it was logged to") from None
+    expected = {path.removeprefix(f"{MODEL}/"): values for path, values in digests.items()
+                if path.startswith(f"{MODEL}/")}
+    found = integrity.files_under(root, "")
+    for name in sorted(set(expected) - set(found)):
+        raise ModelRefused(f"run {run_id}: {MODEL}/{name}, a file of the model it logged, is missing: do not serve it")
+    for name, file in found.items():
+        if name not in expected:
+            raise ModelRefused(f"run {run_id}: {MODEL}/{name} is not among the files the run logged (it was added): "
+                               "do not serve it")
+        digest = integrity.sha256(file)
+        if digest not in expected[name]:
+            raise ModelRefused(f"run {run_id}: {MODEL}/{name} is not what the run logged (sha256 expected "
+                               f"{expected[name][-1][:16]}..., found {digest[:16]}...): do not serve it; refit with "
+                               "`argse fit`")
+    return run_id
 
 
 def predict_frame(rule: PluginRule, mixture: torch.Tensor, cost: float | None = None,
@@ -192,73 +247,105 @@ def _frame(columns: dict) -> pd.DataFrame:
     return pd.DataFrame(columns).astype({name: dtype for name, (dtype, _) in OUTPUT_COLUMNS.items()})
 
 
-#: The expert network of models logged before meta.json named it, by their dataset.
-EARLIER_BACKBONES = {"cifar100-lt": "resnet32", "digits-lt": "digits-net", "fashion-mnist-lt": "resnet8-grey"}
+def save_expert(model: ExpertModel, path: Path) -> Path:
+    """Write an expert as the model reads it (its state dict with temperature and normalisation): what
+    an expert run logs as ``expert/weights.pt``, and a fit copies byte for byte into its model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "mean": (model.mean.flatten() / 255.0).tolist(),
+                "std": (model.std.flatten() / 255.0).tolist()}, path)
+    return path
 
 
-def backbone_of(meta: dict) -> str:
-    """The expert network a logged model's meta.json names (models logged before it did: by dataset)."""
-    return meta.get("backbone") or EARLIER_BACKBONES[meta["dataset"]]
-
-
-def save_components(folder: Path, *, dataset: str, backbone: str, num_classes: int, image_shape, class_names,
-                    group_names, experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule,
-                    shifts: torch.Tensor | None = None, run_id: str | None = None) -> Path:
-    """Write what :class:`ARGSEModel` loads into ``folder``."""
+def write_components(folder: Path, *, experts: dict[str, Path], gate: Path, rule: PluginRule, meta: dict) -> Path:
+    """Write what :class:`ARGSEModel` loads into ``folder``: the experts' and the gate's files copied byte
+    for byte from the runs that logged them (``experts``: name -> file, ``gate``: file), the rule, and
+    ``meta.json`` (``meta`` with the expert names; its provenance fields: :data:`PROVENANCE`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, model in experts.items():
-        torch.save({"state_dict": model.state_dict(), "mean": (model.mean.flatten() / 255.0).tolist(),
-                    "std": (model.std.flatten() / 255.0).tolist()}, folder / f"expert_{name}.pt")
-    torch.save({"state_dict": gate.state_dict(), "config": gate.config()}, folder / "gate.pt")
-    (folder / "rule.json").write_text(json.dumps(rule.to_dict()))
-    meta = {"run_id": run_id, "dataset": dataset, "backbone": backbone, "num_classes": num_classes,
-            "image_shape": list(image_shape),
-            "class_names": list(class_names), "group_names": list(group_names), "experts": list(experts),
-            "posterior_shifts": (torch.zeros(len(experts), num_classes) if shifts is None else shifts).tolist()}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    for name, file in experts.items():
+        shutil.copyfile(file, folder / EXPERT_FILE.format(name=name))
+    shutil.copyfile(gate, folder / GATE_FILE)
+    (folder / RULE_FILE).write_text(json.dumps(rule.to_dict()))
+    (folder / META_FILE).write_text(json.dumps({**meta, "experts": list(experts)}, indent=1))
     return folder
 
 
-def log_model(*, dataset: str, backbone: str, num_classes: int, image_shape, class_names, group_names,
-              experts: dict[str, ExpertModel], gate: GatingNet, rule: PluginRule, example: np.ndarray,
-              shifts: torch.Tensor | None = None, run_id: str | None = None):
-    """Log the pyfunc, from code, as the active run's ``model``; returns MLflow's ModelInfo.
+def log_model(components: Path, *, image_shape, cost: float, example: np.ndarray):
+    """Log the model of ``components`` (:func:`write_components`) as the active run's ``model``;
+    returns MLflow's ModelInfo and the model loaded back from the store (its files checked).
 
-    The signature declares the input (uint8 images, [-1, H, W] or [-1, H, W, C]), the outputs and the
-    ``cost`` parameter, so the registry shows the contract. With it, MLflow itself enforces the
-    input: in Python, ``predict`` refuses any array that is not uint8 of that shape; the scoring server
-    casts a request's JSON numbers to uint8 before the model sees them (a fraction is cut off: 0.5 is
-    0) and refuses integers outside 0..255. The input example, with its ``cost``, shows the request."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    In three steps, so that the digests exist before any file: the model is saved locally (MLflow's
+    ``loader_module`` flavour, an input example with its ``cost``), the digests of all its files are
+    recorded, then it is uploaded as the run's logged model. MLflow's own check of the input example,
+    which loads the model before its files have digests, is replaced by :func:`check_serving_example`
+    after the upload. The signature declares the outputs and the ``cost`` parameter; the input contract
+    is in the metadata (see the module docstring)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from argse.tracking import integrity
 
     h, w, c = image_shape
-    shape = (-1, h, w) if c == 1 else (-1, h, w, c)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), shape)]),
         outputs=Schema([ColSpec(kind, name) for name, (_, kind) in OUTPUT_COLUMNS.items()]),
-        params=ParamSchema([ParamSpec("cost", "double", float(rule.cost))]),
+        params=ParamSchema([ParamSpec("cost", "double", float(cost))]),
     )
-    images = example.reshape(shape).astype(np.uint8)
+    images = example.reshape((-1, h, w) if c == 1 else (-1, h, w, c)).astype(np.uint8)
+    run_id = mlflow.active_run().info.run_id
+    client = mlflow.MlflowClient()
+    logged = mlflow.initialize_logged_model(name=MODEL, source_run_id=run_id)
+    mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                         model_id=logged.model_id)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / MODEL
+            mlflow.pyfunc.save_model(
+                str(local), loader_module=LOADER, data_path=str(components), mlflow_model=mlflow_model,
+                signature=signature, input_example=(images, {"cost": float(cost)}),
+                pip_requirements=pip_requirements(), metadata={"input_contract": input_contract(image_shape)})
+            if not (local / COMPONENTS / META_FILE).is_file():
+                raise ArgseError(f"MLflow saved the model's data elsewhere than {COMPONENTS}")
+            integrity.record(local, MODEL)
+            client.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    info = mlflow_model.get_model_info(client.get_logged_model(logged.model_id))
+    return info, check_serving_example(info.model_uri)
+
+
+def check_serving_example(model_uri: str):
+    """Load the model at ``model_uri`` (its files checked against their digests, so only once they
+    exist) and send its logged serving example through MLflow's scoring server code (the handler
+    ``mlflow models serve`` runs): it must answer one row per image. Returns the loaded model."""
+    from mlflow.pyfunc import scoring_server
+
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_components(Path(tmp) / "components", dataset=dataset, backbone=backbone, num_classes=num_classes,
-                                 image_shape=image_shape, class_names=class_names, group_names=group_names,
-                                 experts=experts, gate=gate, rule=rule, shifts=shifts, run_id=run_id)
-        return mlflow.pyfunc.log_model(
-            name=MODEL, python_model=str(MODEL_CODE), artifacts={"components": str(folder)},
-            signature=signature, input_example=(images, {"cost": float(rule.cost)}),
-            pip_requirements=pip_requirements(), code_paths=[package_dir()],
-            metadata={"input_contract": input_contract(image_shape)},
-        )
-
-
-def package_dir() -> str:
-    """The ``argse`` package folder, logged with models so they load without the package installed."""
-    return str(Path(__file__).resolve().parent)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        model = mlflow.pyfunc.load_model(str(local))
+        example = model.metadata.get_serving_input(str(local))
+    if example is None:
+        raise ArgseError(f"the model at {model_uri} has no serving input example")
+    answer = scoring_server.invocations(example, "application/json", model, model.metadata.get_input_schema())
+    rows = json.loads(answer.response).get("predictions") if answer.status == 200 else None
+    if rows is None or len(rows) != len(json.loads(example)["inputs"]):
+        raise ArgseError(f"the model at {model_uri} did not answer its own serving example (HTTP {answer.status}: "
+                         f"{answer.response[:200]})")
+    return model
 
 
 def pip_requirements() -> list[str]:
+    """What the model needs installed where it is served: this package (its loader, :data:`LOADER`)
+    and the versions of its dependencies it was logged with."""
     import pandas
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+    return [f"argse=={__version__}", f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
             f"numpy=={np.__version__}", f"pandas=={pandas.__version__}"]
+
+
+def package_dir() -> str:
+    """The ``argse`` package folder, logged with the experts' own models (``mlflow.pytorch``) so that
+    they load without the package installed."""
+    return str(Path(__file__).resolve().parent)

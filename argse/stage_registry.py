@@ -27,6 +27,7 @@ TAG_SPLITS_FINGERPRINT = "argse.splits_fingerprint"  # splits: the hash of the s
 TAG_GATING_MODE = "argse.gating_mode"  # gating: pretrain or selective
 TAG_REGISTERED_MODEL = "argse.registered_model"  # argse: <registered name>/<version>
 TAG_CHAMPION_DECISION = "argse.champion_decision"  # argse: what became of the champion alias, one phrase
+TAG_PROMOTED_FROM = "argse.promoted_from"  # argse: the teammate's fit run a maintainer's refit promoted
 TAG_VERSION_RUN = "argse.run_id"  # on a model version: the argse run that registered it
 TAG_VERSION_RISK = "argse.val_worst_l2r"  # on a model version: its run's val worst-group L2R risk
 TAG_MODEL_URI = "argse.model_uri"  # evaluate: the model URI it evaluated
@@ -43,6 +44,7 @@ TAG_RAY_NODE_IP = "argse.ray.node_ip"  # ... and its address
 SPLITS_DIR = "splits"  # indices, labels, class counts, class_to_group, weights, fingerprint
 LOGITS = "logits/{split}.npz"  # an expert's calibrated logits, labels and indices on one split
 CHECKPOINT = "checkpoints/last.pt"  # an expert's last training checkpoint
+EXPERT_WEIGHTS = "expert/weights.pt"  # an expert's calibrated weights, as the served model holds them (weights only)
 MODEL = "model"  # an expert's mlflow.pytorch model; the argse run's pyfunc
 GATE = "gating/gate.pt"  # the gate's state dict and config (feature statistics included)
 GATE_META = "gating/config.json"  # the gate's config, its experts and splits run, the best epoch/round
@@ -134,7 +136,7 @@ EXPERTS_STAGE = Stage(
     "experts", command="experts", entry_point="experts", step="experts",
     reads=(Input("splits", "splits", option="splits_run"),),
     tags=(TAG_EXPERT, TAG_EXPERT_RUN, TAG_PRECISION, TAG_CHANNELS_LAST),
-    artifacts=(MODEL, LOGITS, CHECKPOINT))
+    artifacts=(MODEL, LOGITS, CHECKPOINT, EXPERT_WEIGHTS))
 GATING_STAGE = Stage(
     "gating", command="gating", entry_point="gating", step="gating",
     reads=(Input("experts", "experts", option="experts_run"), Input("splits", "splits"),
@@ -144,7 +146,7 @@ ARGSE_STAGE = Stage(
     "argse", command="fit", entry_point="argse", step="argse",
     reads=(Input("gating", "gating-selective", option="gating_run"), Input("experts", "experts"),
            Input("splits", "splits")),
-    tags=(TAG_REGISTERED_MODEL, TAG_CHAMPION_DECISION, TAG_VERSION_RUN, TAG_VERSION_RISK),
+    tags=(TAG_REGISTERED_MODEL, TAG_CHAMPION_DECISION, TAG_VERSION_RUN, TAG_VERSION_RISK, TAG_PROMOTED_FROM),
     artifacts=(MODEL, RULE, EG_HISTORY))
 EVALUATE_STAGE = Stage(
     "evaluate", command="evaluate", entry_point="evaluate", step="eval",

@@ -11,15 +11,18 @@ nothing they were not given; the creator of an experiment or registered model ma
   registered model ``ar-gse-<dataset>-<user>``, where they train, fit and register candidates; READ on
   the rest.
 
-``argse team grant USER ROLE --dataset D`` (as an admin) creates what the role needs and grants it;
-``argse team promote RUN`` (as a maintainer) checks a teammate's fit run and registers its model as a
+``argse team grant USER ROLE --dataset D`` (as an admin) creates the names the role needs (refusing
+a name someone else took first) and grants them through a server role only an admin can make;
+``argse team promote RUN`` (as a maintainer) refits a teammate's fit run in the shared experiment,
+checks that the candidate's model is what the refit builds, and registers the refit's model as a
 version of the shared model, whose champion then follows the champion criterion.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
+import warnings
 
 import click
 
@@ -45,129 +48,150 @@ def own_model(dataset: str, user: str) -> str:
     return f"ar-gse-{dataset}-{user}"
 
 
-def _ensure_experiment(client, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    return found.experiment_id if found is not None else client.create_experiment(name)
+#: A permission given straight to a user (by creating the resource, or by a grant of a user who
+#: manages it) sits in MLflow's per-user role; the roles `argse team grant` makes are the admin's.
+_DIRECT_ROLE = re.compile(r"^__user_\d+__$")
+HOLDS = ("EDIT", "MANAGE")  # what holding a name means: more than the READ everyone has
 
 
-def _ensure_model(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
+def role_name(role: str, dataset: str, user: str) -> str:
+    """The server role a grant assigns (made by the admin, so only an admin can join it): one per
+    dataset for its maintainers, one per teammate and dataset."""
+    return f"argse/{dataset}/maintainer" if role == "maintainer" else f"argse/{dataset}/teammate/{user}"
 
 
-def _grant(auth, kind: str, target: str, user: str, permission: str) -> None:
-    """Give ``user`` ``permission`` on one experiment (its id) or registered model (its name); MLflow's
-    auth client grants or replaces a user's permission on a resource in one call."""
-    auth.grant_user_permission(user, kind, target, permission)
+def _users(tracking_uri: str) -> list[dict]:
+    """Every user of the server with the roles they hold and each role's permissions (as an admin)."""
+    from mlflow.server.auth.routes import LIST_USERS
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    response = http_request(get_default_host_creds(tracking_uri), LIST_USERS, "GET")
+    return verify_rest_response(response, LIST_USERS).json()["users"]
+
+
+def _direct(users: list[dict], kind: str, target: str) -> list[tuple[str, str]]:
+    """(user, permission) for each non-admin user given more than READ on one resource directly."""
+    found = []
+    for user in users:
+        if user.get("is_admin"):
+            continue
+        for role in user.get("roles", []):
+            for p in role.get("permissions", []) if _DIRECT_ROLE.match(role.get("name", "")) else ():
+                if p["resource_type"] == kind and p["resource_pattern"] == target and p["permission"] in HOLDS:
+                    found.append((user["username"], p["permission"]))
+    return found
+
+
+def _check_free(users: list[dict], kind: str, target: str | None, shown: str, grantee: str) -> None:
+    """Refuse a name someone other than ``grantee`` holds without a grant: a squatter, in one line."""
+    if target is None:
+        return
+    for holder, permission in _direct(users, kind, target):
+        if holder != grantee:
+            raise ArgseError(
+                f"{shown} exists and user '{holder}' holds {permission} on it, given directly (they created it, or "
+                f"someone granted it by hand), not by `argse team grant`: nothing was granted; free the name (rename "
+                f"or delete it as admin), or, if '{holder}' should hold it, grant them this role first")
+
+
+def _role(auth, name: str, resources: list[tuple[str, str]]):
+    """The admin's role ``name`` in the default workspace, with MANAGE on each (kind, target)."""
+    from mlflow.utils.workspace_utils import DEFAULT_WORKSPACE_NAME
+
+    role = next((r for r in auth.list_roles(DEFAULT_WORKSPACE_NAME) if r.name == name), None)
+    if role is None:
+        role = auth.create_role(DEFAULT_WORKSPACE_NAME, name, description="made by argse team grant")
+    have = {(p.resource_type, p.resource_pattern) for p in auth.list_role_permissions(role.id)}
+    for kind, target in resources:
+        if (kind, target) not in have:
+            auth.add_role_permission(role.id, kind, target, "MANAGE")
+    return role
 
 
 def grant(user: str, role: str, dataset: str) -> list[str]:
-    """Give ``user`` ``role`` on ``dataset`` (run as an admin of the server); what was granted."""
+    """Give ``user`` ``role`` on ``dataset`` (run as an admin of the server); what was granted.
+
+    The names the role needs are created here, by the admin, when they do not exist; a name that
+    exists and is held by another user who was not given it by a grant (who created it first: a
+    squatter) is refused in one line naming them, before anything is granted. The permissions come
+    from a server role only an admin can make and join (:func:`role_name`); a permission the user
+    held directly on these names is replaced by it."""
     if role not in ROLES:
         raise ArgseError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     import mlflow
-    from mlflow.server import get_app_client
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from mlflow.server import get_app_client
+
+    # MLflow's auth app imports a Starlette module that warns about its own deprecation: not the user's.
+    warnings.filterwarnings("ignore", message=r"starlette\.middleware\.wsgi is deprecated")
+
+    uri = mlflow.get_tracking_uri()
     client = MlflowClient()
-    auth = get_app_client("basic-auth", tracking_uri=mlflow.get_tracking_uri())
+    auth = get_app_client("basic-auth", tracking_uri=uri)
     if role == "maintainer":
         experiment, model = shared_experiment(dataset), shared_model(dataset)
     else:
         experiment, model = own_experiment(dataset, user), own_model(dataset, user)
-    experiment_id = _ensure_experiment(client, experiment)
-    _ensure_model(client, model)
-    _grant(auth, "experiment", experiment_id, user, "MANAGE")
-    _grant(auth, "registered_model", model, user, "MANAGE")
+    users = _users(uri)
+    if user not in {u["username"] for u in users}:
+        raise ArgseError(f"there is no user {user!r} on {uri}: create it first (docs/team-server.md)")
+
+    def existing() -> tuple[str | None, str | None]:
+        found = client.get_experiment_by_name(experiment)
+        try:
+            client.get_registered_model(model)
+            named = model
+        except MlflowException:
+            named = None
+        return (found.experiment_id if found is not None else None), named
+
+    experiment_id, model_name = existing()
+    _check_free(users, "experiment", experiment_id, f"experiment {experiment}", user)
+    _check_free(users, "registered_model", model_name, f"registered model {model}", user)
+    try:
+        experiment_id = experiment_id or client.create_experiment(experiment)
+        if model_name is None:
+            client.create_registered_model(model)
+    except MlflowException:  # created by someone else since the check: look again
+        users = _users(uri)
+        experiment_id, model_name = existing()
+        _check_free(users, "experiment", experiment_id, f"experiment {experiment}", user)
+        _check_free(users, "registered_model", model_name, f"registered model {model}", user)
+        raise
+    resources = [("experiment", experiment_id), ("registered_model", model)]
+    granted = _role(auth, role_name(role, dataset, user), resources)
+    if granted.name not in {r.name for r in auth.list_user_roles(user)}:
+        auth.assign_role(user, granted.id)
+    for kind, target in resources:  # a direct permission of the user's own (it created the name first)
+        if (user, "MANAGE") in _direct(users, kind, target) or (user, "EDIT") in _direct(users, kind, target):
+            auth.revoke_user_permission(user, kind, target)
     return [f"MANAGE on experiment {experiment}", f"MANAGE on registered model {model}"]
 
 
-def _model_code_is_this_package(run_id: str) -> None:
-    """The candidate's model carries this installation's argse code, byte for byte: a model logs its
-    code with it, and serving it runs that code, so a candidate with any other code is refused."""
-    from argse import tracking
-    from argse.tracking.integrity import sha256
-
-    model = tracking.download(run_id, stage_registry.MODEL)
-    package = Path(__file__).resolve().parent
-    logged = model / "code" / "argse"
-    if not logged.is_dir():
-        raise ArgseError(f"run {run_id}: its model carries no argse code; it was not logged by `argse fit`")
-    ours = {p.relative_to(package).as_posix(): sha256(p) for p in package.rglob("*.py")}
-    theirs = {p.relative_to(logged).as_posix(): sha256(p) for p in logged.rglob("*.py")}
-    if ours != theirs:
-        differ = sorted(set(ours) ^ set(theirs) | {k for k in set(ours) & set(theirs) if ours[k] != theirs[k]})
-        raise ArgseError(f"run {run_id}: its model's code differs from this installation's argse "
-                         f"({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}): install the same "
-                         "version, or refit the candidate's gate here with `argse fit --gating-run ...`")
-    if sha256(model / "served_model.py") != sha256(package / "served_model.py"):
-        raise ArgseError(f"run {run_id}: its model's served_model.py differs from this installation's")
-
-
-def _recomputed_criterion(run) -> float:
-    """The champion criterion of a fit run, recomputed from what it read (the experts' logits and the
-    gate, checked against their digests; no pickled object is loaded)."""
-    import torch
-
-    from argse import tracking
-    from argse.config import ArgseConfig
-    from argse.models.gating import gated_mixture
-    from argse.selective.fit import FitOptions
-    from argse.selective.matched import matched_aurc
-    from argse.stages.argse import resolve_inputs
-    from argse.stages.common import load_experts
-    from argse.stages.gating import load_gate
-
-    tags = run.data.tags
-    cfg = ArgseConfig(dataset=tags[tracking.TAG_DATASET]).restore(run.data.params)
-    gating_run, ids = resolve_inputs(
-        ArgseConfig(dataset=cfg.dataset, gating_run=tags[stage_registry.TAG_UPSTREAM + "gating"]), None)
-    experts = load_experts(ids, cfg.test_prior)
-    gate = load_gate(gating_run.info.run_id)
-    with torch.no_grad():
-        eta = {s: gated_mixture(gate, experts.probs[s]) for s in ("tunev", "val")}
-    weights = {s: experts.weights(s, cfg.test_prior) for s in ("tunev", "val")}
-    return matched_aurc(eta, experts.labels, weights, experts.splits.class_to_group, cfg.objective, split="val",
-                        fit_options=FitOptions(rounds=cfg.rounds, step=cfg.step, n_starts=cfg.n_starts),
-                        judged=True)
-
-
 def promote(ref: str) -> str:
-    """Register the model of a teammate's fit run as a version of its dataset's shared model, after
-    checking it (digests, code, criterion), and settle the champion; the decision."""
+    """Promote a teammate's fit run: refit its gate with its options in the dataset's shared
+    experiment, as this maintainer (:class:`argse.stages.argse.Candidate`): the candidate's model must
+    be, file for file, what the refit builds from the files its upstream runs logged, its criterion
+    what the refit computes, and its experts must give, from the val images, the logits their runs
+    logged. The refit's model (the maintainer's run, which no teammate can write) is registered in
+    the shared model and competes for champion with its like. The decision, one line."""
+    from argse import tracking
+    from argse.stages import argse as fit_stage
+
+    run_id = tracking.run_id_of(ref)
+    candidate = fit_stage.Candidate(run_id)
+    dataset = candidate.run.data.tags[tracking.TAG_DATASET]
+    refit = fit_stage.run(candidate.config(shared_model(dataset)), experiment=shared_experiment(dataset),
+                          candidate=candidate)
     from mlflow.tracking import MlflowClient
 
-    from argse import tracking
-    from argse.stages.argse import CHAMPION_PARAM, crown
-    from argse.tracking.integrity import verify_run
-
-    client = MlflowClient()
-    run_id = tracking.run_id_of(ref)
-    run = client.get_run(run_id)
-    if run.data.tags.get(tracking.TAG_STAGE) != "argse" or run.info.status != "FINISHED":
-        raise ArgseError(f"run {run_id} is not a FINISHED fit (argse) run: promote the run `argse fit` made")
-    verify_run(run_id)
-    _model_code_is_this_package(run_id)
-    claimed = run.data.params.get(CHAMPION_PARAM)
-    if claimed is None:
-        raise ArgseError(f"run {run_id} has no champion criterion ({CHAMPION_PARAM}): refit it with this version")
-    value = _recomputed_criterion(run)
-    if abs(value - float(claimed)) > 1e-9:
-        raise ArgseError(f"run {run_id}: its champion criterion {float(claimed):.6g} is not what its inputs give "
-                         f"({value:.6g}); it is not promoted")
-    name = shared_model(run.data.tags[tracking.TAG_DATASET])
-    outputs = run.outputs.model_outputs if run.outputs else []
-    if not outputs:
-        raise ArgseError(f"run {run_id} logged no model: promote the run `argse fit` made")
-    model_id = outputs[0].model_id
-    version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, model_id=model_id,
-                                          tags={stage_registry.TAG_VERSION_RUN: run_id})
-    # The decision goes on the version: the candidate's run is its author's, which a maintainer only reads.
-    return f"promoted run {run_id} as {name} v{version.version}; " + crown(name, version, on_run=False)
+    tags = MlflowClient().get_run(refit).data.tags
+    name, _, number = tags[stage_registry.TAG_REGISTERED_MODEL].rpartition("/")
+    return (f"promoted run {run_id} as {name} v{number} (refit run {refit} in {shared_experiment(dataset)}); "
+            + tags[stage_registry.TAG_CHAMPION_DECISION])
 
 
 @click.group("team")

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from argse.presets import SWITCH
 from argse.training.utils import cpu_model

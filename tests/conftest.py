@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The expert runs' system metrics are sampled every half second in the tests (3 s in use), so that even
 # the tests' short trainings have some (tests/test_experts_stage.py).
 os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+# MLflow's usage telemetry: nothing to send it to here, and its thread unsets a variable while a server
+# command copies the environment (an `mlflow server` once died of it at start, KeyError).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
 

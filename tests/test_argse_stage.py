@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,7 +20,9 @@ from argse.config import ArgseConfig
 from argse.data.loaders import load_digits
 from argse.selective import PluginRule
 from argse.serving import predict_frame
-from argse.stages.argse import CHAMPION_PARAM, crown
+from argse import ArgseError
+from argse.stages.argse import CHAMPION_PARAM, COMPARED_PARAM, crown, crown_by_hand
+from argse.tracking import integrity
 from argse.stages.common import load_experts
 from argse.models.gating import gated_mixture
 from argse.stages.gating import load_gate
@@ -99,17 +103,21 @@ def test_mlflow_models_serve_answers_json(chain_store, tmp_path):
         server.wait(timeout=30)
 
 
-def _version_with_criterion(client, name, experiment_id, source, value, *, finish=True):
-    """A version of ``name`` whose run recorded ``value`` as its champion criterion (the run left open
-    when not ``finish``)."""
+def _version_with_criterion(client, name, experiment_id, source, value, *, finish=True, compared=None):
+    """A version of ``name`` whose run recorded ``value`` as its champion criterion (and what it is
+    about, ``compared``), one file and its sealed digest (the run left open when not ``finish``)."""
     run = mlflow.start_run(experiment_id=experiment_id)
-    mlflow.log_param(CHAMPION_PARAM, repr(float(value)))
+    mlflow.log_params({CHAMPION_PARAM: repr(float(value)), **({COMPARED_PARAM: compared} if compared else {})})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "rule.json").write_text("{}")
+        integrity.log_artifact(Path(tmp) / "rule.json", "rule")
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name)
     version = client.create_model_version(name, source, run_id=run.info.run_id)
     if finish:
+        integrity.seal(run.info.run_id)
         mlflow.end_run()
     return version
 
@@ -136,6 +144,40 @@ def test_champion_moves_only_to_a_better_criterion_and_a_tie_keeps_it(chain_stor
     client.set_model_version_tag(name, first, "argse.val_worst_l2r", "-1")
     decision, after_forged = fit_with(0.25)
     assert after_forged == after_better and "stays" in decision
+
+
+def test_only_comparable_versions_compete_and_a_person_crowns_another_kind(chain_store):
+    """Versions about other splits (or another objective, or prior) are registered and never crowned by
+    the criterion, however low it is; the line says so and names the command; after `argse crown` the
+    versions comparable with the new champion compete."""
+    _, ids = chain_store
+    client = MlflowClient()
+    name = "ar-gse-comparable-test"
+    fit = client.get_run(ids["argse"])
+    source = f"models:/{fit.outputs.model_outputs[0].model_id}"
+    seed0, seed1 = "objective worst, prior lt, splits 0000000000000000", "objective worst, prior lt, splits 1111111111111111"
+
+    def fit_with(value, compared):
+        version = _version_with_criterion(client, name, fit.info.experiment_id, source, value, compared=compared)
+        return version, crown(name, version), str(client.get_model_version_by_alias(name, "champion").version)
+
+    first, _, champion = fit_with(0.30, seed0)
+    other, decision, champion = fit_with(0.10, seed1)
+    assert champion == str(first.version), decision
+    assert (f"registered {name} v{other.version}; champion stays v{first.version}: v{other.version} is not compared "
+            f"with it (splits 1111111111111111 vs splits 0000000000000000)") in decision, decision
+    assert decision.endswith(f"to make it champion: argse crown models:/{name}/{other.version}")
+    better, decision, champion = fit_with(0.20, seed0)  # compared, and better than the champion
+    assert champion == str(better.version) and "compared with the versions of " + seed0 in decision, decision
+    assert crown_by_hand(f"models:/{name}/{other.version}").startswith(
+        f"{name}@champion is v{other.version} by hand (it was v{better.version})")
+    _, decision, champion = fit_with(0.05, seed0)  # the old kind is now the one not compared
+    assert champion == str(other.version) and "is not compared with it" in decision
+    newer, decision, champion = fit_with(0.05, seed1)
+    assert champion == str(newer.version) and "as champion" in decision, decision
+    for bad in ("models:/ar-gse-comparable-test", f"models:/{name}/99"):
+        with pytest.raises(ArgseError):
+            crown_by_hand(bad)
 
 
 def test_champion_is_never_a_version_whose_run_did_not_finish_and_a_rerun_repairs_it(chain_store):

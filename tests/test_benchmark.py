@@ -92,7 +92,10 @@ def test_a_method_missing_from_a_seed_is_averaged_over_the_seeds_that_have_it():
 
 
 @pytest.mark.slow
-def test_mlflow_run_benchmark_summarises_the_seeds_and_a_rerun_reuses_every_seed(store, tmp_path):
+def test_mlflow_run_benchmark_summarises_the_seeds_and_a_rerun_reuses_every_seed(pipeline_store, tmp_path):
+    """After the quickstart (the pipeline_store): the benchmark registers in its own model, says what, and
+    seed 1's version (other splits) is never compared with seed 0's; the quickstart's registry is as it was."""
+    store = pipeline_store
     params = ["-P", "dataset=digits-lt", "-P", "seeds=0,1"]
     for flag, value in zip(FAST[::2], FAST[1::2]):
         params += ["-P", f"{flag.removeprefix('--').replace('-', '_')}={value}"]
@@ -100,6 +103,24 @@ def test_mlflow_run_benchmark_summarises_the_seeds_and_a_rerun_reuses_every_seed
     first = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(store), capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     client = MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions("name = 'ar-gse-digits-lt'")] == ["1"]
+    assert str(client.get_model_version_by_alias("ar-gse-digits-lt", "champion").version) == "1"
+    name = "ar-gse-digits-lt-benchmark"
+    champion = client.get_model_version_by_alias(name, "champion")
+    (other,) = [v for v in client.search_model_versions(f"name = '{name}'") if v.version != champion.version]
+    seeds = {v.version: client.get_run(v.run_id).data.params["seed"] for v in (champion, other)}
+    assert sorted(seeds.values()) == ["0", "1"]
+    compared = {v.version: client.get_run(v.run_id).data.params["argse.champion_compared_on"] for v in (champion, other)}
+    assert compared[champion.version].split(", splits ")[0] == compared[other.version].split(", splits ")[0]
+    assert compared[champion.version] != compared[other.version]  # the same objective and prior, other splits
+    decision = client.get_run(other.run_id).data.tags["argse.champion_decision"]
+    assert f"champion stays v{champion.version}: v{other.version} is not compared with it" in decision, decision
+    assert f"argse crown models:/{name}/{other.version}" in decision
+    printed = first.stdout[first.stdout.index(f"the pipelines' models, registered in {name}:"):]
+    assert f"  v{champion.version}: seed {seeds[champion.version]}, lt prior, fit run {champion.run_id}: champion" \
+        in printed, printed
+    assert f"  v{other.version}: seed {seeds[other.version]}, lt prior, fit run {other.run_id}: not compared with " \
+           f"champion v{champion.version} (splits " in printed, printed
     (summary_run,) = _runs(client, "benchmark")
     assert summary_run.info.status == "FINISHED"
     assert summary_run.data.tags["mlflow.runName"] == "benchmark digits-lt: seeds 0,1"
@@ -161,7 +182,7 @@ def test_two_benchmarks_at_once_on_one_server_train_each_seed_once_and_agree(tmp
         # What a teammate sees through the server: the champion is a fit of these pipelines.
         pipeline = _runs(client, "pipeline")[0]
         fits = {r.data.tags["argse.step.argse"].split()[1] for r in _runs(client, "pipeline")}
-        assert client.get_model_version_by_alias("ar-gse-digits-lt", "champion").run_id in fits
+        assert client.get_model_version_by_alias("ar-gse-digits-lt-benchmark", "champion").run_id in fits
         assert any(a.path == "splits" for a in client.list_artifacts(pipeline.data.tags["argse.step.splits"].split()[1]))
     finally:
         server.terminate()
@@ -178,7 +199,8 @@ def test_two_benchmarks_at_once_on_one_server_train_each_seed_once_and_agree(tmp
 
 
 def test_a_failed_seed_is_listed_and_left_out_and_all_failed_fails_the_run(pipeline_store, cli, monkeypatch):
-    # Seed 0's stages are the pipeline_store's (reused: its pipeline only reads them); seed 1 fails.
+    # Seed 0's stages are the pipeline_store's (reused up to the fit, which registers in the benchmark's
+    # own model); seed 1 fails.
     from argse.stages import benchmark
 
     real = benchmark._pipeline_command

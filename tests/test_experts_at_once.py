@@ -19,6 +19,7 @@ from argse.config import ExpertsConfig
 from argse.stage_registry import expert_run_tag
 from argse.stages import experts as stage
 from argse.stages.experts import Dist, Job, choose_mode, load_expert_logits, plan
+from argse.tracking import integrity
 from conftest import subprocess_env
 
 EXPERT_NAMES = ("ce", "logitadjust", "balsoftmax")
@@ -60,13 +61,18 @@ def test_at_once_gives_the_runs_and_the_logits_of_one_after_another(store, cli):
             a = load_expert_logits(at_once[name].info.run_id, split)["logits"]
             b = load_expert_logits(serial[name].info.run_id, split)["logits"]
             np.testing.assert_array_equal(a, b)
-        # The same params, and the same digests of every file (checkpoints, logits, weights) except the
-        # logged model's MLmodel, which names its run and the time it was written.
+        # The same params (but the digest of the manifest, which names its run), and the same digests of
+        # every file (checkpoints, logits, weights) except the logged model's MLmodel, which names its run
+        # and the time it was written.
         def same(params):
-            return {k: v for k, v in params.items() if not k.endswith("/MLmodel")}
+            return {k: v for k, v in params.items() if k != integrity.SEAL_PARAM}
+
+        def same_files(run):
+            return {k: v for k, v in integrity.recorded(run.info.run_id).items() if not k.endswith("/MLmodel")}
 
         assert same(at_once[name].data.params) == same(serial[name].data.params)
-        assert any(k.startswith("argse.sha256/checkpoints/last.pt/epoch-") for k in at_once[name].data.params)
+        assert same_files(at_once[name]) == same_files(serial[name])
+        assert "checkpoints/last.pt" in same_files(at_once[name]) and "expert/weights.pt" in same_files(at_once[name])
 
 
 def test_at_once_yes_where_it_can_never_run_is_one_line_and_no_run(store, cli):

@@ -185,10 +185,10 @@ def test_killed_between_a_checkpoints_digest_and_its_file_then_resumed(experts_s
     env = subprocess_env(uri)
     run = _killed_at("integrity:epoch-4", env, tmp_path, "--epochs", "6")  # the splits run: "latest"
     run_id = run.info.run_id
-    key = "argse.sha256/checkpoints/last.pt/epoch-"
-    assert {k for k in run.data.params if k.startswith(key)} == {key + "2", key + "4"}  # epoch 4's file never came
     first = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt",
                                                 dst_path=str(tmp_path / "first"))
+    epoch_2, epoch_4 = integrity.recorded(run_id)["checkpoints/last.pt"]  # both recorded, in the pending manifest
+    assert integrity.sha256(first) == epoch_2 != epoch_4  # epoch 4's file never came
     saved = torch.load(first, map_location="cpu", weights_only=True)
     assert saved["epoch"] == 2 and saved["config"]["splits_run"] == ids["splits"]  # the run it read, not "latest"
 
@@ -212,7 +212,7 @@ def test_killed_after_its_model_was_logged_then_resumed_finishes_and_verifies(ex
     env = subprocess_env(uri)
     run = _killed_at("integrity:model/", env, tmp_path, "--epochs", "2", "--splits-run", ids["splits"])
     run_id = run.info.run_id
-    assert "argse.sha256/model/MLmodel" in run.data.params
+    (before,) = integrity.recorded(run_id)["model/MLmodel"]
 
     argse = [sys.executable, "-m", "argse"]
     done = subprocess.run([*argse, "experts", "--dataset", "digits-lt", "--resume", run_id], cwd=tmp_path, env=env,
@@ -220,7 +220,9 @@ def test_killed_after_its_model_was_logged_then_resumed_finishes_and_verifies(ex
     assert done.returncode == 0, done.stderr[-2000:]
     assert "after epoch 2/2" in done.stdout, done.stdout[-2000:]
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    assert "argse.sha256/model/MLmodel/again-2" in MlflowClient().get_run(run_id).data.params
+    # The MLmodel written again (a new uuid) is the one the sealed manifest vouches for, the first no more.
+    (after,) = integrity.recorded(run_id, sealed_only=True)["model/MLmodel"]
+    assert after != before
     verified = subprocess.run([*argse, "verify", run_id], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
     assert verified.returncode == 0, verified.stderr[-2000:]

@@ -1,7 +1,7 @@
 """What a newcomer sees in the first hour: the quickstart's log in a file (one line per epoch, no
 progress bars, no pickling warning) and its rerun reusing every stage, bars on a terminal, run names that say what each run is (also
 under `mlflow run`), messages that say what happened, system information and a measured estimate
-with --verbose / --dry-run, and a champion that loads in a fresh venv without the package."""
+with --verbose / --dry-run, and a champion that holds no code and loads with the installed package."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import sys
 import sysconfig
 import termios
 import threading
+from pathlib import Path
 
+import mlflow
+import mlflow.models
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -228,10 +231,16 @@ def test_bars_on_a_terminal_and_no_epoch_lines(store, cli, tmp_path):
     assert "ce: run " in printed and " epoch " not in printed, printed
 
 
-def test_the_champion_loads_and_predicts_in_a_fresh_venv_without_the_package(chain_store, tmp_path):
-    """A new virtualenv that sees the test environment's dependencies (torch, mlflow, ...) through a
-    .pth line, but not the argse package: the model brings its code."""
+def test_the_champion_holds_no_code_and_loads_with_the_installed_package(chain_store, tmp_path):
+    """The model holds data only (MLflow's loader_module flavour): no Python file in its folder, and a
+    fresh virtualenv that sees the test environment's dependencies (torch, mlflow, ...) through a .pth
+    line but not the argse package cannot load it, saying argse is missing; with the package on its
+    path it loads and runs the package's code."""
     uri, _ = chain_store
+    local = Path(mlflow.artifacts.download_artifacts("models:/ar-gse-digits-lt@champion", dst_path=str(tmp_path / "m")))
+    assert not [p for p in local.rglob("*.py")] and not (local / "code").exists()
+    flavor = mlflow.models.Model.load(str(local / "MLmodel")).flavors["python_function"]
+    assert flavor["loader_module"] == "argse.served_model" and not flavor.get("code")
     venv = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -240,17 +249,20 @@ def test_the_champion_loads_and_predicts_in_a_fresh_venv_without_the_package(cha
     with open(os.path.join(purelib, "dependencies.pth"), "w") as fh:
         fh.write(sysconfig.get_paths()["purelib"] + "\n")
     script = (
-        "import importlib.util, json, sys\n"
-        "assert importlib.util.find_spec('argse') is None, 'argse is importable in the fresh venv'\n"
+        "import json, sys\n"
         "import mlflow, numpy as np\n"
         "model = mlflow.pyfunc.load_model('models:/ar-gse-digits-lt@champion')\n"
         "answer = model.predict(np.full((3, 8, 8), 128, np.uint8))\n"
         "print(json.dumps({'rows': len(answer), 'columns': list(answer.columns), 'argse': sys.modules['argse'].__file__}))\n"
     )
     env = {k: v for k, v in subprocess_env(uri).items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(python), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    check = "import importlib.util; assert importlib.util.find_spec('argse') is None, 'argse is importable'\n"
+    without = subprocess.run([str(python), "-c", check + script], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert without.returncode != 0 and "No module named 'argse'" in without.stderr, without.stderr[-3000:]
+    done = subprocess.run([str(python), "-c", script], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["rows"] == 3 and answer["columns"] == ["prediction", "accept", "margin", "group", "confidence"]
-    assert "/code/argse/" in answer["argse"], answer  # the copy logged with the model
+    assert answer["argse"] == str(REPO / "argse" / "__init__.py"), answer  # the installed package's code

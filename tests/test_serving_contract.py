@@ -1,10 +1,10 @@
-"""The served model's input contract, as its signature declares it: uint8 images of the dataset's
-shape, and a rejection cost >= 0.
+"""The served model's input contract: integer images in 0..255 of the dataset's shape (the model's
+metadata says so, and the model checks it), and a rejection cost >= 0 (the signature's parameter).
 
-MLflow enforces the signature before the model sees a request: in Python an array of another dtype
-or shape is refused; over HTTP the JSON numbers are cast to uint8 (a fraction is cut off, so floats in
-[0, 1] arrive as a black image, as docs/serving.md says) and integers outside 0..255 are refused with
-HTTP 400. The model refuses a negative or NaN cost with one line."""
+The signature declares no input, so MLflow hands a request's numbers to the model as they came: floats
+are refused with one line that says to send integers in 0..255 (never cut to a black image), as are
+integers outside 0..255, another shape and a request with no images, each an HTTP 400 without a stack
+trace. The model refuses a negative or NaN cost with one line."""
 
 from __future__ import annotations
 
@@ -38,23 +38,31 @@ def model(chain_store):
 def test_the_registered_version_declares_the_input_the_cost_and_the_outputs(chain_store):
     from mlflow.models import get_model_info
 
-    signature = get_model_info(MODEL).signature
-    (spec,) = signature.inputs.to_dict()
-    assert spec["type"] == "tensor" and spec["tensor-spec"]["dtype"] == "uint8", spec
-    assert list(spec["tensor-spec"]["shape"]) == [-1, 8, 8], spec
+    info = get_model_info(MODEL)
+    signature = info.signature
+    # The input is declared in the metadata, not the signature: a declared uint8 tensor makes MLflow cast
+    # a request's numbers to uint8 before the model sees them (0.5 becomes 0).
+    assert signature.inputs is None
+    assert info.metadata["input_contract"] == CONTRACT
     assert [p.name for p in signature.params.params] == ["cost"]
     assert signature.params.params[0].dtype.name == "double"
     assert signature.outputs.input_names() == COLUMNS
 
 
-def test_uint8_images_are_answered_one_row_each_and_other_arrays_refused(model):
+def test_integer_images_are_answered_one_row_each_and_other_arrays_refused(model):
     floats, pixels = _digits()
     answer = model.predict(pixels)
     assert list(answer.columns) == COLUMNS and len(answer) == len(pixels)
     assert set(answer["group"]) <= {"head", "tail"}
-    for other in (floats, floats / 16, pixels.astype(np.int64), pixels.reshape(6, 64)):
+    # The same pixels as int64 (what JSON gives) are the same images.
+    assert model.predict(pixels.astype(np.int64)).equals(answer)
+    for other in (floats, floats / 16, pixels.reshape(6, 64)):
         with pytest.raises(MlflowException):
             model.predict(other)
+    # A batch of no images of the right shape gets no rows; an array without the images' shape, one line.
+    assert len(model.predict(pixels[:0])) == 0
+    with pytest.raises(MlflowException, match="got no images"):
+        model.predict(np.zeros(0, dtype=np.uint8))
 
 
 @pytest.mark.parametrize("case, got", [
@@ -99,15 +107,20 @@ def test_mlflow_models_serve_answers_the_contract_with_http_400_and_one_line(cha
         floats, pixels = _digits()
         status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": 0.1}})
         assert status == 200 and len(body["predictions"]) == len(pixels), body
-        # Floats are cast to uint8 by MLflow: [0, 1] images arrive as pixels of 0 and 1 (nearly black),
-        # and are answered as that image is.
-        status, body = post_json(url, {"inputs": (floats / 16).tolist()})
-        dark = (floats / 16).astype(np.uint8)
-        assert dark.max() == 1
-        status_dark, answer = post_json(url, {"inputs": dark.tolist()})
-        assert status == status_dark == 200 and body == answer, (body, answer)
+        # Floats are refused with one line that says what to send, never cut to a black image: images
+        # scaled to [0, 1], and the in-range 0.5 of the report.
+        for floaty, got in (((floats / 16).tolist(), "got floats in [0, 1]"),
+                            (np.full((1, 8, 8), 0.5).tolist(), "got floats in [0.5, 0.5]")):
+            status, body = post_json(url, {"inputs": floaty})
+            assert status == 400 and "stack_trace" not in body, body
+            assert body["message"].startswith(CONTRACT) and got in body["message"] and "\n" not in body["message"], body
+            assert "integers" in body["message"]
+        # An empty request: one line, 4xx.
+        status, body = post_json(url, {"inputs": []})
+        assert status == 400 and "stack_trace" not in body, body
+        assert body["message"] == f"{CONTRACT}; got no images (an empty request): send at least one", body
         status, body = post_json(url, {"inputs": (pixels.astype(np.int64) + 100).tolist()})
-        assert status == 400 and "stack_trace" not in body and "out of bounds for uint8" in body["message"], body
+        assert status == 400 and "stack_trace" not in body and "got integers in 100..355" in body["message"], body
         status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"cost": -1}})
         assert status == 400 and "stack_trace" not in body, body
         assert body["message"].startswith("params.cost must be a number >= 0") and "\n" not in body["message"]

@@ -122,13 +122,25 @@ class Splits:
         return pool[self.indices[split]]
 
     def check_source(self, source: SourceData) -> None:
-        """Refuse a source whose bytes differ from the one these splits were drawn from."""
+        """Refuse a source whose bytes differ from the one these splits were drawn from, and splits whose
+        labels, train counts or groups are not what that source and their indices give (the
+        fingerprint covers the source and the indices only)."""
         if source.fingerprint != self.source_fingerprint:
             raise ArgseError(
                 f"the {self.dataset} data found now differs from the data these splits were made from "
                 f"(fingerprint {source.fingerprint[:12]} vs {self.source_fingerprint[:12]}); "
                 "point --data-dir at the same files or create new splits"
             )
+        for name in SPLITS:
+            pool = source.train_labels if name == "train" else source.heldout_labels
+            if not np.array_equal(pool[self.indices[name]], self.labels[name]):
+                raise ArgseError(f"the {name} labels of these splits are not the {self.dataset} data's at their "
+                                 "indices: create new splits")
+        counts = np.bincount(self.labels["train"], minlength=self.num_classes)
+        if not np.array_equal(counts, self.train_counts) or not np.array_equal(
+                assign_groups(counts, self.group_thresholds), self.class_to_group):
+            raise ArgseError("the train counts or the groups of these splits are not what their labels and "
+                             f"--group-thresholds {','.join(map(str, self.group_thresholds))} give: create new splits")
 
     # -- persistence -------------------------------------------------------------------------
 

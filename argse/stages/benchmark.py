@@ -15,6 +15,10 @@ interval across seeds (`argse.selective.seeds`): ``benchmark/table.csv``, ``benc
 metrics ``<prior>/<method>/<column>_mean`` and ``_sd``, the risk-coverage curves averaged over seeds
 with their range, and every pipeline's output. A seed whose pipeline fails is listed with why and left
 out; the summary run fails only when no seed finished.
+
+The pipelines register their models in ``ar-gse-<dataset>-benchmark`` (``--register-name`` names
+another), never in the quickstart's ``ar-gse-<dataset>``; seeds have other splits, so their versions
+are not compared with each other for champion. The benchmark prints what was registered.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from argse.stage_registry import (
     TAG_BENCHMARK_ENGINE,
     TAG_BENCHMARK_FAILED,
     TAG_BENCHMARK_PIPELINE,
+    TAG_REGISTERED_MODEL,
     TAG_STEP,
 )
 from argse.tracking.metric_names import metric_key
@@ -142,8 +147,31 @@ def run(cfg: BenchmarkConfig, *, experiment: str | None = None) -> str | None:
             raise ArgseError("no pipeline of the benchmark finished: " + "; ".join(
                 f"seed {job.seed} ({job.prior}): {job.reason}" for job in failed))
         summary = summarise_runs(cfg, finished)
+        click.echo("\n".join(registered(finished)))
         log_summary(summary, cfg, finished, failed, name)
         return active.info.run_id
+
+
+def registered(finished: list[Job]) -> list[str]:
+    """What the pipelines registered, in words: each model name, then each version with its seed, prior,
+    fit run and where it stands (champion, or why it is not compared with it)."""
+    from argse.stages.argse import standing
+
+    client = MlflowClient()
+    rows: dict[str, list[tuple[int, str]]] = {}
+    for job in sorted(finished, key=lambda j: (j.seed, j.prior)):
+        fit = client.get_run(job.run_id).data.tags.get(TAG_STEP + "argse", "").split()[-1:]
+        registered_as = client.get_run(fit[0]).data.tags.get(TAG_REGISTERED_MODEL, "") if fit else ""
+        name, _, number = registered_as.rpartition("/")
+        if name and number.isdigit():
+            version = client.get_model_version(name, number)
+            rows.setdefault(name, []).append((int(number), f"  v{number}: seed {job.seed}, {job.prior} prior, fit run "
+                                                           f"{fit[0]}: {standing(client, name, version)}"))
+    lines = []
+    for name, found in rows.items():
+        lines.append(f"the pipelines' models, registered in {name}:")
+        lines.extend(line for _, line in sorted(found))
+    return lines
 
 
 def _pipeline_command(cfg: BenchmarkConfig, job: Job, experiment: str | None) -> list[str]:

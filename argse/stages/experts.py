@@ -39,8 +39,10 @@ from argse.models.backbones import build_backbone, count_parameters, estimate_tr
 from argse.models.experts import ExpertModel
 from argse.presets import apply_portable_kernels
 from argse.selective import ece
+from argse.serving import save_expert
 from argse.stage_registry import (
     CHECKPOINT,
+    EXPERT_WEIGHTS,
     EXPERTS_STAGE,
     MODEL,
     TAG_CHANNELS_LAST,
@@ -276,6 +278,7 @@ def calibrate_and_log(name: str, expert: ExpertModel, data: Data, device: torch.
             path.parent.mkdir(exist_ok=True)
             np.savez(path, logits=(raw[split] / temperature).numpy().astype(np.float32),
                      labels=splits.labels[split], indices=splits.indices[split])
+        save_expert(expert.cpu(), Path(tmp) / EXPERT_WEIGHTS)  # what a fit copies into its model
         integrity.log_artifacts(tmp)
     log_expert_model(expert.cpu().eval(), data)
     return metrics

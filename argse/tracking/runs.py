@@ -13,6 +13,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from argse import stage_registry
+from argse.tracking import integrity
 from argse.tracking.heartbeat import HEARTBEAT, _arm_interrupt
 from argse.tracking.owners import owner, reap_stale_runs
 from argse.tracking.server import TrackingServerError, _end_quickly, _record_failure, server_problem
@@ -60,6 +61,8 @@ def stage_run(
 ) -> Iterator[Run]:
     """Start (or resume) the MLflow run of a stage; tag it, log its params; end it FINISHED, or
     FAILED when the body raises (KILLED on Ctrl-C), so ``latest`` never resolves to a broken run.
+    Just before it ends FINISHED the run seals the digests of the files it logged
+    (:func:`argse.tracking.integrity.seal`).
     While it is open the heartbeat thread stamps it; a stage that starts at the top first marks the
     runs dead processes left RUNNING (:func:`reap_stale_runs`). When the error is the tracking server's
     (see :func:`server_problem`), the run gets one short try to end and the error becomes a
@@ -108,6 +111,7 @@ def stage_run(
         _log_params(run.info.run_id, params)
         set_upstream(stage, params, upstream)
         yield run
+        integrity.seal(run.info.run_id)  # its digests, one per file, write-once: the last thing before FINISHED
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
