@@ -208,7 +208,9 @@ def test_fits_of_one_gate_that_differ_only_in_cost_tie_and_the_champion_stays(ch
     values = []
     for cost in ("0.3", "0.0001", "0.3"):
         # --rounds 8 as the fixture's fit: the same gate and fit options, only the cost differs.
-        result = cli("fit", "--dataset", "digits-lt", "--gating-run", ids["selective"], "--cost", cost, "--rounds", "8")
+        # --rerun: the third fit repeats the first's options, which it would otherwise reuse.
+        result = cli("fit", "--dataset", "digits-lt", "--gating-run", ids["selective"], "--cost", cost, "--rounds", "8",
+                     "--rerun")
         assert result.code == 0, result.err
         assert f"champion stays v{champion}" in result.out and "a tie keeps the champion" in result.out, result.out
         fit = client.search_runs([client.get_run(ids["argse"]).info.experiment_id], "tags.`argse.stage` = 'argse'",
