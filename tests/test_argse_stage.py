@@ -21,7 +21,7 @@ from argse.data.loaders import load_digits
 from argse.selective import PluginRule
 from argse.serving import predict_frame
 from argse import ArgseError
-from argse.stages.argse import CHAMPION_PARAM, COMPARED_PARAM, crown, crown_by_hand
+from argse.stages.argse import CHAMPION_PARAM, COMPARED_PARAM, PROMOTE_MARGIN_TOLERANCE, crown, crown_by_hand, margin_gap
 from argse.tracking import integrity
 from argse.stages.common import load_experts
 from argse.models.gating import gated_mixture
@@ -246,3 +246,13 @@ def test_expert_posteriors_under_another_prior_equal_loading_them_for_that_prior
         assert torch.allclose(lt.own_probs[split], balanced.own_probs[split])
     # LogitAdjust at tau = 1 already gives the balanced posterior: under the balanced prior it is unshifted.
     assert torch.allclose(balanced.probs["val"][:, 1], balanced.own_probs["val"][:, 1], atol=1e-9)
+
+
+def test_the_promotion_margin_check_is_relative_to_the_margins_scale():
+    # Margins scale with the rule's 1/alpha: with one near 2.6e4, 0.27 anywhere is float32 rounding (1e-5
+    # of the scale), near zero as well; where all margins are below 1 the difference is taken as it is.
+    served, expected = np.array([25947.52, -0.12]), np.array([25947.25, -0.25])
+    assert margin_gap(served, expected) == pytest.approx(0.27 / 25947.25)
+    assert margin_gap(served, expected) < PROMOTE_MARGIN_TOLERANCE
+    assert margin_gap(np.array([0.5, -0.12]), np.array([0.2, -0.25])) == pytest.approx(0.3)
+    assert margin_gap(np.array([3.0, 0.0]), np.array([-2.0, 0.0])) == pytest.approx(2.5)
