@@ -16,6 +16,13 @@ def fmt_number(value: float) -> str:
     return f"{value:.4g}"
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): how an error is said
+    in one line, on the command line and in a failed run's tags."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class ArgseError(Exception):
     """A failure the user can fix; its message is one line that says what is wrong and what to do.
 

@@ -1,188 +1,26 @@
-"""Configuration: dataset presets and one dataclass per stage, the one declaration of its options.
+"""Configuration: one dataclass per stage, the one declaration of its options.
 
-Each field of a stage's dataclass declares an option with :func:`option`: its type (the annotation), its
+Each field of a stage's dataclass declares an option with :func:`argse.options.option`: its type (the annotation), its
 default or the preset key whose value per dataset is the default, its help line, its choices, whether
 it is a param (logged to MLflow and hashed for the cache; ``verbose``, ``dry_run``, ``resume`` and the
 like are not), and how ``argse pipeline`` passes it on. Derived from that, never restated: the click
 options of each stage command and of ``argse pipeline`` (:mod:`argse.cli`), ``params()`` and the config
 hash, the resume restore (:meth:`StageConfig.restore`), the pipeline's stage configs
-(:meth:`PipelineConfig.stage_configs`) and MLproject (``python -m argse.mlproject``).
+(:meth:`argse.pipeline_config.PipelineConfig.stage_configs`) and MLproject (``python -m argse.mlproject``).
 A resolved config holds every option it runs with (no ``None`` left where a preset supplies the value).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import typing
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
-from argse import DEVICES, ENGINES, EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
+from argse import DEVICES, EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
 from argse.data.splits import EVAL_SPLITS, PRIORS
+from argse.options import flag, option, options, parse_group_thresholds, resolve_coverage_grid
 from argse.presets import DATASETS, PRESETS, DatasetPreset, preset
-
-
-def parse_group_thresholds(text: str | tuple[int, ...]) -> tuple[int, ...]:
-    """``"100,20"`` -> ``(100, 20)``: strictly decreasing positive train-count thresholds."""
-    if isinstance(text, tuple):
-        values = text
-    else:
-        try:
-            values = tuple(int(v) for v in str(text).split(",") if v.strip())
-        except ValueError:
-            raise ArgseUsageError(
-                f"--group-thresholds {text!r} is not a comma-separated list of integers "
-                "(e.g. 20 for head/tail, 100,20 for many/medium/few)"
-            ) from None
-    if not values or any(v <= 0 for v in values) or list(values) != sorted(set(values), reverse=True):
-        raise ArgseUsageError(
-            f"--group-thresholds {text!r} must be positive and strictly decreasing "
-            "(e.g. 20 for head/tail, 100,20 for many/medium/few)"
-        )
-    return values
-
-
-def resolve_coverage_grid(text: str) -> str:
-    """``--coverage-grid``: ``default`` (1, 0.95, ..., 0.2) or comma-separated coverages in (0, 1], at
-    least two distinct; returned in one canonical spelling (descending, no repeats), or a one-line error."""
-    from argse.selective.matched import COVERAGES, check_coverages
-
-    text = str(text).strip()
-    if text == "default":
-        grid = COVERAGES
-    else:
-        try:
-            grid = check_coverages([v for v in text.split(",") if v.strip()])
-        except ValueError as exc:
-            raise ArgseUsageError(
-                f"--coverage-grid {text!r}: {str(exc).rstrip('.')}; give comma-separated coverages in (0, 1], "
-                "e.g. 1,0.9,0.8,0.7,0.6,0.5, or default"
-            ) from None
-    return ",".join(f"{v:g}" for v in grid)
-
-
-# -- how a field declares an option -----------------------------------------------------------------
-
-BOOLEAN_WORDS = {"1": True, "true": True, "t": True, "yes": True, "y": True, "on": True,
-                 "0": False, "false": False, "f": False, "no": False, "n": False, "off": False}
-NOT_GIVEN = ("", "none", "preset")  # how MLproject's -P (and a logged param) spell an option left unset
-
-
-def option(default: Any = None, *, help: str, preset: str | None = None, choices: tuple | None = None,
-           hashed: bool = True, pipeline: bool | str = True, mode: str | None = None,
-           parse: Callable[[str], Any] | None = None, metavar: str | None = None, required: bool = False) -> Any:
-    """Declare a stage option as a dataclass field; everything else about the option derives from this.
-
-    ``default``: its value when not given; ``None`` with ``preset`` set means the dataset preset's
-    field of that name supplies it (:class:`DatasetPreset`). ``help``: the one help line (the default
-    and each preset's value are appended where the option is shown). ``choices``: the allowed values.
-    ``hashed``: whether the value is a param (logged to MLflow, in the config hash, restored by a
-    resume); presentational options (``verbose``, ``dry_run``, ``resume``, ``output_dir``) are not.
-    ``pipeline``: ``True`` when ``argse pipeline`` passes an option of the field's own name on to this
-    stage, a name when the pipeline names it otherwise (the stages' fields named alike that mean
-    different things), ``False`` when the pipeline sets the field itself. ``mode``: the stage mode
-    the option only matters in (the pipeline passes it to that mode's run only). ``parse``: how a
-    value given as text is read when the type alone does not say. ``required``: the command wants it
-    spelled out (``argse gating --mode``; MLproject gives the parameter no default), though the
-    dataclass keeps ``default`` for code that builds the config.
-    """
-    if preset is not None and default is not None:
-        raise TypeError("an option has a default or a preset key, not both")
-    return dataclasses.field(default=default, metadata={
-        "help": help, "preset": preset, "choices": tuple(choices) if choices is not None else None,
-        "hashed": hashed, "pipeline": pipeline, "mode": mode, "parse": parse, "metavar": metavar,
-        "required": required})
-
-
-@dataclass(frozen=True)
-class Option:
-    """One declared option, read back from its field."""
-
-    name: str
-    kind: type  # int, float, str, bool or tuple
-    default: Any
-    help: str
-    preset: str | None
-    choices: tuple | None
-    hashed: bool
-    pipeline: bool | str
-    mode: str | None
-    parse_text: Callable[[str], Any] | None
-    metavar: str | None
-    required: bool = False
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def preset_values(self) -> str:
-        """``cifar100-lt 200, digits-lt 30, fashion-mnist-lt 20``: each preset's value of this option."""
-        return ", ".join(f"{name} {show_value(getattr(p, self.preset))}" for name, p in PRESETS.items())
-
-    def parse(self, text: Any) -> Any:
-        """A value given as text (a CLI or MLproject string, a logged param) read as this option's type;
-        ``""``, ``none`` and ``preset`` mean not given where the option may be left unset."""
-        if isinstance(text, str) and text.strip().lower() in NOT_GIVEN and (self.default is None or self.preset):
-            return None
-        return self.cast(text)
-
-    def cast(self, value: Any) -> Any:
-        """``value`` as this option's type, or a one-line usage error naming the option."""
-        if value is None:
-            return None
-        try:
-            if self.parse_text is not None:
-                return self.parse_text(value)
-            if self.kind is bool:
-                if isinstance(value, str):
-                    return BOOLEAN_WORDS[value.strip().lower()]
-                return bool(value)
-            if self.kind is int and isinstance(value, str):
-                number = float(value)
-                if number != int(number):
-                    raise ValueError
-                return int(number)
-            return self.kind(value)
-        except (KeyError, TypeError, ValueError):
-            kind = "true or false" if self.kind is bool else f"a {self.kind.__name__}"
-            raise ArgseUsageError(f"{self.flag} {value!r} is not {kind}") from None
-
-
-def _kind(annotation: Any) -> type:
-    """int / float / str / bool / tuple from a field's type (``int | None`` -> int)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is tuple:
-        return tuple
-    if args:
-        return _kind(args[0])
-    return annotation
-
-
-@functools.cache
-def options(cls: type) -> tuple[Option, ...]:
-    """The options a config dataclass declares, in field order (its base's first)."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if "help" not in f.metadata:
-            continue  # not an option (PipelineConfig's internal fields)
-        m = f.metadata
-        out.append(Option(f.name, _kind(hints[f.name]), f.default, m["help"], m["preset"], m["choices"],
-                          m["hashed"], m["pipeline"], m["mode"], m["parse"], m["metavar"], m["required"]))
-    return tuple(out)
-
-
-def show_value(value: Any) -> str:
-    """How a default is written in help texts and MLproject: ``0.0005``, ``20``, ``100,20``, ``true``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return "" if value is None else str(value)
 
 
 # -- the stages' configs ----------------------------------------------------------------------------
@@ -275,7 +113,7 @@ class SplitsConfig(SingleStageConfig):
             raise ArgseUsageError(f"--imb-factor {cfg.imb_factor} must be >= 1 (1 means balanced)")
         for name in ("tunev_ratio", "val_ratio"):
             if not 0 < getattr(cfg, name) < 1:
-                raise ArgseUsageError(f"--{name.replace('_', '-')} must lie strictly between 0 and 1")
+                raise ArgseUsageError(f"{flag(name)} must lie strictly between 0 and 1")
         if cfg.tunev_ratio + cfg.val_ratio >= 1:
             raise ArgseUsageError(
                 "--tunev-ratio plus --val-ratio must stay below 1 so the test split is not empty"
@@ -283,7 +121,7 @@ class SplitsConfig(SingleStageConfig):
         return cfg
 
 
-#: ``--at-once``: how the experts stage trains several experts (see :func:`argse.stages.experts.choose_mode`).
+#: ``--at-once``: how the experts stage trains several experts (see :func:`argse.expert_runs.at_once.choose_mode`).
 AT_ONCE = ("auto", "yes", "no")
 
 
@@ -427,232 +265,5 @@ STAGE_CONFIGS: Mapping[str, type[StageConfig]] = MappingProxyType(
     {cls.STAGE: cls for cls in (SplitsConfig, ExpertsConfig, GatingConfig, ArgseConfig, EvaluateConfig)})
 
 
-# -- the pipeline: its own options, and the stage options it passes on ------------------------------
-
-
-@dataclass(frozen=True)
-class PassThrough:
-    """An option of ``argse pipeline`` that sets a stage field: in every pipeline step whose stage
-    declares a field under this pipeline name (``--cost``: selective gating and the fit)."""
-
-    name: str
-    targets: tuple[tuple[str, Option], ...]  # (pipeline step, the stage's option)
-
-    @property
-    def option(self) -> Option:
-        """The first target's option: type, choices, preset and parsing (the same for every target)."""
-        return self.targets[0][1]
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def default(self) -> Any:
-        """The stages' common default; ``None`` (each stage keeps its own) where they differ."""
-        defaults = {(o.default, o.preset) for _, o in self.targets}
-        return self.option.default if len(defaults) == 1 else None
-
-    def where(self) -> list[tuple[str, Option]]:
-        """``[(label, option)]``: the commands it reaches (``gating (selective)``, ``fit``), once each."""
-        out: dict[str, Option] = {}
-        for step, opt in self.targets:
-            stage = next(p.stage for p in stage_registry.PIPELINE_PLAN if p.name == step)
-            out.setdefault(stage.command + (f" ({opt.mode})" if opt.mode else ""), opt)
-        return list(out.items())
-
-
-@functools.cache
-def pipeline_options() -> tuple[PassThrough, ...]:
-    """Every stage option the pipeline passes on, by pipeline name, in stage order.
-
-    A stage field reaches the pipeline under its own name, shared with every other stage declaring a
-    field of that name (``--seed``, ``--test-prior``, ``--objective``, ``--cost``), or under the
-    pipeline name it declares (``option(pipeline=...)``) where another stage's field of the same name
-    means something else: ``gating_`` for the gate's training (``--gating-epochs``,
-    ``--gating-batch-size``, ``--gating-lr``, ``--gating-weight-decay``), ``--selective-rounds`` for
-    the selective gate's rounds, ``eg_`` for the fit's exponentiated gradient (``--eg-rounds``,
-    ``--eg-step``). The pipeline sets the rest itself: the shared options (its own), each stage's
-    upstream run (the registry's inputs), the gating mode, and fields declared ``pipeline=False``.
-    """
-    shared = {opt.name for opt in options(StageConfig)}
-    found: dict[str, list[tuple[str, Option]]] = {}
-    for plan in stage_registry.PIPELINE_PLAN:
-        stage = plan.stage
-        set_here = {i.option for i in stage.reads if i.option} | ({"mode"} if stage.modes else set())
-        for opt in options(STAGE_CONFIGS[stage.name]):
-            if opt.name in shared or opt.name in set_here or opt.pipeline is False:
-                continue
-            if opt.mode is not None and opt.mode != plan.mode:
-                continue
-            name = opt.pipeline if isinstance(opt.pipeline, str) else opt.name
-            found.setdefault(name, []).append((plan.name, opt))
-    return tuple(PassThrough(name, tuple(targets)) for name, targets in found.items())
-
-
-@dataclass
-class PipelineConfig(StageConfig):
-    """The chain's own options (where to start and stop) and the stage options given to it
-    (``stage_options``, by pipeline name, see :func:`pipeline_options`); the stages' configs derive
-    from both (:meth:`stage_configs`): nothing here restates a stage's option."""
-
-    STAGE: ClassVar[str] = "pipeline"
-
-    start_from: str = option("data", choices=stage_registry.PIPELINE_STEPS, help="Reuse the stages before this step; rerun it and the rest.")
-    stop_at: str = option("eval", choices=stage_registry.PIPELINE_STEPS, help="The last step to run.")
-    force: bool = option(False, hashed=False,
-                         help="Rerun every stage from --start-from even when an identical finished run exists.")
-    stage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def resolve(self) -> "PipelineConfig":
-        cfg = self._resolved()
-        known = {p.name: p for p in pipeline_options()}
-        unknown = sorted(set(cfg.stage_options) - set(known))
-        if unknown:
-            raise ArgseUsageError(f"argse pipeline has no option --{unknown[0].replace('_', '-')}")
-        steps = stage_registry.PIPELINE_STEPS
-        if steps.index(cfg.start_from) > steps.index(cfg.stop_at):
-            raise ArgseUsageError(f"--start-from {cfg.start_from} comes after --stop-at {cfg.stop_at}")
-        cfg.stage_configs()  # every stage option is checked before anything runs
-        return cfg
-
-    def stage_configs(self) -> dict[str, StageConfig]:
-        """The resolved config of every pipeline step (``splits`` ... ``evaluate``): the shared options,
-        the step's mode, and each stage option given to the pipeline; the rest at the stage's default."""
-        shared = {opt.name: getattr(self, opt.name) for opt in options(StageConfig) if opt.pipeline is not False}
-        given: dict[str, dict[str, Any]] = {}
-        for p in pipeline_options():
-            value = self.stage_options.get(p.name)
-            for step, opt in p.targets:
-                if value is not None:
-                    given.setdefault(step, {})[opt.name] = value
-        out = {}
-        for plan in stage_registry.PIPELINE_PLAN:
-            mode = {"mode": plan.mode} if plan.mode else {}
-            out[plan.name] = STAGE_CONFIGS[plan.stage.name](**shared, **mode, **given.get(plan.name, {})).resolve()
-        return out
-
-    def params(self) -> dict[str, Any]:
-        """The pipeline's own options and the stage options given to it (each stage run logs all of its own)."""
-        out = super().params()
-        for name, value in self.stage_options.items():
-            if value is not None:
-                out[name] = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-        return out
-
-
-def parse_seeds(text: str | tuple[int, ...]) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``: distinct non-negative integers, at least one."""
-    if isinstance(text, tuple):
-        values = list(text)
-    else:
-        parts = [v.strip() for v in str(text).split(",")]
-        if not any(parts):
-            raise ArgseUsageError("it is empty: give one or more seeds, e.g. 0,1,2")
-        bad = [v for v in parts if not v.isdigit()]
-        if bad:
-            raise ArgseUsageError(f"{bad[0]!r} is not a non-negative integer: give seeds like 0,1,2")
-        values = [int(v) for v in parts]
-    repeated = sorted({v for v in values if values.count(v) > 1})
-    if repeated:
-        raise ArgseUsageError(f"seed {repeated[0]} is given twice: give each seed once")
-    if any(v < 0 for v in values):
-        raise ArgseUsageError("seeds are non-negative integers, e.g. 0,1,2")
-    return tuple(values)
-
-
-def parse_priors(text: str | tuple[str, ...]) -> tuple[str, ...]:
-    """``"lt,balanced"`` -> ``("lt", "balanced")``: known target priors, each once."""
-    values = list(text) if isinstance(text, tuple) else [v.strip() for v in str(text).split(",") if v.strip()]
-    unknown = [v for v in values if v not in PRIORS]
-    if not values or unknown:
-        raise ArgseUsageError(f"{text!r}: choose one or more of {', '.join(PRIORS)}, separated by commas")
-    if len(set(values)) < len(values):
-        raise ArgseUsageError(f"{text!r} names a prior twice")
-    return tuple(values)
-
-
-#: Where the benchmark's pipelines register their models unless --register-name names another: a model
-#: of their own, so that seeds fitted on other splits never compete with (nor move) the champion of
-#: ``ar-gse-<dataset>``, the quickstart's.
-BENCHMARK_REGISTER_NAME = "ar-gse-{dataset}-benchmark"
-
-#: The pipeline options the benchmark sets itself for each pipeline it starts, in place of the
-#: pipeline's own: one pipeline per seed (``--seeds``) and test prior (``--test-prior``, a list here).
-BENCHMARK_OWN = ("test_prior",)
-
-
-def benchmark_pass_through() -> tuple[PassThrough, ...]:
-    """The pipeline options ``argse benchmark`` passes to every pipeline as ``argse pipeline`` takes them."""
-    return tuple(p for p in pipeline_options() if p.name not in BENCHMARK_OWN)
-
-
-@dataclass
-class BenchmarkConfig(StageConfig):
-    """``argse benchmark``: the pipeline over several seeds (and test priors), side by side, and one
-    summary run. Its own options, and the pipeline options given to it (``stage_options``), which reach
-    every pipeline as ``argse pipeline`` takes them (:func:`benchmark_pass_through`)."""
-
-    STAGE: ClassVar[str] = "benchmark"
-
-    seed: int = 0  # not an option here: --seeds
-    seeds: tuple[int, ...] = option("0,1,2", parse=parse_seeds, metavar="S[,S...]",
-                                    help="The seeds, one pipeline each (splits, initialisation, batches).")
-    test_prior: tuple[str, ...] = option("lt", parse=parse_priors, metavar="PRIOR[,PRIOR...]",
-                                         help=f"The target label priors, one pipeline each per seed ({', '.join(PRIORS)}).")
-    workers: int | None = option(hashed=False, help="Pipelines run side by side (default: what the machine's "
-                                                   "cores and memory fit; --dry-run says which).")
-    engine: str = option("local", choices=ENGINES, hashed=False,
-                         help="Where the pipelines run: local (processes of this machine) or ray (one task each on a "
-                              "Ray cluster; the extra: pip install -e \".[ray]\"; docs/cluster.md).")
-    ray_address: str | None = option(hashed=False, metavar="HOST:PORT",
-                                     help="--engine ray: the head node's address (default: RAY_ADDRESS, else the "
-                                          "cluster this machine joined with `ray start`).")
-    force: bool = option(False, hashed=False, help="Rerun every pipeline even when an identical one finished.")
-    stage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def resolve(self) -> "BenchmarkConfig":
-        cfg = self._resolved()
-        if cfg.workers is not None and cfg.workers < 1:
-            raise ArgseUsageError(f"--workers {cfg.workers} must be >= 1 (or left out: what the machine fits)")
-        if cfg.ray_address and cfg.engine != "ray":
-            raise ArgseUsageError(f"--ray-address is for --engine ray (the engine is {cfg.engine}): add --engine ray")
-        known = {p.name for p in benchmark_pass_through()}
-        unknown = sorted(set(cfg.stage_options) - known)
-        if unknown:
-            raise ArgseUsageError(f"argse benchmark has no option --{unknown[0].replace('_', '-')}")
-        for seed in cfg.seeds:  # every pipeline's options are checked before anything runs
-            for prior in cfg.test_prior:
-                cfg.pipeline_config(seed, prior)
-        return cfg
-
-    def pipeline_config(self, seed: int, prior: str) -> "PipelineConfig":
-        """The resolved config of the pipeline of one seed and prior (registering in the benchmark's
-        own model unless --register-name names one: :data:`BENCHMARK_REGISTER_NAME`)."""
-        given = {k: v for k, v in self.stage_options.items() if v is not None}
-        given.setdefault("register_name", BENCHMARK_REGISTER_NAME.format(dataset=self.dataset))
-        return PipelineConfig(dataset=self.dataset, data_dir=self.data_dir, seed=seed, device=self.device,
-                              verbose=self.verbose, stage_options={**given, "test_prior": prior}).resolve()
-
-    def pipeline_args(self, seed: int, prior: str) -> list[str]:
-        """``argse pipeline`` arguments that give :meth:`pipeline_config`."""
-        cfg = self.pipeline_config(seed, prior)
-        args = ["--dataset", cfg.dataset, "--data-dir", cfg.data_dir, "--seed", str(seed), "--device", cfg.device]
-        for name, value in cfg.stage_options.items():
-            args += ["--" + name.replace("_", "-"), show_value(value)]
-        return args + (["--verbose"] if self.verbose else [])
-
-    def params(self) -> dict[str, Any]:
-        out = super().params()
-        for name, value in self.stage_options.items():
-            if value is not None:
-                out[name] = show_value(value)
-        return out
-
-
-__all__ = [
-    "option", "options", "Option", "parse_group_thresholds",
-    "StageConfig", "SingleStageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig", "EvaluateConfig", "PipelineConfig",
-    "PassThrough", "pipeline_options", "STAGE_CONFIGS", "BenchmarkConfig", "benchmark_pass_through", "parse_seeds",
-    "parse_priors", "BENCHMARK_REGISTER_NAME",
-]
+__all__ = ["StageConfig", "SingleStageConfig", "SplitsConfig", "ExpertsConfig", "GatingConfig", "ArgseConfig",
+           "EvaluateConfig", "STAGE_CONFIGS"]

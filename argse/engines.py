@@ -24,7 +24,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,9 +33,10 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseUsageError
+from argse import ArgseUsageError, first_line
 from argse.stage_registry import TAG_RAY_NODE, TAG_RAY_NODE_IP
-from argse.tracking.store import code_version, first_line
+from argse.tracking.store import code_version
+from argse.training.processes import death_signal_setter
 
 #: How often Ray starts a pipeline's task again after the node running it died (or its worker process
 #: did). A pipeline that fails by itself (exit code not 0) is not retried: it fails the same way again.
@@ -240,25 +240,8 @@ def run_on_node(argv: list[str], driver_code: str) -> tuple[int, str]:
     tags = json.loads(env.get("MLFLOW_RUN_CONTEXT") or "{}")
     env["MLFLOW_RUN_CONTEXT"] = json.dumps({**tags, TAG_RAY_NODE: node, TAG_RAY_NODE_IP: ip})
     done = subprocess.run([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, preexec_fn=_dies_with_parent())
+                          text=True, preexec_fn=death_signal_setter())
     return done.returncode, head + done.stdout
-
-
-def _dies_with_parent():
-    """A ``preexec_fn`` that has the kernel SIGKILL the child when the task's process dies (Linux's
-    ``PR_SET_PDEATHSIG``), so a pipeline never runs on beyond the task Ray accounts it to; ``None``
-    elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-    pr_set_pdeathsig = 1
-
-    def set_death_signal() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-
-    return set_death_signal
 
 
 Engine = LocalEngine | RayEngine

@@ -1,6 +1,7 @@
 """MLproject, generated from the stage configs: ``python -m argse.mlproject > MLproject``.
 
-Every entry point takes one parameter per option its command declares (``argse.config``), with the
+Every entry point takes one parameter per option its command declares (``argse.config``,
+``argse.pipeline_config``), with the
 option's default written as ``-P`` would give it (``preset`` where the dataset preset supplies the
 value, an empty string where the option is unset, ``true`` / ``false`` for switches), and runs
 ``python -m argse <command>`` with all of them. ``tests/test_options.py`` fails when the file and this
@@ -13,16 +14,9 @@ import json
 import textwrap
 
 from argse import stage_registry
-from argse.config import (
-    STAGE_CONFIGS,
-    BenchmarkConfig,
-    Option,
-    PipelineConfig,
-    benchmark_pass_through,
-    options,
-    pipeline_options,
-    show_value,
-)
+from argse.config import STAGE_CONFIGS
+from argse.options import Option, flag, options, show_value
+from argse.pipeline_config import BenchmarkConfig, PipelineConfig, benchmark_pass_through, pipeline_options
 
 HEADER = """\
 name: ar-gse
@@ -66,7 +60,7 @@ def render() -> str:
         out += [f"      {name}: {{type: string}}\n" if value is None else
                 f"      {name}: {{type: string, default: {json.dumps(value)}}}\n" for name, value in params]
         command = " ".join([f"python -m argse {stage.command}"]
-                           + [f"--{name.replace('_', '-')} {{{name}}}" for name, _ in params])
+                           + [f"{flag(name)} {{{name}}}" for name, _ in params])
         lines = textwrap.wrap(command, width=110, break_on_hyphens=False, break_long_words=False)
         out.append("    command: >-\n" + "".join(f"      {line}\n" for line in lines) + "\n")
     return "".join(out).rstrip("\n") + "\n"

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import argse, experts_epoch_wall, store_env
 
 N_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 500, 100
 STAGES = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
@@ -89,27 +88,6 @@ def stage_times(client, pipeline_id: str) -> dict[str, float]:
     return out
 
 
-def experts_epoch_wall(client, experts_parent: str) -> tuple[float, int]:
-    """The experts stage's wall seconds per epoch of the three experts once training runs, and the
-    epochs trained. Each expert's epoch time is the time from its first to its last logged epoch
-    divided by the epochs between (the first epoch, with its start-up and any compilation, left
-    out); experts trained at once (their runs overlap in time) take the slowest one's, experts
-    trained one after another the sum."""
-    parent = client.get_run(experts_parent)
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{experts_parent}'")
-    per_expert, epochs = [], 0
-    for child in children:
-        history = sorted(client.get_metric_history(child.info.run_id, "epoch/val_acc"), key=lambda m: m.step)
-        epochs = len(history)
-        if len(history) >= 2:
-            per_expert.append((history[-1].timestamp - history[0].timestamp) / 1000 / (len(history) - 1))
-        else:
-            per_expert.append(child.data.metrics.get("timing/epoch_seconds", 0.0))
-    spans = sorted((c.info.start_time, c.info.end_time or c.info.start_time) for c in children)
-    at_once = any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
-    return (max(per_expert, default=0.0) if at_once else sum(per_expert)), epochs
-
-
 def serve_one_request(env: dict[str, str], model_uri: str, image: np.ndarray) -> str:
     """`mlflow models serve` the model, send one image, stop the server; the answer."""
     port = free_port()
@@ -161,19 +139,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="argse-cifar-") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MPLBACKEND": "Agg",
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-            env.pop(key, None)
-        cmd = [sys.executable, "-m", "argse", "pipeline", "--dataset", "cifar100-lt", "--data-dir", str(data_dir),
-               "--epochs", str(args.epochs), "--device", args.device]
-        print("$ " + " ".join(cmd[2:]), flush=True)
-        started = time.perf_counter()
-        done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - started
+        env = store_env(work)
+        command = ["pipeline", "--dataset", "cifar100-lt", "--data-dir", str(data_dir), "--epochs", str(args.epochs),
+                   "--device", args.device]
+        print("$ argse " + " ".join(command), flush=True)
+        wall, done = argse(command, env, work)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
-        if done.returncode != 0:
-            sys.exit(f"the pipeline failed ({wall:.0f} s):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         print(done.stdout[-4000:])
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         exps = [e.experiment_id for e in client.search_experiments()]

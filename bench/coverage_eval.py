@@ -18,39 +18,15 @@ Both must give the same AURCs (the "agree" line).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from argse.selective import chow, fit_at_coverage, selective_errors  # noqa: E402
-from argse.selective.compare import compare  # noqa: E402
-from argse.selective.matched import COVERAGES, FIT_SPLIT, SEL_SPLIT, FitOptions, Method, trapezoid  # noqa: E402
-
-SIZES = {"tunev": 3000, "val": 2000, "test": 5000}
-N_CLASSES = 10
-CLASS_TO_GROUP = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])  # the tail is classes 0-2, as in reverse order
-
-
-def problem(seed: int = 0):
-    """Labels per split and three experts' posteriors per split (balanced held-out splits)."""
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.floor(6000 * 100.0 ** (-(9 - torch.arange(N_CLASSES, dtype=torch.float64)) / 9))
-    log_prior = (counts / counts.sum()).log()
-    labels, experts = {}, {}
-    for split, n in SIZES.items():
-        y = torch.arange(N_CLASSES).repeat_interleave(n // N_CLASSES)
-        signal = torch.randn(n, N_CLASSES, generator=g, dtype=torch.float64)
-        signal[torch.arange(n), y] += 2.5 + (CLASS_TO_GROUP[y] == 0).double()
-        labels[split] = y
-        experts[split] = torch.stack([torch.softmax(signal * 1.3 + lean * log_prior, dim=1)
-                                      for lean in (1.0, 0.3, 0.0)], dim=1)
-    return labels, experts
-
+from argse.selective import chow, fit_at_coverage, selective_errors
+from argse.selective.compare import compare
+from argse.selective.matched import COVERAGES, FIT_SPLIT, SEL_SPLIT, FitOptions, Method, trapezoid
+from common import CLASS_TO_GROUP, SIZES, problem
 
 def methods(experts) -> list[Method]:
     splits = tuple(SIZES)

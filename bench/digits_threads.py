@@ -1,5 +1,6 @@
-"""Training-step time of the digits expert net with 1 and 2 torch threads (why the digits-lt preset
-pins one CPU thread). Prints a table; with --busy, a second process keeps one core busy meanwhile,
+"""Training-step time of the digits expert net (the experts stage's own step,
+``argse.training.experts.train_step``) with 1 and 2 torch threads (why the digits-lt preset pins one
+CPU thread). Prints a table; with --busy, a second process keeps one core busy meanwhile,
 as another job or an MLflow server would."""
 
 from __future__ import annotations
@@ -10,28 +11,22 @@ import time
 
 import torch
 
-from argse.models.backbones import DigitsNet
-
-
-def _spin(stop) -> None:
-    x = 0
-    while not stop.is_set():
-        x += 1
+from argse.presets import PRESETS
+from argse.training.experts import train_step
+from common import expert, spin
 
 
 def step_seconds(threads: int, steps: int) -> float:
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = DigitsNet(10)
-    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cpu = torch.device("cpu")
+    p = PRESETS["digits-lt"]
+    state = expert(p.backbone, p.num_classes, lr=p.lr, batch_size=p.batch_size, device=cpu, steps=steps + 5)
+    h, w, c = p.image_shape
+    x, y = torch.randn(p.batch_size, c, h, w), torch.randint(0, p.num_classes, (p.batch_size,))
     for i in range(steps + 5):
         if i == 5:
             start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(state, x, y, device=cpu)
     return (time.perf_counter() - start) / steps
 
 
@@ -41,7 +36,7 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
     args = parser.parse_args()
     stop = multiprocessing.Event()
-    spinner = multiprocessing.Process(target=_spin, args=(stop,)) if args.busy else None
+    spinner = multiprocessing.Process(target=spin, args=(stop,)) if args.busy else None
     if spinner:
         spinner.start()
     try:

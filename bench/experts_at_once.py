@@ -20,26 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from common import argse, experts_epoch_wall, store_env
 
 EXPERTS = ("ce", "logitadjust", "balsoftmax")
-
-
-def argse(args: list[str], env: dict[str, str], cwd: Path) -> float:
-    """Run ``python -m argse ARGS``; its wall time in seconds (it must succeed)."""
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "argse", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"argse {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return seconds
 
 
 def gpu_name(device: str) -> str:
@@ -65,19 +51,14 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from cifar_full_size import experts_epoch_wall
-
     from argse.presets import PRESETS
     from argse.stage_registry import expert_run_tag
 
     with tempfile.TemporaryDirectory(prefix="argse-bench-") as tmp:
         work = Path(tmp)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MPLBACKEND": "Agg",
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-            env.pop(key, None)
-        common = ["--dataset", args.dataset, "--data-dir", args.data_dir]
-        argse(["splits", *common], env, work)
+        env = store_env(work)
+        dataset = ["--dataset", args.dataset, "--data-dir", args.data_dir]
+        argse(["splits", *dataset], env, work)
         training = ["--epochs", str(args.epochs), "--device", args.device] + (["--compile"] if args.compile else [])
         print(f"{cpu_model()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} before; {gpu_name(args.device)}"
               f"{args.dataset} experts, {args.epochs} epochs each{', torch.compile' if args.compile else ''}")
@@ -86,7 +67,9 @@ def main() -> None:
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         for repeat in range(args.repeats):
             for mode in (("no", "yes") if repeat % 2 == 0 else ("yes", "no")):
-                seconds = argse(["experts", *common, *training, "--at-once", mode], env, work)
+                # --rerun: the second mode's options are the first's (--at-once is no param), and a stage
+                # started alone would reuse the first's FINISHED run
+                seconds, _ = argse(["experts", *dataset, *training, "--at-once", mode, "--rerun"], env, work)
                 times[mode].append(seconds)
                 exps = [e.experiment_id for e in client.search_experiments()]
                 newest = client.search_runs(exps, "tags.\"argse.expert\" = 'all'", order_by=["attributes.start_time DESC"])

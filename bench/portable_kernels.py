@@ -13,27 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
 from argse.presets import SWITCH
 from argse.training.utils import cpu_model
+from common import argse, store_env
 
 
 def pipeline_seconds(portable: bool) -> float:
     """One quickstart pipeline in a fresh store: its wall time in seconds (it must succeed)."""
     with tempfile.TemporaryDirectory(prefix="argse-bench-kernels-") as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "MPLBACKEND": "Agg",
-                    SWITCH: "1" if portable else "0"})
-        started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "argse", "pipeline", "--dataset", "digits-lt"], cwd=tmp, env=env,
-                              capture_output=True, text=True)
-        seconds = time.perf_counter() - started
-        if done.returncode != 0:
-            sys.exit(f"the pipeline failed ({'portable' if portable else 'native'} kernels):\n{done.stderr[-2000:]}")
+        seconds, _ = argse(["pipeline", "--dataset", "digits-lt"], store_env(tmp, **{SWITCH: "1" if portable else "0"}),
+                           tmp)
         return seconds
 
 

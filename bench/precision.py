@@ -1,11 +1,12 @@
 """Training-step throughput of a preset's expert in fp32, fp32 + channels_last and bf16 autocast +
-channels_last on the CPU: the measurement behind a preset's ``cpu_fast_path`` (argse/config.py).
+channels_last on the CPU: the measurement behind a preset's ``cpu_fast_path`` (argse/presets.py).
 
     python bench/precision.py --dataset fashion-mnist-lt [--threads 1] [--busy] [--rounds 3] [--steps 20]
 
-Every row trains the preset's backbone (``build_backbone``, fresh seeded init) with SGD (momentum 0.9,
-nesterov) and cross-entropy on the same random uint8 images of the preset's shape, batched and
-augmented by ``DeviceImages`` with the preset's augmentation, at the preset's batch size. The rows
+Every row trains the preset's backbone (fresh seeded init) with the experts stage's own training step
+(``argse.training.experts.train_step``: cross-entropy, SGD with momentum 0.9, nesterov, and its
+schedule) on the same random uint8 images of the preset's shape, batched and augmented by
+``DeviceImages`` with the preset's augmentation, at the preset's batch size and learning rate. The rows
 are measured in interleaved rounds and each keeps its best round. Two columns: images per second of
 wall time, and per second of this process's CPU time, which other jobs on a shared machine disturb
 far less (read it with ``--threads 1``). ``--busy`` keeps one core busy with a second process
@@ -20,13 +21,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from argse.presets import PRESETS
 from argse.data.device import DeviceImages
 from argse.models.backbones import build_backbone
-from argse.training.utils import autocast_context, cpu_has_native_bf16
-from digits_threads import _spin  # the same busy-core spinner (bench/ is the script's folder)
+from argse.presets import PRESETS
+from argse.training.experts import train_step
+from argse.training.utils import cpu_has_native_bf16
+from common import expert, spin
 
 ROWS = {"fp32": (False, False), "fp32 channels_last": (False, True), "bf16 channels_last": (True, True)}
 
@@ -40,24 +41,18 @@ def measure(dataset: str, bf16: bool, channels_last: bool, steps: int, warmup: i
     images = rng.integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
     data = DeviceImages(images, rng.integers(0, p.num_classes, n), mean=[0.5] * c, std=[0.25] * c,
                         augmentation=p.augmentation, channels_last=channels_last)
-    torch.manual_seed(0)
-    model = build_backbone(p.backbone, p.num_classes)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    cpu = torch.device("cpu")
+    state = expert(p.backbone, p.num_classes, lr=p.lr, batch_size=p.batch_size, device=cpu, bf16=bf16,
+                   channels_last=channels_last, steps=steps + warmup)
     batches = data.batches(p.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0),
                            augment=True, drop_last=True)
     seen = 0
     for i, (x, y) in enumerate(batches):
         if i == warmup:
-            wall, cpu, seen = time.perf_counter(), time.process_time(), 0
-        with autocast_context(torch.device("cpu"), enabled=bf16, cpu_bf16=bf16):
-            loss = F.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            wall, cpu_seconds, seen = time.perf_counter(), time.process_time(), 0
+        train_step(state, x, y, device=cpu, bf16=bf16)
         seen += len(y)
-    return seen / (time.perf_counter() - wall), seen / (time.process_time() - cpu)
+    return seen / (time.perf_counter() - wall), seen / (time.process_time() - cpu_seconds)
 
 
 def main() -> None:
@@ -72,7 +67,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     stop = multiprocessing.Event()
-    spinner = multiprocessing.Process(target=_spin, args=(stop,)) if args.busy else None
+    spinner = multiprocessing.Process(target=spin, args=(stop,)) if args.busy else None
     if spinner:
         spinner.start()
     best = {row: (0.0, 0.0) for row in ROWS}

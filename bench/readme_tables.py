@@ -17,11 +17,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import argse, store_env
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit heads the tables
 
 
 def commit() -> str:
@@ -42,18 +42,6 @@ def precision(dataset: str) -> str:
     bf16, _ = training_mode("auto", torch.device("cpu"), preset.cpu_fast_path)
     threads = preset.cpu_threads or torch.get_num_threads()
     return f"{'bf16 autocast' if bf16 else 'fp32'} training, {threads} torch thread{'s' if threads != 1 else ''}"
-
-
-def run(args: list[str], store: Path) -> float:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "MPLBACKEND": "Agg",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        env.pop(key, None)
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "argse", *args], cwd=store, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"argse {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - started
 
 
 def newest_run(store: Path, stage: str):
@@ -85,7 +73,7 @@ def main() -> None:
         if args.benchmark is None:
             dataset = "digits-lt"
             command = ["pipeline", "--dataset", dataset]
-            seconds = run(command, store)
+            seconds, _ = argse(command, store_env(store), store)
             client, evaluate = newest_run(store, "evaluate")
             import pandas as pd
 
@@ -98,7 +86,7 @@ def main() -> None:
             dataset = args.benchmark
             command = ["benchmark", "--dataset", dataset, "--seeds", args.seeds, "--test-prior", args.test_prior,
                        "--data-dir", args.data_dir]
-            seconds = run(command, store)
+            seconds, _ = argse(command, store_env(store), store)
             client, summary = newest_run(store, stage_registry.BENCHMARK_STAGE)
             table = Path(client.download_artifacts(summary.info.run_id, f"{stage_registry.BENCHMARK_DIR}/table.md",
                                                    tmp)).read_text()

@@ -24,18 +24,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argse.selective as sel  # noqa: E402
-from argse.selective.fit import start_schedule  # noqa: E402
+import argse.selective as sel
+from argse.selective.fit import start_schedule
 
 N_FIT = 10_000
 N_CURVE = 100_000

@@ -29,9 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the population: tests/test_small_groups.py
 
 import argse.selective.fit as fit_module  # noqa: E402
 from argse.selective import fit_at_coverage, selective_errors  # noqa: E402

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -25,15 +23,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 import argse.selective.fit as fit_module  # noqa: E402
 from argse.selective import fit_at_coverage  # noqa: E402
 from argse.selective.matched import COVERAGES  # noqa: E402
 from argse.training.utils import cpu_model  # noqa: E402
-from coverage_eval import CLASS_TO_GROUP, problem  # noqa: E402
+from common import CLASS_TO_GROUP, problem  # noqa: E402
 
 
 def full_sort(values: np.ndarray, weight: np.ndarray, level: np.ndarray) -> np.ndarray:

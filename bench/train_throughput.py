@@ -3,8 +3,9 @@ the standard torchvision + PIL + DataLoader pipeline, measured in the same run.
 
     python bench/train_throughput.py [--steps 25] [--rounds 3] [--device auto|cpu|cuda]
 
-Every row trains the same model (ResNet-32, 100 classes, fresh seeded init) with the same step
-(SGD, momentum 0.9, nesterov, cross-entropy) on the same random uint8 images (10,847, the size of
+Every row trains the same model (ResNet-32, 100 classes, fresh seeded init) with the experts stage's
+own step (``argse.training.experts.train_step``: cross-entropy, SGD with momentum 0.9, nesterov, and
+its schedule) on the same random uint8 images (10,847, the size of
 CIFAR-100-LT's train split); on CUDA every row uses bf16 autocast. Only the input pipeline, the
 memory format and (last CPU row) the precision differ:
 
@@ -32,14 +33,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from argse.data.device import DeviceImages, normalize_stats
-from argse.models.backbones import resnet32
-from argse.training.utils import autocast_context, cpu_has_native_bf16, resolve_device
+from argse.training.experts import train_step
+from argse.training.utils import cpu_has_native_bf16, resolve_device
+from common import expert
 
 CIFAR100_LT_TRAIN_IMAGES = 10_847
 NUM_CLASSES = 100
@@ -132,15 +133,11 @@ def measure(row: Row, setup: Setup) -> float:
     args, device = setup.args, setup.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(0)
-    model = resnet32(NUM_CLASSES).to(device)
-    if row.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
-    )
+    bf16 = device.type == "cuda" or row.cpu_bf16
+    state = expert("resnet32", NUM_CLASSES, lr=0.1, batch_size=args.batch_size, device=device, bf16=bf16,
+                   channels_last=row.channels_last, steps=args.warmup + args.steps)
+    if args.compile:
+        state.model = torch.compile(state.model, mode=args.compile_mode)
     batches = row.make()
     seen, start = 0, 0.0
     for step, (x, y) in enumerate(batches):
@@ -148,11 +145,7 @@ def measure(row: Row, setup: Setup) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seen, start = 0, time.perf_counter()
-        with autocast_context(device, cpu_bf16=row.cpu_bf16):
-            loss = F.cross_entropy(forward(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(state, x, y, device=device, bf16=bf16)
         seen += y.shape[0]
         if step + 1 == args.warmup + args.steps:
             break

@@ -50,6 +50,45 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -slow[item.path])  # stable: each file's tests keep their order
 
 
+# -- CPU time per test ------------------------------------------------------------------------------
+# `pytest --cpu-durations=N` lists the N tests that took the most CPU time: this process's and that of
+# the subprocesses it waited for (setup, call and teardown together). Unlike --durations' wall-clock
+# seconds, a machine busy with other work does not stretch it, so the fast tier's budget (no fast test
+# over 5 s) can be checked on a shared machine. Run it with -n 0: pytest-xdist's workers report no times.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="show the N tests that took the most CPU time (with the subprocesses they waited for)")
+
+
+_CPU_SECONDS: dict[str, float] = {}
+
+
+def _cpu_now() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    started = _cpu_now()
+    yield
+    _CPU_SECONDS[item.nodeid] = _cpu_now() - started
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.getoption("--cpu-durations")
+    if n is None or not _CPU_SECONDS:
+        return
+    terminalreporter.section(f"the {n} tests with the most CPU time (s, with waited-for subprocesses)")
+    for nodeid, seconds in sorted(_CPU_SECONDS.items(), key=lambda kv: -kv[1])[:n]:
+        terminalreporter.write_line(f"{seconds:7.2f}  {nodeid}")
+    terminalreporter.write_line(f"{sum(_CPU_SECONDS.values()):7.2f}  in all, {len(_CPU_SECONDS)} tests")
+
+
 def _use_copy(db: Path, workdir: Path, mp: pytest.MonkeyPatch) -> str:
     """Point MLflow (env and client) at a copy of ``db`` in ``workdir``, which becomes the cwd."""
     from argse import tracking
@@ -176,11 +215,12 @@ def subprocess_env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
-def with_kill_point(env: dict[str, str], point: str) -> dict[str, str]:
+def with_kill_point(env: dict[str, str], point: str, marks: Path | None = None) -> dict[str, str]:
     """``env`` for a subprocess that SIGKILLs itself at ``point``: the kill points are installed from the
-    test side (tests/killpoints/sitecustomize.py), never by the product."""
+    test side (tests/killpoints/sitecustomize.py), never by the product. ``marks``: the folder where the
+    processes of a point that counts them (``experts:stage:<n>``) leave their pids."""
     return {**env, "PYTHONPATH": str(REPO / "tests" / "killpoints") + os.pathsep + env.get("PYTHONPATH", ""),
-            "ARGSE_KILL_AT": point}
+            "ARGSE_KILL_AT": point, **({"ARGSE_KILL_MARKS": str(marks)} if marks is not None else {})}
 
 
 # -- session stores with trained runs ---------------------------------------------------------------

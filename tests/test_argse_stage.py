@@ -21,12 +21,10 @@ from argse.data.loaders import load_digits
 from argse.selective import PluginRule
 from argse.serving import predict_frame
 from argse import ArgseError
+from argse.artifacts import load_experts, load_gate, load_splits
 from argse.stages.argse import CHAMPION_PARAM, COMPARED_PARAM, PROMOTE_MARGIN_TOLERANCE, crown, crown_by_hand, margin_gap
 from argse.tracking import integrity
-from argse.stages.common import load_experts
 from argse.models.gating import gated_mixture
-from argse.stages.gating import load_gate
-from argse.stages.splits import load_splits
 from conftest import free_port, post_json, subprocess_env, wait_for_http
 
 MODEL = "models:/ar-gse-digits-lt@champion"
@@ -208,9 +206,8 @@ def test_fits_of_one_gate_that_differ_only_in_cost_tie_and_the_champion_stays(ch
     values = []
     for cost in ("0.3", "0.0001", "0.3"):
         # --rounds 8 as the fixture's fit: the same gate and fit options, only the cost differs.
-        # --rerun: the third fit repeats the first's options, which it would otherwise reuse.
         result = cli("fit", "--dataset", "digits-lt", "--gating-run", ids["selective"], "--cost", cost, "--rounds", "8",
-                     "--rerun")
+                     "--rerun")  # the third fit's options are the first's: a fit started alone would reuse it
         assert result.code == 0, result.err
         assert f"champion stays v{champion}" in result.out and "a tie keeps the champion" in result.out, result.out
         fit = client.search_runs([client.get_run(ids["argse"]).info.experiment_id], "tags.`argse.stage` = 'argse'",

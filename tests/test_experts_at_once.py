@@ -13,17 +13,21 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from argse import ArgseUsageError
+from argse.artifacts import load_expert_logits
 from argse.config import ExpertsConfig
+from argse.expert_runs import at_once
+from argse.expert_runs.at_once import Job, choose_mode, plan
 from argse.stage_registry import expert_run_tag
-from argse.stages import experts as stage
-from argse.stages.experts import Dist, Job, choose_mode, load_expert_logits, plan
 from argse.tracking import integrity
-from conftest import subprocess_env
+from argse.training.distributed import Dist
+from conftest import subprocess_env, with_kill_point
 
 EXPERT_NAMES = ("ce", "logitadjust", "balsoftmax")
-CPU = stage.torch.device("cpu")
+CPU = torch.device("cpu")
 
 
 def _children(parent_id: str) -> dict[str, object]:
@@ -109,9 +113,9 @@ def _cfg(**changes) -> ExpertsConfig:
 ])
 def test_the_mode_follows_the_cores_the_load_the_work_and_the_switch(monkeypatch, cores, load, device, changes,
                                                                      n_train, expected):
-    monkeypatch.setattr(stage.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(stage, "free_cores", lambda: (cores, cores - load))
-    assert choose_mode(_cfg(**changes), n_train, stage.torch.device(device), Dist(), 14886) == expected
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(at_once, "free_cores", lambda: (cores, cores - load))
+    assert choose_mode(_cfg(**changes), n_train, torch.device(device), Dist(), 14886) == expected
 
 
 def test_free_cores_are_the_idle_share_of_the_allowed_cores_now_not_the_load_average(monkeypatch):
@@ -129,12 +133,12 @@ def test_free_cores_are_the_idle_share_of_the_allowed_cores_now_not_the_load_ave
 
 
 def test_at_once_yes_is_refused_under_torchrun_and_on_one_core(monkeypatch):
-    with pytest.raises(stage.ArgseUsageError, match="under torchrun the 2 processes"):
-        stage.check_at_once(_cfg(at_once="yes"), Dist(rank=0, world_size=2))
-    monkeypatch.setattr(stage.os, "sched_getaffinity", lambda pid: {0})
-    with pytest.raises(stage.ArgseUsageError, match="may use 1 CPU core"):
-        stage.check_at_once(_cfg(at_once="yes"), Dist())
-    stage.check_at_once(_cfg(at_once="auto"), Dist())  # auto falls back instead
+    with pytest.raises(ArgseUsageError, match="under torchrun the 2 processes"):
+        at_once.check_at_once(_cfg(at_once="yes"), Dist(rank=0, world_size=2))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(ArgseUsageError, match="may use 1 CPU core"):
+        at_once.check_at_once(_cfg(at_once="yes"), Dist())
+    at_once.check_at_once(_cfg(at_once="auto"), Dist())  # auto falls back instead
 
 
 def _run(name, status, run_id):
@@ -153,25 +157,23 @@ def test_a_stage_killed_while_training_at_once_resumes_all_three_from_their_chec
     cmd = [sys.executable, "-m", "argse", "pipeline", "--dataset", "digits-lt", "--epochs", "40",
            "--checkpoint-every", "2", "--stop-at", "experts", "--at-once", "yes"]
     env = subprocess_env(store)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    marks = tmp_path / "checkpointed"  # each expert process leaves its pid here at its first checkpoint
+    marks.mkdir()
+    # The last of the three expert processes to log a checkpoint kills the stage's own process: its
+    # expert processes die with it.
+    stopped = subprocess.run(cmd, cwd=tmp_path, env=with_kill_point(env, "experts:stage:3", marks),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert stopped.returncode == -signal.SIGKILL
+    workers = [int(mark.name) for mark in marks.iterdir()]
+    assert len(workers) == 3, workers
     client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
     checkpointed = {}
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and len(checkpointed) < 3:
-            exps = [e.experiment_id for e in client.search_experiments()]
-            for run in client.search_runs(exps, "tags.\"argse.stage\" = 'experts' and tags.\"argse.expert\" != 'all'"):
-                steps = client.get_metric_history(run.info.run_id, "epoch/val_acc")
-                if len(steps) >= 2 and client.list_artifacts(run.info.run_id, "checkpoints"):
-                    checkpointed[run.data.tags["argse.expert"]] = run.info.run_id
-            time.sleep(0.2)
-        assert len(checkpointed) == 3, f"only {sorted(checkpointed)} reached a checkpoint"
-        workers = _expert_processes(proc.pid)
-        assert len(workers) == 3, workers
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)  # the stage's own process: its expert processes die with it
-        proc.wait()
+    for run in client.search_runs(exps, "tags.\"argse.stage\" = 'experts' and tags.\"argse.expert\" != 'all'"):
+        steps = client.get_metric_history(run.info.run_id, "epoch/val_acc")
+        if len(steps) >= 2 and client.list_artifacts(run.info.run_id, "checkpoints"):
+            checkpointed[run.data.tags["argse.expert"]] = run.info.run_id
+    assert len(checkpointed) == 3, f"only {sorted(checkpointed)} reached a checkpoint"
     deadline = time.time() + 30
     while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
         time.sleep(0.2)
@@ -191,21 +193,3 @@ def test_a_stage_killed_while_training_at_once_resumes_all_three_from_their_chec
     for name, run_id in checkpointed.items():
         steps = sorted(m.step for m in client.get_metric_history(run_id, "epoch/val_acc"))
         assert set(steps) == set(range(1, 41))
-
-
-def _expert_processes(parent_pid: int) -> list[int]:
-    """The expert processes the stage `parent_pid` spawned (multiprocessing's spawn_main children)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if ppid == parent_pid and b"spawn_main" in cmdline:
-            found.append(int(entry))
-    return found

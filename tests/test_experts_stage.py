@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import mlflow
 import numpy as np
@@ -13,8 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from argse.stages.experts import load_expert_logits
-from argse.stages.splits import load_splits
+from argse.artifacts import load_expert_logits, load_splits
 from argse.tracking import integrity
 from conftest import subprocess_env, with_kill_point
 
@@ -131,27 +129,12 @@ def test_corrupt_checkpoint_is_refused_on_resume(experts_store, cli, tmp_path):
 def test_sigkill_mid_training_then_resume_finishes_the_same_run(experts_store, tmp_path):
     uri, ids = experts_store
     env = subprocess_env(uri)
-    cmd = [sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "15",
-           "--checkpoint-every", "1", "--splits-run", ids["splits"]]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_id = _killed_at("experts:checkpoint:ce:3", env, tmp_path, "--epochs", "15", "--checkpoint-every", "1",
+                        "--splits-run", ids["splits"]).info.run_id
     client = MlflowClient()
-    run_id, deadline = None, time.time() + 120
-    try:
-        while time.time() < deadline:
-            runs = [r for r in _only_run() if r.info.status == "RUNNING"]
-            if runs:
-                run_id = runs[0].info.run_id
-                steps = [m.step for m in client.get_metric_history(run_id, "epoch/val_acc")]
-                if len(steps) >= 3 and client.list_artifacts(run_id, "checkpoints"):
-                    break
-            time.sleep(0.3)
-        else:
-            pytest.fail("training never reached its third epoch")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING"  # killed hard: nobody ended it
     before = [m.step for m in client.get_metric_history(run_id, "epoch/val_acc")]
+    assert len(before) >= 3 and client.list_artifacts(run_id, "checkpoints")  # its third epoch, checkpointed
     done = subprocess.run([sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--resume", run_id],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -166,8 +149,8 @@ def test_sigkill_mid_training_then_resume_finishes_the_same_run(experts_store, t
 
 
 def _killed_at(point: str, env: dict[str, str], cwd, *options: str):
-    """Train the ce expert (a checkpoint every 2 epochs) in a subprocess that kills itself at `point`;
-    the run it leaves RUNNING."""
+    """Train the ce expert (a checkpoint every 2 epochs unless `options` say otherwise) in a subprocess
+    that kills itself at `point`; the run it leaves RUNNING."""
     cmd = [sys.executable, "-m", "argse", "experts", "--dataset", "digits-lt", "--expert", "ce",
            "--checkpoint-every", "2", *options]
     killed = subprocess.run(cmd, cwd=cwd, env=with_kill_point(env, point), capture_output=True, text=True,

@@ -20,7 +20,7 @@ from argse.data.device import DeviceImages
 from argse.data.loaders import FASHION_CLASSES, FASHION_FILES, LOADERS, load_fashion_mnist, load_source
 from argse.data.splits import EVAL_SPLITS, assign_groups, longtail_counts, make_splits
 from argse.models.backbones import BACKBONES, build_backbone, count_parameters
-from argse.stages.splits import load_splits
+from argse.artifacts import load_splits
 from datasets import write_fashion_mnist_folder
 from test_device_data import _identity_stats, _images, _match, _to_uint8
 
@@ -225,6 +225,7 @@ def test_fashion_augmentation_is_a_two_pixel_padded_crop_with_flips():
 # -- end to end -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains and logs an expert in-process: 13 s of CPU, most of it torch's and MLflow's first imports
 def test_one_epoch_expert_on_a_generated_folder(store, cli, fashion_dir, offline):
     assert cli("splits", "--dataset", "fashion-mnist-lt", "--data-dir", fashion_dir,
                "--group-thresholds", "20").code == 0

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from argse.stages.gating import load_gate
+from argse.artifacts import load_gate
 
 
 def _history(run_id, key):
@@ -35,7 +35,7 @@ def test_the_logged_val_nll_of_the_gate_is_its_mixture_nll_recomputed_from_the_l
     import torch
 
     from argse.models.gating import gated_mixture
-    from argse.stages.common import load_experts
+    from argse.artifacts import load_experts
 
     _, ids = chain_store
     metrics = MlflowClient().get_run(ids["pretrain"]).data.metrics

@@ -29,7 +29,7 @@ def _dead_owner() -> str:
 def _left_running(owner: str, beat_age: float = 0.0, **tags) -> str:
     """A RUNNING experts run as a process that stopped without ending it leaves one."""
     client = MlflowClient()
-    exp = store._experiment_id("ar-gse/digits-lt", create=True)
+    exp = store.experiment_id("ar-gse/digits-lt", create=True)
     run = client.create_run(exp, tags={tracking.TAG_STAGE: "experts", tracking.TAG_DATASET: "digits-lt",
                                        tracking.TAG_OWNER: owner,
                                        tracking.TAG_HEARTBEAT: f"{time.time() - beat_age:.0f}", **tags})
@@ -126,27 +126,21 @@ def test_status_reap_marks_a_killed_stage_failed_within_one_heartbeat_timeout(st
     import os
     import signal
 
-    from conftest import REPO, subprocess_env
+    from conftest import REPO, subprocess_env, with_kill_point
 
     env = subprocess_env(os.environ["MLFLOW_TRACKING_URI"])
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     argse = [sys.executable, "-m", "argse"]
     assert subprocess.run([*argse, "splits", "--dataset", "digits-lt"], cwd=tmp_path, env=env).returncode == 0
-    proc = subprocess.Popen([*argse, "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "100000"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = MlflowClient()
-    try:
-        deadline = time.time() + 120
-        running = []
-        while time.time() < deadline and not running:
-            running = [r for r in owners.running_runs("digits-lt") if r.data.tags.get("argse.expert") == "ce"
-                       and client.get_metric_history(r.info.run_id, "epoch/loss")]
-            time.sleep(0.2)
-        assert running, "the expert never logged an epoch"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    killed = subprocess.run([*argse, "experts", "--dataset", "digits-lt", "--expert", "ce", "--epochs", "100000",
+                             "--checkpoint-every", "1"], cwd=tmp_path, env=with_kill_point(env, "experts:checkpoint"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
     killed_at = time.time()
+    client = MlflowClient()
+    running = [r for r in owners.running_runs("digits-lt") if r.data.tags.get("argse.expert") == "ce"
+               and client.get_metric_history(r.info.run_id, "epoch/loss")]
+    assert running, "the expert never logged an epoch"
     live = _left_running(tracking.owner())
     (run,) = running
     shown = subprocess.run([*argse, "status", "--dataset", "digits-lt"], cwd=tmp_path, env=env, capture_output=True,

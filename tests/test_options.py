@@ -17,17 +17,10 @@ from mlflow.tracking import MlflowClient
 from argse import __version__, mlproject, stage_registry
 from argse.cli import cli, shim
 from argse.presets import PRESETS
-from argse.config import (
-    STAGE_CONFIGS,
-    ExpertsConfig,
-    GatingConfig,
-    Option,
-    PipelineConfig,
-    StageConfig,
-    options,
-    pipeline_options,
-)
-from argse.stages import experts as experts_stage
+from argse.config import STAGE_CONFIGS, ExpertsConfig, GatingConfig, StageConfig
+from argse.options import Option, options
+from argse.pipeline_config import PipelineConfig, pipeline_options
+from argse.expert_runs.resume import config_from_run
 from conftest import REPO, subprocess_env
 
 NOT_OPTIONS = {"help", "version", "tracking_uri", "experiment"}  # click's own; set by `mlflow run` itself
@@ -190,7 +183,7 @@ def test_resume_restores_every_hashed_option():
     logged["epochs"], logged["epochs.resolved"] = "preset", logged["epochs"]  # as `mlflow run` logs it
     run = SimpleNamespace(data=SimpleNamespace(params=logged, tags={
         "argse.expert": "logitadjust", "argse.upstream.splits": "s" * 32}))
-    restored = experts_stage._config_from_run(run, ExpertsConfig(dataset="digits-lt", resume="r" * 32).resolve())
+    restored = config_from_run(run, ExpertsConfig(dataset="digits-lt", resume="r" * 32).resolve())
     expected = dataclasses.replace(started, expert="logitadjust", splits_run="s" * 32)
     assert restored.params() == expected.params()
     assert restored.resume == "r" * 32

@@ -6,12 +6,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PIPELINE_ARGS, subprocess_env
+from conftest import PIPELINE_ARGS, subprocess_env, with_kill_point
 
 STEPS = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
 
@@ -67,22 +66,15 @@ def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_pa
     cmd = [sys.executable, "-m", "argse", "pipeline", "--dataset", "digits-lt", "--epochs", "30",
            "--checkpoint-every", "1", "--stop-at", "experts"]
     env = subprocess_env(store)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stopped = subprocess.run(cmd, cwd=tmp_path, env=with_kill_point(env, "experts:checkpoint:logitadjust:3"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert stopped.returncode == -signal.SIGKILL
     client = MlflowClient()
-    killed = None
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and killed is None:
-            exps = [e.experiment_id for e in client.search_experiments()]
-            for run in client.search_runs(exps, "tags.\"argse.expert\" = 'logitadjust'"):
-                steps = client.get_metric_history(run.info.run_id, "epoch/val_acc")
-                if len(steps) >= 3 and client.list_artifacts(run.info.run_id, "checkpoints"):
-                    killed = run
-            time.sleep(0.3)
-        assert killed is not None, "expert training never reached its third epoch"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    (killed,) = client.search_runs(exps, "tags.\"argse.expert\" = 'logitadjust'")
+    steps = client.get_metric_history(killed.info.run_id, "epoch/val_acc")
+    assert len(steps) >= 3 and client.list_artifacts(killed.info.run_id, "checkpoints"), \
+        "expert training never reached its third epoch"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming unfinished run" in done.stdout and "resuming run" in done.stdout

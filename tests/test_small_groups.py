@@ -30,7 +30,7 @@ from argse.selective import fit_at_coverage, selective_errors
 from argse.selective.compare import compare
 from argse.selective.matched import COVERAGES, FitOptions
 from argse.stages.argse import cost_for_coverage
-from argse.stages.common import ExpertSet
+from argse.artifacts import ExpertSet
 from argse.stages.evaluate import build_methods
 from argse.training.losses import posterior_shift
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from argse.stages.splits import load_splits
+from argse.artifacts import load_splits
 from conftest import REPO, subprocess_env
 
 

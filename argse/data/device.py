@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from argse.data.loaders import SourceData
+from argse.data.splits import EVAL_SPLITS, Splits
+
 AUGMENTATIONS = ("cifar", "digits", "fashion", "none")
 
 
@@ -279,3 +282,28 @@ def _check_batching(batch_size: int, rank: int, world_size: int) -> None:
             f"rank must lie in [0, world_size) with world_size >= 1; got rank {rank}, "
             f"world_size {world_size}."
         )
+
+
+@dataclass
+class SplitImages:
+    """A splits run's images on the training device: train, augmented as the dataset's preset says,
+    and each evaluation split (tunev, val, test), not augmented; all normalised with train's statistics."""
+
+    train: DeviceImages
+    evaluation: dict[str, DeviceImages]
+
+
+def split_images(splits: Splits, source: SourceData, *, augmentation: str, device: torch.device,
+                 channels_last: bool) -> SplitImages:
+    """The images ``splits`` index in ``source`` (refused when it is not the data they were drawn
+    from), on ``device``."""
+    splits.check_source(source)
+    train = splits.images(source, "train")
+    mean, std = normalize_stats(train)
+
+    def holder(images: np.ndarray, split: str, aug: str) -> DeviceImages:
+        return DeviceImages(images, splits.labels[split], mean=mean, std=std, augmentation=aug, device=device,
+                            channels_last=channels_last)
+
+    return SplitImages(holder(train, "train", augmentation),
+                       {split: holder(splits.images(source, split), split, "none") for split in EVAL_SPLITS})

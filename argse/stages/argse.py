@@ -40,7 +40,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, figures, fmt_number, serving, stage_registry, tracking
+from argse import ArgseError, figures, first_line, fmt_number, serving, stage_registry, tracking
+from argse.artifacts import ExpertSet, load_experts, load_gate, resolve_gating, splits_of
 from argse.config import ArgseConfig
 from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, Splits
@@ -49,7 +50,6 @@ from argse import selective
 from argse.selective import FitOptions, PluginRule, fit_group_thresholds, selective_errors
 from argse.selective.matched import matched_aurc
 from argse.selective.metrics import weighted_coverage
-from argse.stages.common import ExpertSet, load_experts, splits_of
 from argse.stage_registry import (
     ARGSE_STAGE,
     EG_HISTORY,
@@ -65,9 +65,7 @@ from argse.stage_registry import (
     join_expert_runs,
     split_expert_runs,
 )
-from argse.stages.gating import load_gate
 from argse.tracking import integrity
-from argse.tracking.store import first_line
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +152,7 @@ def operating_point(rule: PluginRule, eta: torch.Tensor, y: torch.Tensor, w: tor
 
 def resolve_inputs(cfg: ArgseConfig, experiment: str | None):
     """The gating run ``cfg.gating_run`` names and its experts, ``{expert: run_id}``."""
-    gating_run = tracking.resolve_upstream("gating", cfg.gating_run, dataset=cfg.dataset, experiment=experiment,
-                                           lineage={TAG_GATING_MODE: "selective"})
-    ids = split_expert_runs(gating_run.data.tags.get(stage_registry.TAG_UPSTREAM + "experts", ""))
-    if ids is None:
-        raise ArgseError(f"gating run {gating_run.info.run_id} records no expert runs; rerun the gating stage")
-    return gating_run, ids
+    return resolve_gating(cfg.gating_run, dataset=cfg.dataset, experiment=experiment)
 
 
 def upstream(cfg: ArgseConfig, experiment: str | None) -> dict[str, str]:

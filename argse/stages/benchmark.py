@@ -39,7 +39,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, engines, figures, tracking
-from argse.config import BenchmarkConfig
+from argse.pipeline_config import BenchmarkConfig
 from argse.selective.seeds import METRICS, PAIRED, mean_curves, summarise
 from argse.stage_registry import (
     BENCHMARK_DIR,

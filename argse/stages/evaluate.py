@@ -22,6 +22,7 @@ import mlflow
 import numpy as np
 
 from argse import ArgseError, figures, fmt_number, stage_registry, tracking
+from argse.artifacts import ExpertSet, load_experts, load_gate, resolve_gating, splits_of
 from argse.config import ArgseConfig, EvaluateConfig
 from argse.data.loaders import load_source
 from argse.models.gating import balanced_accuracy, gated_mixture
@@ -34,9 +35,6 @@ from argse.serving import predict_frame
 from argse.stage_registry import (
     COVERAGE_POINTS, EVALUATE_STAGE, MODEL, RESULTS_DIR, RESULTS_TABLE, RULE, TAG_MODEL_URI, join_expert_runs,
 )
-from argse.stages.argse import resolve_inputs
-from argse.stages.common import ExpertSet, load_experts, splits_of
-from argse.stages.gating import load_gate
 
 #: The columns logged as metrics, per method (the rest is in results/table.csv): few enough for the
 #: run list's column picker, the ones the table ranks by and reads at coverage 0.8.
@@ -165,11 +163,11 @@ def summary_markdown(table) -> str:
 
 
 def resolve_gating_for(argse_run, cfg: EvaluateConfig, experiment: str | None):
-
+    """The gating run the fit ``argse_run`` read, and its experts."""
     gating_ref = argse_run.data.tags.get(stage_registry.TAG_UPSTREAM + "gating")
     if not gating_ref:
         raise ArgseError(f"argse run {argse_run.info.run_id} records no gating run; refit it with `argse fit`")
-    return resolve_inputs(ArgseConfig(dataset=cfg.dataset, gating_run=gating_ref), experiment)
+    return resolve_gating(gating_ref, dataset=cfg.dataset, experiment=experiment)
 
 
 def log_comparison(comparison: Comparison, cfg: EvaluateConfig, group_names) -> None:

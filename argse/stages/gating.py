@@ -21,11 +21,11 @@ import mlflow
 import torch
 
 from argse import ArgseError, figures, fmt_number, stage_registry, tracking
+from argse.artifacts import ExpertSet, load_experts, load_gate, resolve_experts, splits_of
 from argse.config import GatingConfig
 from argse.tracking import integrity
 from argse.models.gating import GatingNet, gate_weights, gated_mixture, mixture_metrics
 from argse.stage_registry import GATE, GATE_META, GATE_RULE, GATING_STAGE, TAG_GATING_MODE, join_expert_runs, split_expert_runs
-from argse.stages.common import ExpertSet, load_experts, resolve_experts, splits_of
 from argse.training.gating import train_pretrain, train_selective
 
 
@@ -55,19 +55,6 @@ def log_gate(gate: GatingNet, experts: ExpertSet, extra: dict | None = None) -> 
     fig = figures.bars_by_group(values, group_names, "mean gate weight (val)", "gate weight per expert and group")
     mlflow.log_figure(fig, "gate_weights_by_group.png")
     figures.close(fig)
-
-
-def load_gate(run_id: str) -> GatingNet:
-    """The gate logged by a gating run."""
-    try:
-        saved = torch.load(tracking.download(run_id, GATE), map_location="cpu", weights_only=True)
-        gate = GatingNet.from_config(saved["config"])
-        gate.load_state_dict(saved["state_dict"])
-    except ArgseError:
-        raise
-    except Exception as exc:
-        raise ArgseError(f"the gate of run {run_id} cannot be read ({type(exc).__name__}); rerun the gating stage") from None
-    return gate.eval()
 
 
 def upstream(cfg: GatingConfig, experiment: str | None) -> dict[str, str]:

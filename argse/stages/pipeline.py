@@ -20,7 +20,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, stage_registry, tracking
-from argse.config import PipelineConfig
+from argse.pipeline_config import PipelineConfig
 from argse.stage_registry import PIPELINE_PLAN, PIPELINE_STEPS, PipelineStep
 from argse.stages import reuse
 

@@ -2,7 +2,7 @@
 
 Logs the resolved options, split sizes and group sizes as metrics, the ``splits/`` artifact
 (indices, labels, class counts, class_to_group, weights, fingerprint) and the class distribution
-figure. Later stages read the artifact through :func:`load_splits`.
+figure. Later stages read the artifact through :func:`argse.artifacts.load_splits`.
 """
 
 from __future__ import annotations
@@ -120,8 +120,3 @@ def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
                                       for k, n in enumerate(splits.group_names))
         )
         return active.info.run_id
-
-
-def load_splits(run_id: str) -> Splits:
-    """The ``splits/`` artifact of a splits run."""
-    return Splits.load(tracking.download(run_id, SPLITS_DIR))

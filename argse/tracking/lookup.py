@@ -14,9 +14,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, stage_registry
+from argse import ArgseError, first_line, stage_registry
 from argse.tracking.owners import claim
-from argse.tracking.store import experiment_names, first_line, home_experiment, search_experiment_ids, tag_filter
+from argse.tracking.store import experiment_names, home_experiment, search_experiment_ids, tag_filter
 from argse.tracking.tags import RUN_ID_RE, TAG_CODE, TAG_DATASET, TAG_HASH, TAG_STAGE
 
 # -- finding runs --------------------------------------------------------------------------------
@@ -84,9 +84,11 @@ def resolve_upstream(
     dataset: str,
     lineage: Mapping[str, str] | None = None,
     experiment: str | None = None,
+    unfinished: bool = False,
 ) -> Run:
     """The FINISHED run of ``stage`` that ``ref`` names (``latest`` | run id | ``runs:/`` |
-    ``models:/``), checked against ``dataset`` and the ``lineage`` tags. Nothing found: an
+    ``models:/``), checked against ``dataset`` and the ``lineage`` tags; with ``unfinished``, a run
+    named by id may also be one that did not finish (``--resume``). Nothing found: an
     :class:`ArgseError` naming what is missing and the command that produces it."""
     producer = stage_registry.stage(stage).producer(lineage)
     if ref in (None, "", "latest"):
@@ -112,7 +114,7 @@ def resolve_upstream(
         raise ArgseError(
             f"run {run_id} was made for dataset {tags.get(TAG_DATASET)}, not {dataset}: pass --dataset {tags.get(TAG_DATASET)} or another run"
         )
-    if run.info.status != "FINISHED":
+    if run.info.status != "FINISHED" and not unfinished:
         raise ArgseError(f"{stage} run {run_id} is {run.info.status}, not FINISHED: rerun `{producer}` or pass another run")
     for key, value in (lineage or {}).items():
         if tags.get(key) != value:

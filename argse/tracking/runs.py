@@ -14,10 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from argse import stage_registry
 from argse.tracking import integrity
-from argse.tracking.heartbeat import HEARTBEAT, _arm_interrupt
+from argse.tracking.heartbeat import HEARTBEAT, arm_interrupt
 from argse.tracking.owners import owner, reap_stale_runs
-from argse.tracking.server import TrackingServerError, _end_quickly, _record_failure, server_problem
-from argse.tracking.store import _experiment_id, code_version, config_hash, home_experiment
+from argse.tracking.server import TrackingServerError, end_quickly, record_failure, server_problem
+from argse.tracking.store import code_version, config_hash, experiment_id, home_experiment
 from argse.stage_registry import TAG_UPSTREAM
 from argse.tracking.tags import TAG_CODE, TAG_DATASET, TAG_HASH, TAG_HEARTBEAT, TAG_LAUNCHED, TAG_OWNER, TAG_STAGE
 
@@ -90,7 +90,7 @@ def stage_run(
     else:
         # Consume MLflow's run: runs started inside this one must not resume it again.
         launched = os.environ.pop("MLFLOW_RUN_ID", None)
-        exp_id = _experiment_id(home_experiment(dataset, experiment), create=True)
+        exp_id = experiment_id(home_experiment(dataset, experiment), create=True)
         client = MlflowClient()
         if launched and client.get_run(launched).info.experiment_id == exp_id:
             # `mlflow run` made it before this process started, under a random name: give it the
@@ -103,7 +103,7 @@ def stage_run(
                                    log_system_metrics=system_metrics)
             if launched:  # one experiment per dataset: `mlflow run`'s own run only points here
                 point_launcher(launched, run, f"{top_level_name(run_name or stage, dataset)} in")
-    previous_handler = _arm_interrupt() if active is None else None
+    previous_handler = arm_interrupt() if active is None else None
     HEARTBEAT.add(run.info.run_id)
     try:
         mlflow.set_tags({TAG_STAGE: stage, TAG_DATASET: dataset, TAG_CODE: code_version(),
@@ -116,9 +116,9 @@ def stage_run(
         mlflow.end_run("KILLED")
         raise
     except BaseException as exc:
-        problem = server_problem(exc) or _record_failure(exc)
+        problem = server_problem(exc) or record_failure(exc)
         if problem is not None:
-            _end_quickly("FAILED")
+            end_quickly("FAILED")
             raise TrackingServerError(problem) from exc
         mlflow.end_run("FAILED")
         raise

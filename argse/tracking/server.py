@@ -1,4 +1,5 @@
-"""The tracking server, when it is the problem: its errors in one line, and ending a run quickly."""
+"""The tracking server, when it is the problem: its errors in one line, what this process learned of
+it (:data:`SERVER`: lost, and why, once the heartbeat found so), and ending a run quickly."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ from typing import Iterator, Mapping
 
 import mlflow
 
-from argse import ArgseError
-from argse.tracking.store import first_line
+from argse import ArgseError, first_line
 from argse.tracking.tags import TAG_FAILURE, TAG_RESUMABLE
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,18 @@ class TrackingServerError(ArgseError):
 class RunBroken(ArgseError):
     """The run failed for a reason a resume cannot fix (a corrupt checkpoint): it is tagged
     ``argse.resumable=false`` and the pipeline replaces it with a fresh run."""
+
+
+class ServerState:
+    """What this process learned of its tracking server beyond one request: that no heartbeat got
+    through for a while (:mod:`argse.tracking.heartbeat` finds it), and the line that says so. Every
+    error reported after that is reported as that line."""
+
+    def __init__(self) -> None:
+        self.lost: str | None = None
+
+
+SERVER = ServerState()
 
 
 def redact(uri: str) -> str:
@@ -45,10 +57,8 @@ def server_problem(exc: BaseException, uri: str | None = None) -> str | None:
     """One line for an error that is the tracking server's rather than the stage's, ``None`` for any
     other error: the server is unreachable or stopped answering; it answers but its database does not
     (HTTP 503), or it fails with other 5xx errors; it refused the credentials (401) or the user (403)."""
-    from argse.tracking.heartbeat import HEARTBEAT  # the heartbeat reports through this module too
-
-    if HEARTBEAT.lost:
-        return HEARTBEAT.lost
+    if SERVER.lost:
+        return SERVER.lost
     errors = list(_chain(exc))
     for error in errors:
         if isinstance(error, TrackingServerError):
@@ -89,7 +99,7 @@ def server_problem(exc: BaseException, uri: str | None = None) -> str | None:
     return None
 
 
-def _record_failure(exc: BaseException) -> str | None:
+def record_failure(exc: BaseException) -> str | None:
     """Tag the active run with why it failed (and, for :class:`RunBroken`, that no resume can fix it).
     Returns the server's problem when that is why the tags could not be written."""
     tags = {TAG_FAILURE: first_line(exc)[:1000] or type(exc).__name__}
@@ -106,7 +116,7 @@ def _record_failure(exc: BaseException) -> str | None:
 _QUICK = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
-def _quick_requests() -> dict[str, str | None]:
+def quick_requests() -> dict[str, str | None]:
     """Make every MLflow request of this process try once, for 1 s (the server is in trouble and the
     stage on its way out: ending its runs, MLflow's exit hook); returns the settings to restore."""
     saved = {key: os.environ.get(key) for key in _QUICK}
@@ -114,7 +124,8 @@ def _quick_requests() -> dict[str, str | None]:
     return saved
 
 
-def _restore(saved: Mapping[str, str | None]) -> None:
+def restore_requests(saved: Mapping[str, str | None]) -> None:
+    """Undo :func:`quick_requests` with the settings it returned."""
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -122,14 +133,14 @@ def _restore(saved: Mapping[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _end_quickly(status: str) -> None:
+def end_quickly(status: str) -> None:
     """End the active run with one short try: the server is in trouble, and a run left RUNNING here
     is marked when next found, because its heartbeat stops."""
-    saved = _quick_requests()
+    saved = quick_requests()
     try:
         mlflow.end_run(status)  # pops the run first, so it is no longer active even when this fails
     except Exception as exc:
         log.debug("could not end the run: %s", first_line(exc))
     finally:
-        _restore(saved)
+        restore_requests(saved)
 

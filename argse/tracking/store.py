@@ -84,7 +84,8 @@ def home_experiment(dataset: str, experiment: str | None = None) -> str:
     return named_experiment(experiment) or f"ar-gse/{dataset}"
 
 
-def _experiment_id(name: str, create: bool) -> str | None:
+def experiment_id(name: str, create: bool) -> str | None:
+    """The id of the experiment ``name`` (or ``id:<id>``); made when missing and ``create``, else None."""
     client = MlflowClient()
     if name.startswith("id:"):
         exp = client.get_experiment(name[3:])
@@ -115,10 +116,10 @@ def search_experiment_ids(dataset: str, experiment: str | None = None) -> list[s
     """Where ``latest`` and the cache look (see the module docstring)."""
     named = named_experiment(experiment)
     if named:
-        exp_id = _experiment_id(named, create=False)
+        exp_id = experiment_id(named, create=False)
         return [exp_id] if exp_id else []
     ids = [DEFAULT_EXPERIMENT_ID]
-    home = _experiment_id(f"ar-gse/{dataset}", create=False)
+    home = experiment_id(f"ar-gse/{dataset}", create=False)
     if home:
         ids.insert(0, home)
     return ids
@@ -128,12 +129,6 @@ def search_experiment_ids(dataset: str, experiment: str | None = None) -> list[s
 def experiment_names(ids: list[str]) -> list[str]:
     client = MlflowClient()
     return [client.get_experiment(i).name for i in ids]
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def tag_filter(conditions: Mapping[str, str]) -> str:

@@ -1,4 +1,5 @@
-"""Temperature scaling (Guo et al. 2017): one temperature per expert, fitted by minimising NLL.
+"""Temperature scaling (Guo et al. 2017): one temperature per expert, fitted by minimising NLL, and
+the calibration of a trained expert that its run logs (:func:`calibrate`).
 
 The fit searches log T on a bounded interval. The NLL of softmax(z / T) is convex in 1 / T, hence
 unimodal in log T, so a golden-section search finds the minimiser without gradients, step sizes or
@@ -8,12 +9,15 @@ restarts; when the minimiser lies outside the interval the nearest bound is retu
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from argse.selective import _validate as check
+from argse.selective import ece
+from argse.training.experts import accuracy_metrics
 
 T_MIN = 1e-2
 T_MAX = 1e2
@@ -58,6 +62,24 @@ def fit_temperature(
     # The interval ends are candidates too: the search never evaluates them exactly.
     candidates = [(objective(u), u) for u in (best, math.log(T_MIN), math.log(T_MAX))]
     return float(math.exp(min(candidates)[1]))
+
+
+def calibrate(raw: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor], class_to_group: np.ndarray,
+              group_names: tuple[str, ...]) -> tuple[float, dict[str, float]]:
+    """An expert's temperature, fitted on the ``val`` logits of ``raw`` (its uncalibrated logits per
+    split), and what its run logs of it: the temperature, val's NLL and ECE before and after, and the
+    accuracies per split and group (``final_<split>_<metric>``; a temperature changes none of them)."""
+    temperature = fit_temperature(raw["val"], labels["val"])
+    before, after = raw["val"], raw["val"] / temperature
+    metrics = {
+        "temperature": temperature,
+        "val_nll_before": nll(before, labels["val"]), "val_nll_after": nll(after, labels["val"]),
+        "val_ece_before": ece(before.softmax(1), labels["val"]), "val_ece_after": ece(after.softmax(1), labels["val"]),
+    }
+    for split, logits in raw.items():
+        acc = accuracy_metrics(logits, labels[split], class_to_group, group_names)
+        metrics.update({f"final_{split}_{k}": v for k, v in acc.items()})
+    return temperature, metrics
 
 
 def _weighted_nll(z: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None) -> float:

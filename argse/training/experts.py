@@ -1,12 +1,14 @@
-"""Training one expert: the epoch loop, pure torch (no MLflow, no click, no config).
+"""Training one expert: its recipe, its assembly, the training step and the epoch loop, pure torch
+(no MLflow, no click, no config).
 
-`ExpertTraining` holds what one expert carries from epoch to epoch and what its checkpoint stores:
-the model, the loss, the optimizer and its schedule, the batch generator and the last finished epoch.
-`train` runs the remaining epochs on the on-device training images; the caller learns of each epoch
-through `on_epoch(epoch, row)` (train loss, learning rate, seconds, images per second, and whatever
-`evaluate()` returns) and of each checkpoint through `on_checkpoint(epoch)`, and logs them as it
-likes. Under DistributedDataParallel every rank calls `train`; only the main rank evaluates and gets
-the callbacks.
+`ExpertRecipe` holds the resolved numbers an expert trains with; `assemble` builds from it what one
+expert carries from epoch to epoch and what its checkpoint stores (`ExpertTraining`: the model, the
+loss, the optimizer and its schedule, the batch generator and the last finished epoch). `train_step`
+is the one training step; `train` runs the remaining epochs of it on the on-device training images; the
+caller learns of each epoch through `on_epoch(epoch, row)` (train loss, learning rate, seconds, images
+per second, and whatever `evaluate()` returns) and of each checkpoint through `on_checkpoint(epoch)`,
+and logs them as it likes. Under DistributedDataParallel every rank calls `train`; only the main rank
+evaluates and gets the callbacks.
 """
 
 from __future__ import annotations
@@ -19,12 +21,41 @@ import numpy as np
 import torch
 from torch import nn
 
+from argse import EXPERTS
 from argse.data.device import DeviceImages
-from argse.training.utils import autocast_context, capture_rng_state, restore_rng_state
+from argse.models.backbones import build_backbone
+from argse.training import distributed
+from argse.training.losses import make_loss
+from argse.training.utils import (
+    autocast_context,
+    capture_rng_state,
+    make_optimizer_and_scheduler,
+    restore_rng_state,
+    seed_everything,
+)
 
 #: The parts a checkpoint of `ExpertTraining.checkpoint` holds.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "rng", "config")
 EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ExpertRecipe:
+    """How an expert trains, resolved: the network, the schedule and the precision it runs in."""
+
+    backbone: str  # a name of argse.models.backbones.BACKBONES
+    epochs: int
+    lr: float  # at batch 128; the schedule peaks at lr x batch_size / 128
+    batch_size: int  # the global batch (each of N DDP processes takes batch_size / N)
+    weight_decay: float
+    warmup_epochs: int
+    la_tau: float
+    label_smoothing: float
+    checkpoint_every: int
+    seed: int
+    bf16: bool  # bf16 autocast
+    channels_last: bool
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass
@@ -58,6 +89,41 @@ class ExpertTraining:
         self.epoch = int(checkpoint["epoch"])
 
 
+def assemble(name: str, recipe: ExpertRecipe, train_counts: np.ndarray, *, steps_per_epoch: int,
+             device: torch.device, ddp: distributed.Dist = distributed.Dist()) -> ExpertTraining:
+    """Expert ``name`` (a loss of :data:`argse.EXPERTS`) ready to train for ``steps_per_epoch`` steps
+    an epoch: every random generator seeded from the recipe's seed and the expert, its backbone on
+    ``device`` (channels_last where the recipe says; wrapped for DDP, compiled), its loss on
+    ``train_counts`` (the train images per class), SGD with its schedule, and the batch generator."""
+    index = EXPERTS.index(name)
+    seed_everything(recipe.seed + index)
+    backbone = build_backbone(recipe.backbone, len(train_counts)).to(device)
+    if recipe.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    model = distributed.wrap(ddp, backbone, device)
+    if recipe.compile:
+        model = torch.compile(model)
+    optimizer, scheduler = make_optimizer_and_scheduler(
+        backbone, lr=recipe.lr, batch_size=recipe.batch_size, weight_decay=recipe.weight_decay,
+        epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=min(recipe.warmup_epochs, recipe.epochs))
+    criterion = make_loss(name, train_counts, la_tau=recipe.la_tau, label_smoothing=recipe.label_smoothing).to(device)
+    return ExpertTraining(backbone=backbone, model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+                          generator=torch.Generator().manual_seed(recipe.seed * 1000 + index))
+
+
+def train_step(state: ExpertTraining, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+               bf16: bool = False) -> torch.Tensor:
+    """One step on the batch ``(x, y)``: the loss (in bf16 autocast when ``bf16``), its gradient, one
+    optimizer and one schedule step. Returns the batch's mean loss, detached."""
+    with autocast_context(device, enabled=bf16, cpu_bf16=bf16):
+        loss = state.criterion(state.model(x).float(), y)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    return loss.detach()
+
+
 def train(
     state: ExpertTraining,
     data: DeviceImages,
@@ -75,11 +141,11 @@ def train(
     on_checkpoint: Optional[Callable[[int], None]] = None,
 ) -> ExpertTraining:
     """Train from `state.epoch + 1` to `epochs`: each epoch one shuffled pass over `data` in batches of
-    `batch_size` (this rank's share of the global batch), with the data's augmentation, bf16 autocast
-    when `bf16`, and one optimizer and schedule step per batch. After each epoch the main rank (rank 0)
-    calls `evaluate()` and `on_epoch(epoch, row)`; every `checkpoint_every` epochs and after the last
-    one it calls `on_checkpoint(epoch)` (with `state.epoch` already at that epoch). `on_step()` is
-    called after every step, on every rank. Returns `state`."""
+    `batch_size` (this rank's share of the global batch), with the data's augmentation, one
+    :func:`train_step` per batch. After each epoch the main rank (rank 0) calls `evaluate()` and
+    `on_epoch(epoch, row)`; every `checkpoint_every` epochs and after the last one it calls
+    `on_checkpoint(epoch)` (with `state.epoch` already at that epoch). `on_step()` is called after
+    every step, on every rank. Returns `state`."""
     main = rank == 0
     for epoch in range(state.epoch + 1, epochs + 1):
         state.model.train()
@@ -88,13 +154,7 @@ def train(
         batches = data.batches(batch_size, shuffle=True, generator=state.generator, augment=True,
                                drop_last=False, rank=rank, world_size=world_size)
         for x, y in batches:
-            with autocast_context(device, enabled=bf16, cpu_bf16=bf16):
-                loss = state.criterion(state.model(x).float(), y)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            state.optimizer.step()
-            state.scheduler.step()
-            total_loss += loss.detach() * len(y)
+            total_loss += train_step(state, x, y, device=device, bf16=bf16) * len(y)
             seen += len(y)
             if on_step is not None:
                 on_step()

@@ -6,6 +6,11 @@ their module is imported.
 
     pipeline:<step>     after the pipeline ran the step (splits, experts, gating-selective, ...)
     experts:checkpoint  after an expert logged its first checkpoint
+    experts:checkpoint:<expert>:<epoch>
+                        after the expert <expert> logged its checkpoint of epoch <epoch>
+    experts:stage:<n>   in the expert processes of an at-once stage: once <n> of them logged a
+                        checkpoint, the stage's own process (their parent); each writes its pid in
+                        the folder ARGSE_KILL_MARKS first
     integrity:<text>    after a run recorded digests of files whose artifact path (or version) holds
                         <text>, before it logged the files: integrity:epoch-4 (the epoch-4 checkpoint),
                         integrity:logits/ (an expert's logits), integrity:model/ (after its model)
@@ -54,7 +59,12 @@ def _pipeline(module) -> None:
 
 
 def _experts(module) -> None:
-    original = module.train
+    original, train_and_log = module.train, module.train_and_log
+    training = []  # the expert this process trains now
+
+    def named(name, *args, **kwargs):
+        training[:] = [name]
+        return train_and_log(name, *args, **kwargs)
 
     def train(state, data, **kwargs):
         inner = kwargs.get("on_checkpoint")
@@ -62,11 +72,26 @@ def _experts(module) -> None:
         def on_checkpoint(epoch):
             if inner is not None:
                 inner(epoch)
-            _kill()
+            if POINT == "experts:checkpoint" or POINT == f"experts:checkpoint:{training[0]}:{epoch}":
+                _kill()
+            if POINT.startswith("experts:stage:"):
+                _kill_stage_once(int(POINT.rsplit(":", 1)[1]))
 
         return original(state, data, **{**kwargs, "on_checkpoint": on_checkpoint})
 
-    module.train = train
+    module.train, module.train_and_log = train, named
+
+
+def _kill_stage_once(processes: int) -> None:
+    """Mark this expert process as checkpointed; the last of ``processes`` to do so kills their parent."""
+    marks = os.environ["ARGSE_KILL_MARKS"]
+    mark = os.path.join(marks, str(os.getpid()))
+    if os.path.exists(mark):
+        return
+    with open(mark, "w"):
+        pass
+    if len(os.listdir(marks)) == processes:
+        os.kill(os.getppid(), signal.SIGKILL)
 
 
 def _fit(module) -> None:
@@ -98,7 +123,7 @@ def _integrity(module) -> None:
     module.record = record
 
 
-PATCHES = {"pipeline": ("argse.stages.pipeline", _pipeline), "experts": ("argse.stages.experts", _experts),
+PATCHES = {"pipeline": ("argse.stages.pipeline", _pipeline), "experts": ("argse.expert_runs.run", _experts),
            "argse": ("argse.stages.argse", _fit), "integrity": ("argse.tracking.integrity", _integrity)}
 
 

@@ -1,7 +1,11 @@
-"""What the later stages share: finding the three expert runs and reading their logged posteriors.
+"""What the stages logged, found and read back: the loaders of logged artifacts.
 
-Gating, argse and evaluate never recompute a backbone: they read each expert run's
-``logits/{tunev,val,test}.npz`` (calibrated) and the splits run those experts were trained on.
+Every later stage reads its inputs through here, never from a fixed folder and never by recomputing
+them: a splits run's ``splits/`` (:func:`load_splits`), an expert run's calibrated logits
+(:func:`load_expert_logits`) and last checkpoint (:func:`load_checkpoint`), a gating run's gate
+(:func:`load_gate`), and the three experts of one splits run with their posteriors on every
+evaluation split (:func:`resolve_experts`, :func:`load_experts`). Each file is checked against the
+digest its run recorded as it is downloaded (``argse.tracking.download``).
 """
 
 from __future__ import annotations
@@ -13,13 +17,68 @@ import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from argse import ArgseError, stage_registry, tracking
-from argse import EXPERTS
+from argse import EXPERTS, ArgseError, stage_registry, tracking
 from argse.config import ExpertsConfig
 from argse.data.splits import EVAL_SPLITS, Splits
-from argse.stage_registry import expert_runs_of_parent, join_expert_runs
-from argse.stages.splits import load_splits
+from argse.models.gating import GatingNet
+from argse.stage_registry import CHECKPOINT, GATE, SPLITS_DIR, TAG_GATING_MODE, logits_path
+from argse.training.experts import CHECKPOINT_KEYS
 from argse.training.losses import posterior_shift
+
+# -- one artifact each -----------------------------------------------------------------------------
+
+
+def load_splits(run_id: str) -> Splits:
+    """The ``splits/`` artifact of a splits run."""
+    return Splits.load(tracking.download(run_id, SPLITS_DIR))
+
+
+def load_expert_logits(run_id: str, split: str) -> dict[str, np.ndarray]:
+    """``logits``, ``labels`` and ``indices`` of an expert run's ``logits/<split>.npz``."""
+    with np.load(tracking.download(run_id, logits_path(split))) as npz:
+        return {key: npz[key] for key in ("logits", "labels", "indices")}
+
+
+def load_checkpoint(run_id: str) -> dict | None:
+    """An expert run's ``checkpoints/last.pt``, ``None`` when it has none; a corrupt file (unreadable,
+    or not what the run logged) is an error that no resume can fix (:class:`tracking.RunBroken`: the run
+    is then replaced, not resumed again)."""
+    from argse.tracking.integrity import ArtifactChanged
+
+    client = MlflowClient()
+    if not any(a.path == CHECKPOINT for a in client.list_artifacts(run_id, CHECKPOINT.rpartition("/")[0])):
+        return None
+    try:
+        path = tracking.download(run_id, CHECKPOINT)
+    except ArtifactChanged as exc:
+        raise tracking.RunBroken(f"the checkpoint of run {run_id} is corrupt ({str(exc).removeprefix(f'run {run_id}: ')}); "
+                                 "a fresh run (without --resume) starts over") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        problem = f"missing {', '.join(missing)}" if missing else ""
+    except Exception as exc:
+        problem = type(exc).__name__
+    if problem:
+        raise tracking.RunBroken(f"the checkpoint of run {run_id} is corrupt ({problem}); a fresh run (without "
+                                 "--resume) starts over")
+    return state
+
+
+def load_gate(run_id: str) -> GatingNet:
+    """The gate logged by a gating run."""
+    try:
+        saved = torch.load(tracking.download(run_id, GATE), map_location="cpu", weights_only=True)
+        gate = GatingNet.from_config(saved["config"])
+        gate.load_state_dict(saved["state_dict"])
+    except ArgseError:
+        raise
+    except Exception as exc:
+        raise ArgseError(f"the gate of run {run_id} cannot be read ({type(exc).__name__}); rerun the gating stage") from None
+    return gate.eval()
+
+
+# -- the three experts of one splits run -----------------------------------------------------------
 
 
 @dataclass
@@ -42,7 +101,7 @@ class ExpertSet:
     @property
     def ids_tag(self) -> str:
         """The value of ``argse.upstream.experts``: run ids in EXPERTS order, comma-separated."""
-        return join_expert_runs(self.run_ids)
+        return stage_registry.join_expert_runs(self.run_ids)
 
     def weights(self, split: str, prior: str) -> torch.Tensor:
         return torch.as_tensor(self.splits.weights(split, prior), dtype=torch.float64)
@@ -61,7 +120,7 @@ class ExpertSet:
 
 
 def _experts_of_parent(run: Run) -> dict[str, str]:
-    ids = expert_runs_of_parent(run.data.tags)
+    ids = stage_registry.expert_runs_of_parent(run.data.tags)
     missing = [name for name, run_id in ids.items() if not run_id]
     if missing:
         raise ArgseError(f"experts run {run.info.run_id} has no {', '.join(missing)} expert: pass the expert runs' ids")
@@ -118,6 +177,16 @@ def resolve_experts(ref: str, *, dataset: str, experiment: str | None = None) ->
     return ids
 
 
+def resolve_gating(ref: str, *, dataset: str, experiment: str | None = None) -> tuple[Run, dict[str, str]]:
+    """The selective gating run ``ref`` names and the experts it read, ``{expert: run_id}``."""
+    gating_run = tracking.resolve_upstream("gating", ref, dataset=dataset, experiment=experiment,
+                                           lineage={TAG_GATING_MODE: "selective"})
+    ids = stage_registry.split_expert_runs(gating_run.data.tags.get(stage_registry.TAG_UPSTREAM + "experts", ""))
+    if ids is None:
+        raise ArgseError(f"gating run {gating_run.info.run_id} records no expert runs; rerun the gating stage")
+    return gating_run, ids
+
+
 def splits_of(run_ids: dict[str, str]) -> str:
     """The splits run the experts ``run_ids`` were trained on (:func:`resolve_experts` checks they share one)."""
     return MlflowClient().get_run(next(iter(run_ids.values()))).data.tags[stage_registry.TAG_UPSTREAM + "splits"]
@@ -136,8 +205,6 @@ def expert_shifts(run_ids: dict[str, str], splits: Splits, prior: str) -> torch.
 def load_experts(run_ids: dict[str, str], prior: str = "lt") -> ExpertSet:
     """Read the experts' calibrated logits on tunev / val / test and their splits run; the posteriors
     are each expert's under the target ``prior`` (`posterior_shift`), so that they estimate one quantity."""
-    from argse.stages.experts import load_expert_logits
-
     splits_run_id = splits_of(run_ids)
     splits = load_splits(splits_run_id)
     shifts = expert_shifts(run_ids, splits, prior)
