@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argse.selective as sel  # noqa: E402
-from argse.selective.fit import start_schedule  # noqa: E402
+from argse.selective.fixed_point import start_schedule  # noqa: E402
 
 N_FIT = 10_000
 N_CURVE = 100_000

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from argse.selective import PluginRule, fit_at_coverage, fit_balanced, selective_errors
-from argse.selective.fit import top_share_cut
+from argse.selective.cut import top_share_cut
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from oracle import best_at_coverage
 from test_selective_fit import easy, hard_tail, one_thread, sample  # noqa: F401 (fixtures)
@@ -101,10 +101,11 @@ def test_a_rule_that_starves_a_group_gets_per_group_thresholds_that_accept_a_sha
     # A head-favouring rule (the tail's coefficient 0.2 of the head's, mu_tail = -2, which lowers the
     # margin of every sample with tail mass) at coverage 0.5 accepts 3 tail samples of the selection split; the floor gives each predicted group its own threshold, accepting
     # its top half there, and that rule is kept because the tail then has evidence.
-    from argse.selective.fit import _group_floor, _prepare_problem
+    from argse.selective.coverage import group_floor
+    from argse.selective.problem import prepare_problem
 
     eta, y, c2g = sample(4000, 21)
-    problem = _prepare_problem(eta[:2000], y[:2000], eta[2000:], y[2000:], c2g, None, None)
+    problem = prepare_problem(eta[:2000], y[:2000], eta[2000:], y[2000:], c2g, None, None)
     coef, mu = torch.tensor([1.0, 0.2], dtype=torch.float64), torch.tensor([0.0, -2.0], dtype=torch.float64)
     beta = torch.tensor([0.5, 0.5], dtype=torch.float64)
     rule = PluginRule(alpha=2 * beta / coef, mu=mu, beta=beta, cost=0.0, class_to_group=c2g)
@@ -113,7 +114,7 @@ def test_a_rule_that_starves_a_group_gets_per_group_thresholds_that_accept_a_sha
     single = PluginRule(alpha=rule.alpha, mu=mu - shift + 1e-12, beta=beta, cost=0.0, class_to_group=c2g)
     tail = c2g[y[2000:]] == 1
     assert int((single.predict(eta[2000:]).accept & tail).sum()) < MIN_GROUP_ACCEPTED
-    thresholds = _group_floor(problem, "worst", single.coef, single.mu, beta, 0.5)
+    thresholds = group_floor(problem, "worst", single.coef, single.mu, beta, 0.5)
     assert thresholds is not None
     out = single.with_thresholds(thresholds).predict(eta[2000:])
     for k in (0, 1):

@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 
 from argse.selective import PluginRule, SelectiveErrors, aurc, chow, ece, risk_coverage, selective_errors
-from argse.selective import _validate as check
+from argse.selective import checks as check
 from argse.selective.fit import FitOptions, fit_rule
 from argse.selective.matched import (
     CI_LEVEL,

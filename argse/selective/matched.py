@@ -17,9 +17,10 @@ import torch
 from argse import OBJECTIVES
 from argse.data.splits import EVAL_SPLITS
 from argse.selective import PluginRule, chow, fit_at_coverage
-from argse.selective import _validate as check
-from argse.selective.fit import FitOptions, _group_errors, top_share_cut
-from argse.selective.metrics import error_bound
+from argse.selective import checks as check
+from argse.selective.cut import top_share_cut
+from argse.selective.fit import FitOptions
+from argse.selective.metrics import error_bound, group_errors
 
 #: The rules are fitted on FIT_SPLIT (S1) and selected on SEL_SPLIT (S2); a method carries every EVAL_SPLIT.
 FIT_SPLIT, SEL_SPLIT = "tunev", "val"
@@ -151,9 +152,7 @@ def _coverage_matched(m: Method, eta: dict[str, torch.Tensor], data: _Data, spli
         return _Matched(pred=pred.expand(len(taus), -1), accept=confidence[None] >= thresholds[:, None], rules=None)
     rules = fit_at_coverage(
         eta[FIT_SPLIT], data.y[FIT_SPLIT], eta[SEL_SPLIT], data.y[SEL_SPLIT], data.class_to_group, taus,
-        objective=m.objective, weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT],
-        rounds=options.rounds, step=options.step, n_starts=options.n_starts, max_iter=options.max_iter,
-        evidence=options.evidence,
+        objective=m.objective, weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT], options=options,
     )
     decisions = [rule.predict(eta[split]) for rule in rules]  # a loop over target coverages
     return _Matched(pred=torch.stack([d.pred for d in decisions]), accept=torch.stack([d.accept for d in decisions]),
@@ -194,7 +193,7 @@ def _errors(tally: _GroupTally, evidence: Optional[float] = None) -> tuple[torch
     if evidence is not None:
         group_error = error_bound(tally.accepted, tally.wrong, tally.accepted_sq, evidence)
     else:
-        group_error = _group_errors(tally.accepted, tally.wrong)
+        group_error = group_errors(tally.accepted, tally.wrong)
     return group_error, group_error.mean(dim=-1), group_error.max(dim=-1).values
 
 

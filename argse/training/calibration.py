@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from argse.selective import _validate as check
+from argse.selective import checks as check
 
 T_MIN = 1e-2
 T_MAX = 1e2
