@@ -57,15 +57,23 @@ def _objective(errors: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def best_at_coverage(cells, class_to_group: torch.Tensor, taus: Sequence[float], kind: str, rhos: Sequence[float],
-                     deltas: Callable[[float], Sequence[float]]) -> torch.Tensor:
+                     deltas: Callable[[float], Sequence[float]], more: Sequence[tuple[object, float]] = ()) -> torch.Tensor:
     """The lowest balanced (or worst-group) error [T] among the rules of the grids that accept a share
-    of at least tau: each at the first cut, in margin order, whose accepted mass reaches tau."""
+    of at least tau: each at the first cut, in margin order, whose accepted mass reaches tau. With
+    `more` ((cells, share) of other samples; `cells` then has the share left over), each sample is cut
+    at tau on its own and the errors are those of all the samples together, each one's masses scaled
+    by its share."""
+    samples = [(cells, 1.0 - sum(share for _, share in more)), *more]
     tau = torch.tensor(list(taus), dtype=torch.float64)
     best = torch.full((len(tau),), math.inf, dtype=torch.float64)
-    for _, accepted, wrong in sweep(cells, class_to_group, rhos, deltas):
-        cut = (accepted.sum(dim=2)[:, None, :] < tau[None, :, None] - 1e-12).sum(dim=2)  # [D, T]
-        at = cut.clamp_max(accepted.shape[1] - 1)[..., None].expand(-1, -1, 2)
-        value = _objective(_errors(accepted.gather(1, at), wrong.gather(1, at)), kind)  # [D, T]
+    for swept in zip(*(sweep(one, class_to_group, rhos, deltas) for one, _ in samples)):
+        accepted, wrong = 0.0, 0.0
+        for (_, acc, bad), (_, share) in zip(swept, samples):
+            cut = (acc.sum(dim=2)[:, None, :] < tau[None, :, None] - 1e-12).sum(dim=2)  # [D, T]
+            at = cut.clamp_max(acc.shape[1] - 1)[..., None].expand(-1, -1, 2)
+            accepted = accepted + share * acc.gather(1, at)
+            wrong = wrong + share * bad.gather(1, at)
+        value = _objective(_errors(accepted, wrong), kind)  # [D, T]
         best = torch.minimum(best, value.min(dim=0).values)
     return best
 

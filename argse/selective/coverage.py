@@ -14,8 +14,9 @@ from argse.selective.cut import threshold_at_level
 from argse.selective.fit import FitOptions
 from argse.selective.fixed_point import Solved, exponentiated_gradient, iterate
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
-from argse.selective.problem import Problem, Tally, at_level, prepare_problem, tally
+from argse.selective.problem import Problem, Tally, at_level, pooled, prepare_problem, tally
 from argse.selective.rule import PluginRule, WorstFitHistory, margins
+from argse.selective.search import coordinates, rule_of, search, spans
 
 
 def _solve_at_levels(problem: Problem, options: FitOptions, level: torch.Tensor, beta: torch.Tensor,
@@ -35,6 +36,28 @@ def _solve_at_levels(problem: Problem, options: FitOptions, level: torch.Tensor,
     best = iterate(problem.fit, beta, options.n_starts, options.max_iter, evaluate, init)
     return Solved(alpha=best.alpha, mu=best.mu, group_error=best.sel.errors(),
                   judged_error=best.sel.judged(problem.evidence), coverage=level, risk=best.score)
+
+
+def _search_at_levels(problem: Problem, options: FitOptions, objective: str, level: torch.Tensor, beta: torch.Tensor,
+                      alpha: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T rules (alpha, mu [T, K], for group weights beta [T, K]) moved by the direct search of the
+    family (`argse.selective.search`) to the rule with the lowest criterion of the objective at
+    coverage level[t]: sum_k beta_k e_k ("balanced") or max_k e_k ("worst"), each e_k judged by its
+    upper bound on S2 (with `options.search` "pooled", on S1 and S2 together)."""
+    k = problem.n_groups
+    coef = k * beta / alpha
+
+    def score(theta: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        coef, mu = rule_of(theta, k)
+        sel = at_level(problem.sel, coef, mu, level[owner])
+        if options.search == "pooled":
+            sel = pooled(at_level(problem.fit, coef, mu, level[owner]), sel, problem.fit_share)
+        judged = sel.judged(problem.evidence)
+        return (judged * beta[owner]).sum(dim=1) if objective == "balanced" else judged.max(dim=1).values
+
+    theta, _ = search(score, coordinates(coef, mu), spans(k, False, problem.device))
+    coef, mu = rule_of(theta, k)
+    return k * beta / coef, mu
 
 
 def fit_at_coverage(
@@ -91,24 +114,27 @@ def fit_at_coverage(
                                     problem.uniform_beta(len(taus)), pace,
                                     options.rounds if objective == "worst" else 1)
 
+    rows = [solved for _, solved in record]
+    histories = [WorstFitHistory.of_rounds(
+        beta=torch.stack([b[j] for b, _ in record]), alpha=torch.stack([s.alpha[j] for s in rows]),
+        mu=torch.stack([s.mu[j] for s in rows]), group_error=torch.stack([s.group_error[j] for s in rows]),
+        judged_error=torch.stack([s.judged_error[j] for s in rows]),
+        coverage=torch.full((len(rows),), tau, dtype=torch.float64),
+        worst_risk=torch.stack([s.judged_error[j].max() for s in rows])) for j, tau in enumerate(level.tolist())]
+    chosen = [(record[h.best_round][0][j], record[h.best_round][1].alpha[j], record[h.best_round][1].mu[j])
+              for j, h in enumerate(histories)]
+    beta, alpha, mu = (torch.stack(part) for part in zip(*chosen))
+    if options.search != "none":
+        alpha, mu = _search_at_levels(problem, options, objective, level, beta, alpha, mu)
     rules = []
     for j, tau in enumerate(level.tolist()):  # a loop over target coverages
-        rows = [solved for _, solved in record]
-        history = WorstFitHistory.of_rounds(
-            beta=torch.stack([b[j] for b, _ in record]), alpha=torch.stack([s.alpha[j] for s in rows]),
-            mu=torch.stack([s.mu[j] for s in rows]), group_error=torch.stack([s.group_error[j] for s in rows]),
-            judged_error=torch.stack([s.judged_error[j] for s in rows]),
-            coverage=torch.full((len(rows),), tau, dtype=torch.float64),
-            worst_risk=torch.stack([s.judged_error[j].max() for s in rows]))
-        beta, chosen = record[history.best_round]
-        beta, alpha, mu = beta[j], chosen.alpha[j], chosen.mu[j]
-        coef = k * beta / alpha
-        _, margin, _ = margins(problem.sel.stats, coef[None], mu[None])
-        mu = mu - threshold_at_level(margin[0], problem.sel.weight, tau)
-        thresholds = group_floor(problem, objective, coef, mu, beta, tau)
-        rules.append(PluginRule(alpha=alpha.cpu(), mu=mu.cpu(), beta=beta.cpu(), cost=0.0,
+        coef = k * beta[j] / alpha[j]
+        _, margin, _ = margins(problem.sel.stats, coef[None], mu[j][None])
+        shifted = mu[j] - threshold_at_level(margin[0], problem.sel.weight, tau)
+        thresholds = group_floor(problem, objective, coef, shifted, beta[j], tau)
+        rules.append(PluginRule(alpha=alpha[j].cpu(), mu=shifted.cpu(), beta=beta[j].cpu(), cost=0.0,
                                 class_to_group=problem.class_to_group.cpu(),
-                                history=history if objective == "worst" else None,
+                                history=histories[j] if objective == "worst" else None,
                                 thresholds=None if thresholds is None else thresholds.cpu()))
     return rules
 

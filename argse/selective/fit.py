@@ -19,8 +19,24 @@ import torch
 from argse.selective import checks as check
 from argse.selective.fixed_point import Solved, exponentiated_gradient, iterate
 from argse.selective.metrics import EVIDENCE_LEVEL, l2r_risk
-from argse.selective.problem import Problem, Tally, at_cost, prepare_problem
+from argse.selective.problem import Problem, Tally, at_cost, pooled, prepare_problem
 from argse.selective.rule import PluginRule, WorstFitHistory, margins
+from argse.selective.search import coordinates, rule_of, search, spans
+
+
+#: How a fit chooses its rule within the family (docs/design.md, *The rule*): "pooled", the fixed point's
+#: rule moved by the direct search of the family (`argse.selective.search`) to the rule its criterion
+#: judges best on the fitting and selection splits together; "selection", the same judged on the
+#: selection split alone (the choice when the posteriors were fitted on the fitting split, as a gate
+#: is); "none", the fixed point's rule alone (the paper's algorithm).
+SEARCHES = ("pooled", "selection", "none")
+
+
+#: A fit at a cost searches in each of its rounds (`fit_worst`: 20), each search cheap enough for
+#: `fit_worst` at N = 10,000, C = 100 to stay well under a second (bench/selective.py): three levels of
+#: the search from the first round's rule, and from a later round's, which starts from the previous
+#: round's rule as one of its iterates, only the finest.
+COST_LEVELS, ROUND_LEVEL = 3, 2
 
 
 @dataclass(frozen=True)
@@ -37,8 +53,11 @@ class FitOptions:
     n_starts: int = 12
     max_iter: int = 30
     evidence: Optional[float] = EVIDENCE_LEVEL
+    search: str = "pooled"
 
     def __post_init__(self) -> None:
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}; got {self.search!r}.")
         for name in ("rounds", "n_starts", "max_iter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
@@ -107,7 +126,26 @@ def _solve_at_cost(problem: Problem, cost: float, options: FitOptions, beta: tor
 
     start = None if init is None else (init[0][None], init[1][None])
     best = iterate(problem.fit, beta[None], options.n_starts, options.max_iter, evaluate, start)
-    return _line_search(problem, beta, cost, best.alpha[0], best.mu[0])
+    solved = _line_search(problem, beta, cost, best.alpha[0], best.mu[0])
+    coef = k * beta / solved.alpha
+    if options.search == "none" or not bool((coef > 0).all()):
+        return solved
+
+    def score(theta: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        coef, mu = rule_of(theta, k)
+        mu = mu - theta[:, -1:] - cost
+        if options.search == "pooled":
+            both = at_cost(problem.both, coef, mu, cost)
+            sel = pooled(both.columns(slice(None, k)), both.columns(slice(k, None)), problem.fit_share)
+        else:
+            sel = at_cost(problem.sel, coef, mu, cost)
+        return l2r_risk(sel.judged(problem.evidence) @ beta, sel.accepted.sum(dim=1), cost)
+
+    threshold = (-cost - solved.mu[:1]) / coef[:1]  # on the margin normalised to coef_0 = 1, mu_0 = 0
+    theta, _ = search(score, torch.cat([coordinates(coef, solved.mu), threshold])[None], spans(k, True, problem.device),
+                      first_level=0 if init is None else ROUND_LEVEL, levels=COST_LEVELS)
+    coef, mu = rule_of(theta, k)
+    return _line_search(problem, beta, cost, k * beta / coef[0], (mu - theta[:, -1:] - cost)[0])
 
 
 def _check_beta(beta: Any, problem: Problem) -> torch.Tensor:

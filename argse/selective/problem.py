@@ -8,6 +8,7 @@ in O(S * N * K) tensor operations (`Tally`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -33,7 +34,7 @@ class Split:
         """[N, W] 1.0 where sample i counts in mass column k (its group, with a positive weight)."""
         return (self.by_group > 0).to(torch.float64)
 
-    @property
+    @functools.cached_property
     def by_group_sq(self) -> torch.Tensor:
         """[N, W] w_i^2 * [g(y_i) == k]: what the effective accepted count of a group needs."""
         return self.by_group * self.weight[:, None]
@@ -89,6 +90,12 @@ class Problem:
     def device(self) -> torch.device:
         return self.fit.weight.device
 
+    @property
+    def fit_share(self) -> float:
+        """S1's share of the samples of S1 and S2 together."""
+        n_fit, n_sel = self.fit.weight.shape[0], self.sel.weight.shape[0]
+        return n_fit / (n_fit + n_sel)
+
     def uniform_beta(self, *batch: int) -> torch.Tensor:
         """Group weights 1/K each, [*batch, K]: the balanced error's, and where the worst group's
         exponentiated gradient starts."""
@@ -134,6 +141,14 @@ class Tally:
         if evidence is None:
             return self.errors()
         return error_bound(self.accepted, self.wrong, self.accepted_sq, evidence)
+
+
+def pooled(fit: Tally, sel: Tally, fit_share: float) -> Tally:
+    """The tally of S1 and S2 as one sample: each split's (normalised) weights scaled by its share of
+    the samples, so that every sample counts as much as it did in its own split relative to the rest."""
+    sel_share = 1.0 - fit_share
+    return Tally(fit.accepted * fit_share + sel.accepted * sel_share, fit.wrong * fit_share + sel.wrong * sel_share,
+                 fit.accepted_sq * fit_share ** 2 + sel.accepted_sq * sel_share ** 2)
 
 
 def tally(split: Split, accept: torch.Tensor, wrong: torch.Tensor) -> Tally:
