@@ -244,7 +244,7 @@ def main() -> None:
                         help="a benchmark store (sqlite:///... is copied, never written); none: the fixture only")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: every seed of the store)")
     parser.add_argument("--priors", default="lt,balanced")
-    parser.add_argument("--selections", default="none,val,pooled",
+    parser.add_argument("--selections", default="none,selection,pooled",
                         help="FitOptions.search values; the first is the reference")
     parser.add_argument("--draws", type=int, default=50, help="draws of the population test (0: skip it)")
     parser.add_argument("--workers", type=int, default=2)
