@@ -114,7 +114,9 @@ def _solve_at_cost(problem: Problem, cost: float, options: FitOptions, beta: tor
                    init: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Solved:
     """The cost-sensitive rule for group weights `beta` [K]: the joint (alpha, mu) fixed point on S1
     from several starts (`iterate`), keeping the iterate with the lowest L2R risk sum_k beta_k e_k +
-    cost * P(reject) on S2 (each e_k judged by its upper bound, `error_bound`); then the exact
+    cost * P(reject) on S2 (each e_k judged by its upper bound, `error_bound`); unless
+    `options.search` is "none", the direct search of the family and its threshold from there, with
+    the same risk judged as `options.search` says (`argse.selective.search`); then the exact
     threshold line search on S2."""
     k = problem.n_groups
 
@@ -126,26 +128,26 @@ def _solve_at_cost(problem: Problem, cost: float, options: FitOptions, beta: tor
 
     start = None if init is None else (init[0][None], init[1][None])
     best = iterate(problem.fit, beta[None], options.n_starts, options.max_iter, evaluate, start)
-    solved = _line_search(problem, beta, cost, best.alpha[0], best.mu[0])
-    coef = k * beta / solved.alpha
-    if options.search == "none" or not bool((coef > 0).all()):
-        return solved
+    alpha, mu = best.alpha[0], best.mu[0]
+    coef = k * beta / alpha
+    if options.search != "none" and bool((coef > 0).all()):
 
-    def score(theta: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        coef, mu = rule_of(theta, k)
-        mu = mu - theta[:, -1:] - cost
-        if options.search == "pooled":
-            both = at_cost(problem.both, coef, mu, cost)
-            sel = pooled(both.columns(slice(None, k)), both.columns(slice(k, None)), problem.fit_share)
-        else:
-            sel = at_cost(problem.sel, coef, mu, cost)
-        return l2r_risk(sel.judged(problem.evidence) @ beta, sel.accepted.sum(dim=1), cost)
+        def score(theta: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+            coef, mu = rule_of(theta, k)
+            mu = mu - theta[:, -1:] - cost
+            if options.search == "pooled":
+                both = at_cost(problem.both, coef, mu, cost)
+                sel = pooled(both.columns(slice(None, k)), both.columns(slice(k, None)), problem.fit_share)
+            else:
+                sel = at_cost(problem.sel, coef, mu, cost)
+            return l2r_risk(sel.judged(problem.evidence) @ beta, sel.accepted.sum(dim=1), cost)
 
-    threshold = (-cost - solved.mu[:1]) / coef[:1]  # on the margin normalised to coef_0 = 1, mu_0 = 0
-    theta, _ = search(score, torch.cat([coordinates(coef, solved.mu), threshold])[None], spans(k, True, problem.device),
-                      first_level=0 if init is None else ROUND_LEVEL, levels=COST_LEVELS)
-    coef, mu = rule_of(theta, k)
-    return _line_search(problem, beta, cost, k * beta / coef[0], (mu - theta[:, -1:] - cost)[0])
+        threshold = (-cost - mu[:1]) / coef[:1]  # accept margin >= -cost, on the margin normalised to coef_0 = 1
+        theta, _ = search(score, torch.cat([coordinates(coef, mu), threshold])[None], spans(k, True, problem.device),
+                          first_level=0 if init is None else ROUND_LEVEL, levels=COST_LEVELS)
+        coef, mu = rule_of(theta[0], k)
+        alpha, mu = k * beta / coef, mu - theta[0, -1] - cost
+    return _line_search(problem, beta, cost, alpha, mu)
 
 
 def _check_beta(beta: Any, problem: Problem) -> torch.Tensor:
