@@ -1,4 +1,4 @@
-"""The top-share cut of a fit (`argse.selective.fit.top_share_cut`) against a full sort of each row.
+"""The top-share cut of a fit (`argse.selective.cut.top_share_cut`) against a full sort of each row.
 
     python bench/top_share_cut.py [--repeats 5]
 
@@ -23,7 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import argse.selective.fit as fit_module  # noqa: E402
+import argse.selective.cut as cut_module  # noqa: E402
 from argse.selective import fit_at_coverage  # noqa: E402
 from argse.selective.matched import COVERAGES  # noqa: E402
 from argse.training.utils import cpu_model  # noqa: E402
@@ -43,19 +43,19 @@ def full_sort(values: np.ndarray, weight: np.ndarray, level: np.ndarray) -> np.n
 def recorded_calls() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     labels, experts = problem()
     calls = []
-    ours = fit_module._top_share_cut_cpu
+    ours = cut_module._top_share_cut_cpu
 
     def record(values, weight, level):
         calls.append((values.copy(), weight.copy(), level.copy()))
         return ours(values, weight, level)
 
-    fit_module._top_share_cut_cpu = record
+    cut_module._top_share_cut_cpu = record
     try:
         mixture = {split: experts[split].mean(dim=1) for split in ("tunev", "val")}
         fit_at_coverage(mixture["tunev"], labels["tunev"], mixture["val"], labels["val"], CLASS_TO_GROUP, COVERAGES,
                         objective="worst")
     finally:
-        fit_module._top_share_cut_cpu = ours
+        cut_module._top_share_cut_cpu = ours
     return calls
 
 
@@ -68,11 +68,11 @@ def main() -> None:
     rows = sum(c[0].shape[0] for c in calls)
     print(f"{len(calls)} calls of the worst-group fit at {len(COVERAGES)} coverages, {rows} rows of "
           f"{sorted({c[0].shape[1] for c in calls})} margins; CPU {cpu_model()}, float64, 1 thread")
-    agree = all(np.array_equal(full_sort(*c), fit_module._top_share_cut_cpu(*c)) for c in calls)
+    agree = all(np.array_equal(full_sort(*c), cut_module._top_share_cut_cpu(*c)) for c in calls)
     print(f"agree: {agree}")
     seconds = {}
     for _ in range(args.repeats):  # interleaved, best of the repeats
-        for name, cut in (("full sort", full_sort), ("ours", fit_module._top_share_cut_cpu)):
+        for name, cut in (("full sort", full_sort), ("ours", cut_module._top_share_cut_cpu)):
             started = time.perf_counter()
             for call in calls:
                 cut(*call)

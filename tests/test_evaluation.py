@@ -472,7 +472,7 @@ def test_matched_aurc_gap_and_its_interval_equal_a_per_resample_recomputation(da
     # The paired interval, recomputed by hand: each resample of the test split reweights the test
     # samples by how often they are drawn; the rules (fitted on tunev / val) stay fixed, so
     # matched_aurc with those weights is that resample's area.
-    from argse.selective.matched import CI_LEVEL, _resample_counts
+    from argse.selective.matched import CI_LEVEL, resample_counts
 
     eta, head_biased, _, labels, weights = data
     gap, lo, hi = matched_aurc_gap(eta, head_biased, labels, weights, CLASS_TO_GROUP, "worst", split="test",
@@ -480,7 +480,7 @@ def test_matched_aurc_gap_and_its_interval_equal_a_per_resample_recomputation(da
     area = lambda e, w: matched_aurc(e, labels, {**weights, "test": w}, CLASS_TO_GROUP, "worst",  # noqa: E731
                                      split="test", fit_options=FIT)
     assert gap == pytest.approx(area(eta, weights["test"]) - area(head_biased, weights["test"]), abs=1e-12)
-    counts = _resample_counts(len(labels["test"]), 6, 3)
+    counts = resample_counts(len(labels["test"]), 6, 3)
     gaps = [area(eta, weights["test"] * c) - area(head_biased, weights["test"] * c) for c in counts]
     expected = np.quantile(gaps, [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2])
     assert (lo, hi) == pytest.approx(tuple(expected), abs=1e-12)

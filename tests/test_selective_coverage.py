@@ -2,44 +2,24 @@
 the whole K = 2 rule family at that coverage, on the known-posterior population of
 tests/test_selective_fit.py (a population, not a sample: weighted risks are population risks)."""
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from argse.selective import PluginRule, fit_at_coverage, fit_balanced, selective_errors
-from argse.selective.fit import top_share_cut
+from argse.selective.cut import top_share_cut
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
+from oracle import best_at_coverage
 from test_selective_fit import easy, hard_tail, one_thread, sample  # noqa: F401 (fixtures)
 
 
-def exhaustive_at_coverage(cells, c2g, tau, kind, n_rho=60, n_delta=60):
+def exhaustive_at_coverage(cells, c2g, tau, kind):
     """Lowest balanced (or worst-group) error over the K = 2 family among rules accepting a share of at
-    least tau, written independently of the library: rho = coef_1 / coef_0 on a log grid, delta =
-    (mu_1 - mu_0) / coef_0 on a grid, and the threshold at the first cut (cells sorted by score) whose
-    accepted mass reaches tau."""
-    eta, joint = cells
-    onehot = torch.nn.functional.one_hot(c2g, 2).to(torch.float64)
-    group_mass, group_share = joint @ onehot, eta @ onehot
-    head, tail = (c2g == 0).nonzero().flatten(), (c2g == 1).nonzero().flatten()
-    top = torch.stack([eta[:, head].max(dim=1).values, eta[:, tail].max(dim=1).values], dim=1)
-    top_class = torch.stack([head[eta[:, head].argmax(dim=1)], tail[eta[:, tail].argmax(dim=1)]], dim=1)
-    best = math.inf
-    for rho in np.geomspace(0.1, 1000.0, n_rho):
-        pick_tail = rho * top[:, 1] > top[:, 0]
-        pred = torch.where(pick_tail, top_class[:, 1], top_class[:, 0])
-        right = torch.nn.functional.one_hot(pred, eta.shape[1]).to(torch.float64) * joint
-        wrong_mass = group_mass - right @ onehot
-        base = torch.maximum(top[:, 0], rho * top[:, 1]) - group_share[:, 0] - rho * group_share[:, 1]
-        for delta in np.linspace(-2.0, 2.0 * float(rho), n_delta):
-            score = base + delta * group_share[:, 1]
-            order = score.argsort(descending=True)
-            accepted, wrong = group_mass[order].cumsum(dim=0), wrong_mass[order].cumsum(dim=0)
-            n = int((accepted.sum(dim=1) < tau - 1e-12).sum())
-            errors = torch.where(accepted[n] > 0, wrong[n] / accepted[n].clamp_min(1e-300), torch.ones(2))
-            best = min(best, float(errors.mean() if kind == "balanced" else errors.max()))
-    return best
+    least tau (tests/oracle.py): rho = coef_1 / coef_0 on a log grid, delta = (mu_1 - mu_0) / coef_0 on
+    [-2, 2 rho], the threshold at the first cut whose accepted mass reaches tau."""
+    return float(best_at_coverage(cells, c2g, [tau], kind, np.geomspace(0.1, 1000.0, 60),
+                                  lambda rho: np.linspace(-2.0, 2.0 * rho, 60))[0])
 
 
 def errors_of(rule, rows, c2g):
@@ -121,10 +101,11 @@ def test_a_rule_that_starves_a_group_gets_per_group_thresholds_that_accept_a_sha
     # A head-favouring rule (the tail's coefficient 0.2 of the head's, mu_tail = -2, which lowers the
     # margin of every sample with tail mass) at coverage 0.5 accepts 3 tail samples of the selection split; the floor gives each predicted group its own threshold, accepting
     # its top half there, and that rule is kept because the tail then has evidence.
-    from argse.selective.fit import _group_floor, _prepare_problem
+    from argse.selective.coverage import group_floor
+    from argse.selective.problem import prepare_problem
 
     eta, y, c2g = sample(4000, 21)
-    problem = _prepare_problem(eta[:2000], y[:2000], eta[2000:], y[2000:], c2g, None, None)
+    problem = prepare_problem(eta[:2000], y[:2000], eta[2000:], y[2000:], c2g, None, None)
     coef, mu = torch.tensor([1.0, 0.2], dtype=torch.float64), torch.tensor([0.0, -2.0], dtype=torch.float64)
     beta = torch.tensor([0.5, 0.5], dtype=torch.float64)
     rule = PluginRule(alpha=2 * beta / coef, mu=mu, beta=beta, cost=0.0, class_to_group=c2g)
@@ -133,7 +114,7 @@ def test_a_rule_that_starves_a_group_gets_per_group_thresholds_that_accept_a_sha
     single = PluginRule(alpha=rule.alpha, mu=mu - shift + 1e-12, beta=beta, cost=0.0, class_to_group=c2g)
     tail = c2g[y[2000:]] == 1
     assert int((single.predict(eta[2000:]).accept & tail).sum()) < MIN_GROUP_ACCEPTED
-    thresholds = _group_floor(problem, "worst", single.coef, single.mu, beta, 0.5)
+    thresholds = group_floor(problem, "worst", single.coef, single.mu, beta, 0.5)
     assert thresholds is not None
     out = single.with_thresholds(thresholds).predict(eta[2000:])
     for k in (0, 1):

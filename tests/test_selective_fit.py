@@ -20,6 +20,7 @@ import torch
 import argse.selective as sel
 from argse.selective import chow, fit_balanced, fit_group_thresholds, fit_worst, risk_coverage
 from argse.selective import selective_errors
+from oracle import best_at_cost
 
 
 def population(tail_sigma: float, n_side: int = 40, radius: float = 4.0):
@@ -70,35 +71,14 @@ def l2r_risk(rule, rows, c2g, kind):
     return base + rule.cost * (1.0 - errors.coverage), errors
 
 
-def exhaustive_search(cells, c2g, cost, kind, n_rho=40, n_delta=40):
-    """Lowest L2R risk over the whole K = 2 family, written independently of the library.
+#: The exhaustive search's grids (tests/oracle.py): rho = coef_1 / coef_0 on a log grid, delta =
+#: (mu_1 - mu_0) / coef_0 on [-1, rho], where the optimum's delta = rho * e_1 - e_0 lies.
+RHOS = np.geomspace(0.3, 300.0, 40)
 
-    Dividing the margin by coef_0 leaves three parameters: rho = coef_1 / coef_0 (a log grid), delta =
-    (mu_1 - mu_0) / coef_0 (a grid on [-1, rho], where the optimum's delta = rho * e_1 - e_0 lies) and
-    the threshold, searched exactly by sorting the cells and trying every cut between distinct values.
-    """
-    eta, joint = cells
-    onehot = torch.nn.functional.one_hot(c2g, 2).to(torch.float64)
-    group_mass, group_share = joint @ onehot, eta @ onehot  # [G, 2] p(cell, y in G_k), P(y in G_k | cell)
-    head, tail = (c2g == 0).nonzero().flatten(), (c2g == 1).nonzero().flatten()
-    top = torch.stack([eta[:, head].max(dim=1).values, eta[:, tail].max(dim=1).values], dim=1)
-    top_class = torch.stack([head[eta[:, head].argmax(dim=1)], tail[eta[:, tail].argmax(dim=1)]], dim=1)
-    best = math.inf
-    for rho in np.geomspace(0.3, 300.0, n_rho):
-        pick_tail = rho * top[:, 1] > top[:, 0]
-        pred = torch.where(pick_tail, top_class[:, 1], top_class[:, 0])
-        right = torch.nn.functional.one_hot(pred, eta.shape[1]).to(torch.float64) * joint
-        wrong_mass = group_mass - right @ onehot
-        base = torch.maximum(top[:, 0], rho * top[:, 1]) - group_share[:, 0] - rho * group_share[:, 1]
-        deltas = torch.linspace(-1.0, float(rho), n_delta, dtype=torch.float64)
-        score = base[None] + deltas[:, None] * group_share[None, :, 1]
-        score, order = score.sort(dim=1, descending=True)
-        accepted, wrong = group_mass[order].cumsum(dim=1), wrong_mass[order].cumsum(dim=1)
-        errors = torch.where(accepted > 0, wrong / accepted.clamp_min(1e-300), torch.ones_like(accepted))
-        risk = (errors.mean(-1) if kind == "balanced" else errors.max(-1).values) + cost * (1 - accepted.sum(-1))
-        risk[:, :-1] = torch.where(score[:, 1:] == score[:, :-1], math.inf, risk[:, :-1])  # no cut inside ties
-        best = min(best, float(risk.min()))
-    return best
+
+def exhaustive_search(cells, c2g, cost, kind):
+    """Lowest L2R risk over the whole K = 2 family (tests/oracle.py), the threshold searched exactly."""
+    return best_at_cost(cells, c2g, cost, kind, RHOS, lambda rho: np.linspace(-1.0, rho, 40))
 
 
 def best_chow(rows, c2g, cost, kind):

@@ -15,7 +15,6 @@ with its sample size (`argse.selective.metrics.error_bound`).
 from __future__ import annotations
 
 import json
-import math
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from argse.stages.argse import cost_for_coverage
 from argse.artifacts import ExpertSet
 from argse.stages.evaluate import build_methods
 from argse.training.losses import posterior_shift
+from oracle import best_at_coverage
 
 RUN = Path(__file__).parent / "data" / "fashion-mnist-lt-seed0-amd"
 SPLITS = ("tunev", "val", "test")
@@ -135,36 +135,12 @@ def draw(eta, joint, prior, per_class: int, generator):
     return eta[cells], y, prior[y] * n_classes
 
 
-def exhaustive_worst(eta, joint, class_to_group, taus, n_rho=60, n_delta=60):
+def exhaustive_worst(eta, joint, class_to_group, taus):
     """The population optimum at each tau: the lowest worst-group error over the whole K = 2 rule family
-    among rules accepting a share of at least tau, written independently of the library (rho = coef_1 /
-    coef_0 on a log grid, delta = (mu_1 - mu_0) / coef_0 on a grid, the threshold at the first cut of
-    the cells sorted by score that reaches tau)."""
-    onehot = torch.nn.functional.one_hot(class_to_group, 2).to(torch.float64)
-    group_mass, group_share = joint @ onehot, eta @ onehot
-    top, top_class = [], []
-    for k in (0, 1):
-        members = (class_to_group == k).nonzero().flatten()
-        value, where = eta[:, members].max(dim=1)
-        top.append(value)
-        top_class.append(members[where])
-    best = torch.full((len(taus),), math.inf, dtype=torch.float64)
-    tau = torch.tensor(taus, dtype=torch.float64)
-    for rho in np.geomspace(0.1, 1000.0, n_rho):
-        pick_tail = rho * top[1] > top[0]
-        pred = torch.where(pick_tail, top_class[1], top_class[0])
-        right = torch.nn.functional.one_hot(pred, eta.shape[1]).to(torch.float64) * joint
-        wrong_mass = group_mass - right @ onehot
-        base = torch.maximum(top[0], rho * top[1]) - group_share[:, 0] - rho * group_share[:, 1]
-        deltas = torch.linspace(-2.0, 2.0 * float(rho), n_delta, dtype=torch.float64)
-        order = (base[None] + deltas[:, None] * group_share[None, :, 1]).argsort(dim=1, descending=True)
-        accepted, wrong = group_mass[order].cumsum(dim=1), wrong_mass[order].cumsum(dim=1)  # [D, G, 2]
-        cut = (accepted.sum(dim=2)[:, None, :] < tau[None, :, None] - 1e-12).sum(dim=2)  # [D, T]
-        at = cut.clamp_max(eta.shape[0] - 1)[..., None].expand(-1, -1, 2)
-        a, w = accepted.gather(1, at), wrong.gather(1, at)
-        worst = torch.where(a > 0, w / a.clamp_min(1e-300), torch.ones_like(a)).max(dim=2).values
-        best = torch.minimum(best, worst.min(dim=0).values)
-    return best
+    among rules accepting a share of at least tau (tests/oracle.py: rho = coef_1 / coef_0 on a log grid,
+    delta = (mu_1 - mu_0) / coef_0 on [-2, 2 rho], the threshold at the first cut that reaches tau)."""
+    return best_at_coverage((eta, joint), class_to_group, taus, "worst", np.geomspace(0.1, 1000.0, 60),
+                            lambda rho: np.linspace(-2.0, 2.0 * rho, 60))
 
 
 _POPULATION = None

@@ -6,7 +6,8 @@ be torch tensors or numpy arrays; outputs are tensors and floats in small frozen
 inputs raise ValueError with a sentence naming the argument.
 """
 
-from argse.selective.fit import FitOptions, fit_at_coverage, fit_balanced, fit_group_thresholds, fit_rule, fit_worst
+from argse.selective.coverage import fit_at_coverage, fit_group_thresholds
+from argse.selective.fit import FitOptions, fit_balanced, fit_rule, fit_worst
 from argse.selective.metrics import (
     RiskCoverage,
     SelectiveErrors,

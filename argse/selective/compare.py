@@ -51,22 +51,22 @@ import pandas as pd
 import torch
 
 from argse.selective import PluginRule, SelectiveErrors, aurc, chow, ece, risk_coverage, selective_errors
-from argse.selective import _validate as check
+from argse.selective import checks as check
 from argse.selective.fit import FitOptions, fit_rule
 from argse.selective.matched import (
     CI_LEVEL,
     COVERAGES,
     FIT_SPLIT,
     SEL_SPLIT,
+    Inputs,
     Method,
-    _check_inputs,
-    _coverage_matched,
-    _Data,
-    _errors,
-    _group_masses,
-    _quantile_threshold,
-    _resample_counts,
     check_coverages,
+    check_inputs,
+    coverage_matched,
+    group_masses,
+    matched_errors,
+    quantile_threshold,
+    resample_counts,
     trapezoid,
 )
 from argse.selective.metrics import MIN_GROUP_ACCEPTED, weighted_coverage
@@ -171,7 +171,7 @@ def _decisions(
 
 
 def _fit_rule(
-    method: Method, eta: dict[str, torch.Tensor], data: _Data, cost: float, options: FitOptions,
+    method: Method, eta: dict[str, torch.Tensor], data: Inputs, cost: float, options: FitOptions,
 ) -> PluginRule:
     """The method's plug-in rule at `cost`, fitted on tunev (S1) and selected on val (S2)."""
     return fit_rule(method.objective, eta[FIT_SPLIT], data.y[FIT_SPLIT], eta[SEL_SPLIT], data.y[SEL_SPLIT],
@@ -197,7 +197,7 @@ def _reference(
     return ref.name, weighted_coverage(rules[ref.name].predict(eta[ref.name][SEL_SPLIT]).accept, w_val)
 
 
-def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch.Tensor], data: _Data, split: str,
+def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch.Tensor], data: Inputs, split: str,
                      cost: float, reference_coverage: Optional[float]) -> tuple[dict[str, float], SelectiveErrors]:
     """The threshold-sweep areas and the operating point's columns of one method on `split`."""
     y, w, c2g = data.y[split], data.w[split], data.class_to_group
@@ -206,7 +206,7 @@ def _operating_point(m: Method, rule: Optional[PluginRule], eta: dict[str, torch
     row = {"aurc_balanced_threshold": aurc(rc, "balanced"), "aurc_worst_threshold": aurc(rc, "worst")}
     if m.kind == "chow":
         _, confidence_val = chow(eta[SEL_SPLIT])
-        threshold = _quantile_threshold(confidence_val, data.w[SEL_SPLIT], float(reference_coverage))
+        threshold = quantile_threshold(confidence_val, data.w[SEL_SPLIT], float(reference_coverage))
         accept, accept_val = confidence >= threshold, confidence_val >= threshold
     else:
         accept_val = rule.predict(eta[SEL_SPLIT]).accept
@@ -241,7 +241,7 @@ def compare(
     `coverages` the target coverages of the coverage-matched comparison, `target_coverage` (optional)
     the val coverage the Chow operating points are matched to, `n_boot` the bootstrap resamples.
     """
-    data, eta = _check_inputs(methods, labels, weights, class_to_group, split)
+    data, eta = check_inputs(methods, labels, weights, class_to_group, split)
     cost = check.cost(cost)
     taus = check_coverages(coverages)
     if target_coverage is not None and not 0.0 < float(target_coverage) <= 1.0:
@@ -273,7 +273,7 @@ def compare(
     reference, reference_coverage = _reference(methods, rules, eta, data.w[SEL_SPLIT], target_coverage)
 
     y, w, c2g = data.y[split], data.w[split], data.class_to_group
-    counts = _resample_counts(y.shape[0], int(n_boot), seed)  # the same resamples for every method
+    counts = resample_counts(y.shape[0], int(n_boot), seed)  # the same resamples for every method
     member = torch.nn.functional.one_hot(c2g[y], data.n_groups).to(torch.float64)
     group_mass = (member * w[:, None]).sum(dim=0)
     floor = member.sum(dim=0).clamp(max=MIN_GROUP_ACCEPTED)  # [K] the accepted count a point needs
@@ -282,15 +282,15 @@ def compare(
     coverage_rules: dict[str, list[PluginRule]] = {}
     group_coverage: dict[str, np.ndarray] = {}
     for m in methods:  # a loop over methods
-        matched = _coverage_matched(m, eta[m.name], data, split, taus, fit_options)
+        matched = coverage_matched(m, eta[m.name], data, split, taus, fit_options)
         if matched.rules is not None:
             coverage_rules[m.name] = matched.rules
-        tally = _group_masses(matched, y, w, c2g, data.n_groups)
+        tally = group_masses(matched, y, w, c2g, data.n_groups)
         accepted = tally.accepted
-        group_error, balanced, worst = _errors(tally)
+        group_error, balanced, worst = matched_errors(tally)
         coverage = accepted.sum(dim=1) / w.sum()
         row: dict[str, Any] = {"method": m.name}
-        boot_group, boot_balanced, boot_worst = _errors(_group_masses(matched, y, w, c2g, data.n_groups, counts))
+        boot_group, boot_balanced, boot_worst = matched_errors(group_masses(matched, y, w, c2g, data.n_groups, counts))
         for risk, point, boot in (("balanced", balanced, boot_balanced), ("worst", worst, boot_worst)):
             row[f"aurc_{risk}"] = float(trapezoid(taus, point))
             row[f"aurc_{risk}_lo"], row[f"aurc_{risk}_hi"] = np.quantile(trapezoid(taus, boot).numpy(), q).tolist()

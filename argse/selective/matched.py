@@ -17,9 +17,10 @@ import torch
 from argse import OBJECTIVES
 from argse.data.splits import EVAL_SPLITS
 from argse.selective import PluginRule, chow, fit_at_coverage
-from argse.selective import _validate as check
-from argse.selective.fit import FitOptions, _group_errors, top_share_cut
-from argse.selective.metrics import error_bound
+from argse.selective import checks as check
+from argse.selective.cut import top_share_cut
+from argse.selective.fit import FitOptions
+from argse.selective.metrics import error_bound, group_errors
 
 #: The rules are fitted on FIT_SPLIT (S1) and selected on SEL_SPLIT (S2); a method carries every EVAL_SPLIT.
 FIT_SPLIT, SEL_SPLIT = "tunev", "val"
@@ -66,7 +67,7 @@ def check_coverages(coverages: Sequence[float]) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class _Data:
+class Inputs:
     """Validated labels and weights per split, and the groups."""
 
     y: dict[str, torch.Tensor]
@@ -75,10 +76,12 @@ class _Data:
     n_groups: int
 
 
-def _check_inputs(
+def check_inputs(
     methods: Sequence[Method], labels: Mapping[str, Any], weights: Optional[Mapping[str, Any]],
     class_to_group: Any, split: str,
-) -> tuple[_Data, dict[str, dict[str, torch.Tensor]]]:
+) -> tuple[Inputs, dict[str, dict[str, torch.Tensor]]]:
+    """The comparison's inputs validated (a sentence naming what is wrong otherwise): the labels,
+    weights and groups, and each method's posteriors on the splits the comparison of `split` needs."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"split must be one of {list(EVAL_SPLITS)}; got {split!r}.")
     if not methods:
@@ -123,16 +126,16 @@ def _check_inputs(
                     "every method must score the same samples."
                 )
             eta[m.name][s] = t
-    return _Data(y=y, w=w, class_to_group=c2g, n_groups=n_groups), eta
+    return Inputs(y=y, w=w, class_to_group=c2g, n_groups=n_groups), eta
 
 
-def _quantile_threshold(confidence: torch.Tensor, w: torch.Tensor, target: float) -> float:
+def quantile_threshold(confidence: torch.Tensor, w: torch.Tensor, target: float) -> float:
     """The largest threshold t such that the weighted share of confidence >= t is at least `target`."""
     return float(top_share_cut(confidence[None], w, torch.tensor([target], dtype=torch.float64))[0])
 
 
 @dataclass(frozen=True)
-class _Matched:
+class Matched:
     """A method's decisions on the evaluated split at each target coverage: pred and accept [T, N]."""
 
     pred: torch.Tensor
@@ -140,28 +143,26 @@ class _Matched:
     rules: Optional[list[PluginRule]]
 
 
-def _coverage_matched(m: Method, eta: dict[str, torch.Tensor], data: _Data, split: str,
-                      taus: tuple[float, ...], options: FitOptions) -> _Matched:
+def coverage_matched(m: Method, eta: dict[str, torch.Tensor], data: Inputs, split: str,
+                      taus: tuple[float, ...], options: FitOptions) -> Matched:
     """The operating point at every target coverage, chosen on val (see the module docstring)."""
     if m.kind == "chow":
         pred, confidence = chow(eta[split])
         _, confidence_val = chow(eta[SEL_SPLIT])
-        thresholds = torch.tensor([_quantile_threshold(confidence_val, data.w[SEL_SPLIT], tau) for tau in taus],
+        thresholds = torch.tensor([quantile_threshold(confidence_val, data.w[SEL_SPLIT], tau) for tau in taus],
                                   dtype=confidence.dtype)
-        return _Matched(pred=pred.expand(len(taus), -1), accept=confidence[None] >= thresholds[:, None], rules=None)
+        return Matched(pred=pred.expand(len(taus), -1), accept=confidence[None] >= thresholds[:, None], rules=None)
     rules = fit_at_coverage(
         eta[FIT_SPLIT], data.y[FIT_SPLIT], eta[SEL_SPLIT], data.y[SEL_SPLIT], data.class_to_group, taus,
-        objective=m.objective, weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT],
-        rounds=options.rounds, step=options.step, n_starts=options.n_starts, max_iter=options.max_iter,
-        evidence=options.evidence,
+        objective=m.objective, weights_fit=data.w[FIT_SPLIT], weights_sel=data.w[SEL_SPLIT], options=options,
     )
     decisions = [rule.predict(eta[split]) for rule in rules]  # a loop over target coverages
-    return _Matched(pred=torch.stack([d.pred for d in decisions]), accept=torch.stack([d.accept for d in decisions]),
+    return Matched(pred=torch.stack([d.pred for d in decisions]), accept=torch.stack([d.accept for d in decisions]),
                     rules=rules)
 
 
 @dataclass(frozen=True)
-class _GroupTally:
+class GroupTally:
     """Per target and group [T, K] (or per resample [B, T, K]): accepted weight, accepted-and-wrong
     weight, accepted squared weight and accepted sample count."""
 
@@ -171,9 +172,9 @@ class _GroupTally:
     count: torch.Tensor
 
 
-def _group_masses(matched: _Matched, y: torch.Tensor, w: torch.Tensor, c2g: torch.Tensor, n_groups: int,
-                  counts: Optional[torch.Tensor] = None) -> _GroupTally:
-    """The `_GroupTally` of the decisions per target, [T, K]; with `counts` [B, N] (how often each sample
+def group_masses(matched: Matched, y: torch.Tensor, w: torch.Tensor, c2g: torch.Tensor, n_groups: int,
+                  counts: Optional[torch.Tensor] = None) -> GroupTally:
+    """The `GroupTally` of the decisions per target, [T, K]; with `counts` [B, N] (how often each sample
     is drawn in each of B resamples), per resample: [B, T, K] (a sample drawn c times counts c times)."""
     t, n = matched.accept.shape
     member = torch.nn.functional.one_hot(c2g[y], n_groups).to(torch.float64)  # [N, K]
@@ -181,20 +182,20 @@ def _group_masses(matched: _Matched, y: torch.Tensor, w: torch.Tensor, c2g: torc
     wrong = (matched.pred != y).to(torch.float64)[..., None]
     parts = (taken * w[:, None], taken * w[:, None] * wrong, taken * (w * w)[:, None], taken)
     if counts is None:
-        return _GroupTally(*(part.sum(dim=1) for part in parts))
+        return GroupTally(*(part.sum(dim=1) for part in parts))
     flat = lambda x: x.permute(1, 0, 2).reshape(n, -1)  # noqa: E731  [N, T*K]
     shape = (counts.shape[0], t, n_groups)
-    return _GroupTally(*((counts @ flat(part)).view(shape) for part in parts))
+    return GroupTally(*((counts @ flat(part)).view(shape) for part in parts))
 
 
-def _errors(tally: _GroupTally, evidence: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group errors (1.0 where nothing is accepted), balanced and worst error, from `_group_masses`;
+def matched_errors(tally: GroupTally, evidence: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group errors (1.0 where nothing is accepted), balanced and worst error, from `group_masses`;
     with `evidence`, each group error is its upper confidence bound at that one-sided confidence
     (`error_bound`), as a choice judges it."""
     if evidence is not None:
         group_error = error_bound(tally.accepted, tally.wrong, tally.accepted_sq, evidence)
     else:
-        group_error = _group_errors(tally.accepted, tally.wrong)
+        group_error = group_errors(tally.accepted, tally.wrong)
     return group_error, group_error.mean(dim=-1), group_error.max(dim=-1).values
 
 
@@ -206,7 +207,7 @@ def trapezoid(x: Sequence[float], risk: Any) -> Any:
     return ((x[1:] - x[:-1]) * (risk[..., 1:] + risk[..., :-1]) / 2).sum(dim=-1)
 
 
-def _resample_counts(n: int, n_boot: int, seed: int) -> torch.Tensor:
+def resample_counts(n: int, n_boot: int, seed: int) -> torch.Tensor:
     """[B, N]: how often each of the N samples is drawn in each of B bootstrap resamples (with replacement)."""
     index = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     flat = np.bincount((index + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
@@ -221,20 +222,20 @@ def _matched_areas(
     """The coverage-matched AURC of the objective's error of the plug-in on each posterior of `etas`,
     measured on `split`: [M]; and, when `n_boot` > 0, on that many bootstrap resamples of the split,
     the same for every posterior, with every operating point fixed: [M, B] (else None). `judged`:
-    the group errors by their upper confidence bounds at `fit_options.evidence` (`_errors`)."""
+    the group errors by their upper confidence bounds at `fit_options.evidence` (`matched_errors`)."""
     evidence = fit_options.evidence if judged else None
     methods = [Method(f"plugin{i}", "plugin", eta, objective) for i, eta in enumerate(etas)]
-    data, checked = _check_inputs(methods, labels, weights, class_to_group, split)
+    data, checked = check_inputs(methods, labels, weights, class_to_group, split)
     taus = check_coverages(coverages)
     y, w, c2g = data.y[split], data.w[split], data.class_to_group
-    counts = _resample_counts(y.shape[0], n_boot, seed) if n_boot else None
+    counts = resample_counts(y.shape[0], n_boot, seed) if n_boot else None
     points, boots = [], []
     for m in methods:  # a loop over (two) posteriors
-        matched = _coverage_matched(m, checked[m.name], data, split, taus, fit_options)
-        column = 2 if objective == "worst" else 1  # _errors: group, balanced, worst
-        points.append(trapezoid(taus, _errors(_group_masses(matched, y, w, c2g, data.n_groups), evidence)[column]))
+        matched = coverage_matched(m, checked[m.name], data, split, taus, fit_options)
+        column = 2 if objective == "worst" else 1  # matched_errors: group, balanced, worst
+        points.append(trapezoid(taus, matched_errors(group_masses(matched, y, w, c2g, data.n_groups), evidence)[column]))
         if counts is not None:
-            boots.append(trapezoid(taus, _errors(_group_masses(matched, y, w, c2g, data.n_groups, counts),
+            boots.append(trapezoid(taus, matched_errors(group_masses(matched, y, w, c2g, data.n_groups, counts),
                                                  evidence)[column]))
     return torch.stack(points), (torch.stack(boots) if boots else None)
 

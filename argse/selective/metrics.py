@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from argse.selective import _validate as check
+from argse.selective import checks as check
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,18 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, empty: float) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, empty))
 
 
+def group_errors(accepted: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """e_k = P(wrong | accept, y in G_k) from the accepted weight and the accepted-and-wrong weight of
+    each group (any matching shapes); 1.0 for a group with no accepted mass."""
+    return _ratio(wrong, accepted, 1.0)
+
+
+def effective_count(accepted: torch.Tensor, accepted_sq: torch.Tensor) -> torch.Tensor:
+    """The effective number of accepted samples (sum w)^2 / sum w^2 of each group (the count itself
+    with unit weights; 0 where nothing is accepted)."""
+    return _ratio(accepted * accepted, accepted_sq, 0.0)
+
+
 #: The one-sided confidence of the bound a group's error is judged by wherever a rule, an iterate, a
 #: threshold or a gate is chosen on a split (`error_bound`).
 EVIDENCE_LEVEL = 0.95
@@ -72,8 +84,8 @@ def error_bound(accepted: torch.Tensor, wrong: torch.Tensor, accepted_sq: torch.
     handful of samples never looks better than one measured on many (the winner's curse of choosing
     the rule whose tail happened to be right on the one tail sample it accepted)."""
     z2 = NormalDist().inv_cdf(float(level)) ** 2
-    p = _ratio(wrong, accepted, 1.0)
-    n = _ratio(accepted * accepted, accepted_sq, 0.0)
+    p = group_errors(accepted, wrong)
+    n = effective_count(accepted, accepted_sq)
     safe = n.clamp_min(1e-300)
     centre = p + z2 / (2 * safe)
     spread = (z2 * (p * (1 - p) / safe + z2 / (4 * safe * safe))).sqrt()
@@ -104,7 +116,7 @@ def selective_errors(
     acc = accept.to(torch.float64)
     wrong = (accept & (pred != y)).to(torch.float64)
     accepted = acc @ by_group
-    errors = _ratio(wrong @ by_group, accepted, 1.0)
+    errors = group_errors(accepted, wrong @ by_group)
     total = float(w.sum())
     return SelectiveErrors(
         coverage=float(accepted.sum()) / total,
@@ -172,7 +184,7 @@ def risk_coverage(
         return torch.where(exact, cum[count], interpolated)
 
     accepted, wrong = at_count(cum_mass), at_count(cum_wrong)
-    group_error = _ratio(wrong, accepted, 1.0)
+    group_error = group_errors(accepted, wrong)
     return RiskCoverage(
         confidence=conf,
         coverage=accepted.sum(dim=1) / w.sum(),

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from argse.selective import _validate as check
+from argse.selective import checks as check
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,15 @@ class WorstFitHistory:
     def __post_init__(self) -> None:
         if self.judged_error is None:
             object.__setattr__(self, "judged_error", self.group_error)
+
+    @classmethod
+    def of_rounds(cls, beta: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, group_error: torch.Tensor,
+                  judged_error: torch.Tensor, coverage: torch.Tensor, worst_risk: torch.Tensor) -> "WorstFitHistory":
+        """The record of R rounds (each argument stacked over them, on any device): `best_round` is the
+        first with the lowest `worst_risk`."""
+        return cls(beta=beta.cpu(), alpha=alpha.cpu(), mu=mu.cpu(), group_error=group_error.cpu(),
+                   coverage=coverage.to(torch.float64).cpu(), worst_risk=worst_risk.cpu(),
+                   best_round=int(worst_risk.argmin()), judged_error=judged_error.cpu())
 
     @property
     def rounds(self) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from argse.selective import _validate as check
+from argse.selective import checks as check
 from argse.selective import ece
 from argse.training.experts import accuracy_metrics
 

@@ -19,7 +19,7 @@ import torch
 
 from argse.models.gating import GatingNet, gating_features, mix, mixture_metrics
 from argse.selective import PluginRule, selective_errors
-from argse.selective import _validate as check
+from argse.selective import checks as check
 from argse.selective.matched import COVERAGES, matched_aurc, matched_aurc_gap
 from argse.selective.fit import FitOptions, fit_rule
 
