@@ -22,7 +22,8 @@ from argse.selective import PluginRule
 from argse.serving import predict_frame
 from argse import ArgseError
 from argse.artifacts import load_experts, load_gate, load_splits
-from argse.stages.argse import CHAMPION_PARAM, COMPARED_PARAM, PROMOTE_MARGIN_TOLERANCE, crown, crown_by_hand, margin_gap
+from argse.registry import CHAMPION_PARAM, COMPARED_PARAM, crown, crown_by_hand
+from argse.stages.argse import PROMOTE_MARGIN_TOLERANCE, margin_gap
 from argse.tracking import integrity
 from argse.models.gating import gated_mixture
 from conftest import free_port, post_json, subprocess_env, wait_for_http

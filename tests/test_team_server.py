@@ -14,7 +14,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from argse.stages.argse import CHAMPION_PARAM
+from argse.registry import CHAMPION_PARAM
 from conftest import REPO, with_kill_point
 from team_server import ADMIN, USER, PostgresCluster, TrackingServer, credentials_in_env, postgres_bin
 

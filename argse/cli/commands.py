@@ -205,7 +205,7 @@ def crown(ref, tracking_uri, experiment):
     another objective or prior): from then on the versions comparable with it compete. Its run must be
     a FINISHED fit whose files are what it logged."""
     from argse import tracking
-    from argse.stages.argse import crown_by_hand
+    from argse.registry import crown_by_hand
 
     tracking.configure(tracking_uri or click.get_current_context().find_root().params.get("tracking_uri"))
     click.echo(crown_by_hand(ref))

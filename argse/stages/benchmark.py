@@ -155,7 +155,7 @@ def run(cfg: BenchmarkConfig, *, experiment: str | None = None) -> str | None:
 def registered(finished: list[Job]) -> list[str]:
     """What the pipelines registered, in words: each model name, then each version with its seed, prior,
     fit run and where it stands (champion, or why it is not compared with it)."""
-    from argse.stages.argse import standing
+    from argse.registry import standing
 
     client = MlflowClient()
     rows: dict[str, list[tuple[int, str]]] = {}

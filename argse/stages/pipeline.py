@@ -137,9 +137,9 @@ class Pipeline:
     def _repair_champion(self, name: str) -> None:
         """A reused fit may be the one whose process died before moving ``champion``: settle the alias
         on the best FINISHED version (it says so when it moved)."""
-        from argse.stages import argse as argse_stage
+        from argse.registry import crown
 
-        decision = argse_stage.crown(name)
+        decision = crown(name)
         if decision.startswith("moved"):
             click.echo(f"argse: {decision}")
 
@@ -330,7 +330,7 @@ def _registry_state(client: MlflowClient, run_id: str, name: str) -> str:
     """Which version of ``name`` holds this run's model, and where ``champion`` points."""
     from mlflow.exceptions import MlflowException
 
-    from argse.stages.argse import CHAMPION
+    from argse.registry import CHAMPION
 
     mine = client.get_run(run_id).data.tags.get(stage_registry.TAG_REGISTERED_MODEL, "").rpartition("/")[2]
     try:
