@@ -2,8 +2,9 @@
 
 `ExpertTraining` holds what one expert carries from epoch to epoch and what its checkpoint stores:
 the model, the loss, the optimizer and its schedule, the batch generator and the last finished epoch.
-`train` runs the remaining epochs on the on-device training images; the caller learns of each epoch
-through `on_epoch(epoch, row)` (train loss, learning rate, seconds, images per second, and whatever
+`train` runs the remaining epochs on the training images (held on the device or streamed from their
+files: any `argse.data.device.ImageBatches`); the caller learns of each epoch through
+`on_epoch(epoch, row)` (train loss, learning rate, seconds, images per second, and whatever
 `evaluate()` returns) and of each checkpoint through `on_checkpoint(epoch)`, and logs them as it
 likes. Under DistributedDataParallel every rank calls `train`; only the main rank evaluates and gets
 the callbacks.
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from argse.data.device import DeviceImages
+from argse.data.device import ImageBatches
 from argse.training.utils import autocast_context, capture_rng_state, restore_rng_state
 
 #: The parts a checkpoint of `ExpertTraining.checkpoint` holds.
@@ -60,7 +61,7 @@ class ExpertTraining:
 
 def train(
     state: ExpertTraining,
-    data: DeviceImages,
+    data: ImageBatches,
     *,
     epochs: int,
     batch_size: int,
@@ -114,7 +115,7 @@ def train(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: DeviceImages, bf16: bool = False) -> torch.Tensor:
+def predict_logits(model: nn.Module, images: ImageBatches, bf16: bool = False) -> torch.Tensor:
     """Raw logits of every image, in order (float32 on the CPU). In float32 unless `bf16` (autocast,
     as training computes): the logged logits are computed in float32, so they are what the logged
     model computes; the per-epoch val metrics, which only watch training, in training's precision."""
