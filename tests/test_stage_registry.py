@@ -145,12 +145,13 @@ def test_tag_and_artifact_names_are_spelled_only_in_the_registry():
     assert not found, found
 
 
-def test_selective_core_and_training_code_import_neither_mlflow_nor_the_config():
+def test_selective_core_training_and_data_code_import_neither_mlflow_nor_the_config():
     code = (
         "import sys\n"
         "import argse.selective, argse.selective.compare, argse.selective.matched, argse.selective.seeds, argse.training\n"
         "import argse.training.losses, argse.training.calibration, argse.training.gating, argse.training.utils\n"
         "import argse.models.backbones, argse.models.experts, argse.models.gating\n"
+        "import argse.data.loaders, argse.data.splits, argse.data.device, argse.data.folder, argse.data.stream\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'click') or m == 'argse.config'))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
