@@ -17,11 +17,12 @@ normalised by per-channel mean and std:
   each worker decodes a whole batch (PIL, crop and resize in one call) into one uint8 tensor; the flip
   and the normalisation run on the device (here the CPU) in the main process.
 
-Each row runs in its own fresh Python process (so its peak memory is its own); the parent samples
-the resident memory of that process and all its children (the DataLoader workers) every 20 ms and
-reports the peak of their sum (RSS, counting pages the workers share with the parent once per
-process: an upper bound) and of their proportional set size (PSS: shared pages split between the
-processes that map them). The rows alternate over ``--rounds`` rounds and each keeps its best round,
+Each row's dataset is built first (``ImageFolder``'s file list; our scan of every image's header, which
+a run makes once, not per epoch; both times are printed), then one epoch is timed. Each row runs in
+its own fresh Python process (so its peak memory is its own); the parent samples the resident memory
+of that process and all its children (the DataLoader workers) every 20 ms and reports the peak of
+their sum (RSS, counting pages the workers share with the parent once per process: an upper bound)
+and of their proportional set size (PSS: shared pages split between the processes that map them). The rows alternate over ``--rounds`` rounds and each keeps its best round,
 so load from other processes cannot favour one row. The ratio is ours / reference images per second.
 """
 
@@ -93,7 +94,7 @@ def stats(root: Path) -> tuple[list[float], list[float]]:
     return estimate_stats(scan.files("train"), IMAGE_SIZE, scan.channels, workers=0)
 
 
-def reference_epoch(root: Path, workers: int, batch_size: int, mean, std) -> int:
+def reference_loader(root: Path, workers: int, batch_size: int, mean, std):
     import torch
     from torch.utils.data import DataLoader
     from torchvision import datasets
@@ -104,13 +105,10 @@ def reference_epoch(root: Path, workers: int, batch_size: int, mean, std) -> int
     data = datasets.ImageFolder(str(root / "train"), transform=transform)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=workers,
                         generator=torch.Generator().manual_seed(0))
-    seen = 0
-    for x, y in loader:
-        seen += len(y)
-    return seen
+    return lambda: iter(loader)
 
 
-def our_epoch(root: Path, workers: int, batch_size: int, mean, std) -> int:
+def our_loader(root: Path, workers: int, batch_size: int, mean, std):
     import torch
 
     from argse.data.folder import scan_folder
@@ -119,24 +117,24 @@ def our_epoch(root: Path, workers: int, batch_size: int, mean, std) -> int:
     scan = scan_folder(root)
     data = StreamedImages(scan.files("train"), image_size=IMAGE_SIZE, channels=scan.channels, mean=mean, std=std,
                           augmentation="natural", workers=workers)
-    seen = 0
-    for x, y in data.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), augment=True,
-                             drop_last=False):
-        seen += len(y)
-    return seen
+    return lambda: data.batches(batch_size, shuffle=True, generator=torch.Generator().manual_seed(0), augment=True,
+                                drop_last=False)
 
 
 def one_row(row: str, root: Path, workers: int, batch_size: int) -> None:
-    """Time one epoch of ``row``; print one JSON line (the parent measures the memory)."""
+    """Time one epoch of ``row`` (the dataset built before: ImageFolder's file list, or the folder's
+    scan, which a run makes once, not per epoch); print one JSON line (the parent measures the memory)."""
     import torch
 
     torch.set_num_threads(1)
     mean, std = stats(root)
-    epoch = reference_epoch if row == "reference" else our_epoch
     started = time.perf_counter()
-    seen = epoch(root, workers, batch_size, mean, std)
+    epoch = (reference_loader if row == "reference" else our_loader)(root, workers, batch_size, mean, std)
+    setup = time.perf_counter() - started
+    started = time.perf_counter()
+    seen = sum(len(y) for _, y in epoch())
     seconds = time.perf_counter() - started
-    print(json.dumps({"row": row, "images": seen, "seconds": seconds}), flush=True)
+    print(json.dumps({"row": row, "images": seen, "seconds": seconds, "setup": setup}), flush=True)
 
 
 # -- the parent: memory of a process tree -----------------------------------------------------------
@@ -225,7 +223,8 @@ def main() -> None:
     for round_ in range(args.rounds):
         for row in (rows if round_ % 2 == 0 else rows[::-1]):
             result = measure(row, args)
-            print(f"round {round_ + 1} {row:9s}: {result['images']:,} images in {result['seconds']:.1f} s = "
+            print(f"round {round_ + 1} {row:9s}: dataset built in {result['setup']:.1f} s, then "
+                  f"{result['images']:,} images in {result['seconds']:.1f} s = "
                   f"{result['per_second']:,.0f} images/s; peak of the process tree RSS "
                   f"{result['peak_rss'] / 2**30:.2f} GiB, PSS {result['peak_pss'] / 2**30:.2f} GiB", flush=True)
             if row not in best or result["per_second"] > best[row]["per_second"]:

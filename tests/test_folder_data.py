@@ -418,6 +418,37 @@ def test_an_augmented_epoch_visits_every_image_once_and_repeats_from_the_generat
         assert not torch.allclose(runs[0].mean(0), plain.mean(0))  # augmented: not the plain images
 
 
+def test_a_natural_epoch_is_each_images_random_box_resized_and_mirrored_as_drawn(tmp_path):
+    scan = scan_folder(write_image_folder(tmp_path / "d", train_counts=(6, 5), per_class_test=1, size=40))
+    files = scan.files("train")
+    data = StreamedImages(files, image_size=24, channels=3, mean=[0.0] * 3, std=[1.0] * 3, augmentation="natural")
+    x = torch.cat([x for x, _ in data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(7),
+                                              augment=True, drop_last=False)])
+    # The epoch's draws, in their documented order: the permutation, the flips, the boxes.
+    generator = torch.Generator().manual_seed(7)
+    order = torch.randperm(len(files), generator=generator)
+    flips = torch.randint(0, 2, (len(files),), generator=generator).bool()
+    boxes = random_resized_crop_boxes(torch.full((len(files),), 40), torch.full((len(files),), 40), generator)
+    assert flips.any() and not flips.all() and (boxes[:, 2] < 40).any()
+    for position, i in enumerate(order.tolist()):
+        expected = read_image(files.path(i), 24, 3, boxes[position].tolist())
+        expected = expected[:, ::-1] if flips[position] else expected
+        produced = torch.round(x[position] * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(produced, expected)
+    # Held in memory, the same draws cut the stored 24x24 images on the device.
+    stored = decode_images(files, 24, 3)
+    held = DeviceImages(stored, files.labels, mean=[0.0] * 3, std=[1.0] * 3, augmentation="natural")
+    x = torch.cat([x for x, _ in held.batches(4, shuffle=True, generator=torch.Generator().manual_seed(7),
+                                              augment=True, drop_last=False)])
+    generator = torch.Generator().manual_seed(7)
+    order = torch.randperm(len(files), generator=generator)
+    flips = torch.randint(0, 2, (len(files),), generator=generator).bool()
+    boxes = random_resized_crop_boxes(torch.full((len(files),), 24), torch.full((len(files),), 24), generator)
+    expected = resized_crop(stored[order].permute(0, 3, 1, 2).float(), boxes, (24, 24)) / 255
+    expected = torch.where(flips[:, None, None, None], expected.flip(3), expected)
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
+
+
 def test_a_streamed_epoch_is_the_same_decoded_by_worker_processes(tmp_path):
     files, streamed, _ = _both(tmp_path, augmentation="cifar")
     workers = StreamedImages(files, image_size=32, channels=3, mean=streamed.mean, std=streamed.std,

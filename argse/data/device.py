@@ -8,8 +8,9 @@ vectorised tensor operations; there is no per-sample Python, no PIL and no DataL
 :class:`ImageBatches` is what the training loop reads: ``batches`` (one augmented epoch),
 ``eval_batches``, ``num_batches``, ``labels``, ``mean`` / ``std`` and ``examples``. ``DeviceImages``
 is one; :class:`argse.data.stream.StreamedImages`, which decodes images from files in DataLoader
-worker processes, is the other: both draw an epoch's random numbers here, augment and normalise
-uint8 batches on the device here, and differ only in where a batch's pixels come from.
+worker processes, is the other. Both draw an epoch's random numbers here (a :class:`Step` per
+batch) and augment and normalise a uint8 batch here (:meth:`ImageBatches.finish`); they differ in
+where a batch's pixels come from (and a streamed ``natural`` epoch cuts its boxes from the files).
 
 Augmentations:
 
@@ -142,30 +143,29 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-@dataclass
-class _Epoch:
-    """One epoch's random numbers, by position in the epoch's order."""
+@dataclass(frozen=True)
+class Step:
+    """One batch of an epoch: its images (positions in the image set) and the augmentation drawn for
+    each (crop offsets with their padding, flips, resized-crop boxes); numpy, so a worker process can
+    be sent it cheaply."""
 
-    order: torch.Tensor
-    offsets: torch.Tensor | None
-    flips: torch.Tensor | None
-    boxes: torch.Tensor | None
-    padding: int
+    index: np.ndarray  # int64 [B]
+    padding: int = 0
+    offsets: np.ndarray | None = None  # int64 [B, 2]: row and column of the padded crop
+    flips: np.ndarray | None = None  # bool [B]
+    boxes: np.ndarray | None = None  # int64 [B, 4]: top, left, height, width of the resized crop
 
 
 class ImageBatches:
     """A labelled image set that yields normalised (augmented) float32 batches [B, C, H, W] on
-    ``device``; what the training loop reads. Subclasses say where a uint8 batch's pixels come from
-    (:meth:`_fetch`); the epoch's random numbers, the augmentation on the device and the
-    normalisation are here.
+    ``device``; what the training loop reads. Subclasses say where a batch comes from
+    (:meth:`_batches`); the epoch's random numbers (:class:`Step`) and the augmentation and
+    normalisation of a uint8 batch (:meth:`finish`) are here.
 
     ``labels``: ints [N]; ``channels``: the images' channels; ``mean``/``std``: per channel, in [0, 1]
     units (see ``normalize_stats``); ``augmentation``: one of ``AUGMENTATIONS``. With
     ``channels_last`` (default: on CUDA only) batches carry the channels_last memory format.
     """
-
-    #: True where :meth:`_fetch` cuts the epoch's resized-crop boxes itself (from the files).
-    crops_when_read = False
 
     def __init__(
         self,
@@ -219,9 +219,8 @@ class ImageBatches:
         """The first ``count`` images as the logged model takes them: uint8 [n, H, W, C] on the CPU."""
         raise NotImplementedError
 
-    def _fetch(self, parts: list[torch.Tensor], boxes: list[torch.Tensor] | None) -> Iterator[torch.Tensor]:
-        """The uint8 NHWC batch of each index tensor of ``parts``, on the device, in order; with
-        ``boxes`` (where :attr:`crops_when_read`), each image cut to its box and resized."""
+    def _batches(self, steps: list[Step]) -> Iterator[torch.Tensor]:
+        """The normalised float batch of each step, on the device, in order."""
         raise NotImplementedError
 
     def _source_sizes(self, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,36 +264,29 @@ class ImageBatches:
         n = len(self)
         if world_size > n:
             raise ValueError(f"world_size ({world_size}) exceeds the number of images ({n}).")
-        epoch = self._draw(n, _SPECS[self.augmentation] if augment else _SPECS["none"], shuffle, generator)
-        steps = self.num_batches(batch_size, drop_last=drop_last, world_size=world_size)
+        order, offsets, flips, boxes, padding = self._draw(
+            n, _SPECS[self.augmentation] if augment else _SPECS["none"], shuffle, generator)
+        count = self.num_batches(batch_size, drop_last=drop_last, world_size=world_size)
         global_batch = batch_size * world_size
-        spans = []
-        for step in range(steps):
+        steps = []
+        for step in range(count):
             start = step * global_batch
-            stop = n if (step == steps - 1 and not drop_last) else start + global_batch
-            spans.append(_part(start, stop, rank, world_size))
-        parts = [epoch.order[lo:hi] for lo, hi in spans]
-        boxes = epoch.boxes
-        read_boxes = [boxes[lo:hi] for lo, hi in spans] if boxes is not None and self.crops_when_read else None
-        for (lo, hi), index, batch in zip(spans, parts, self._fetch(parts, read_boxes)):
-            x = self._augment(
-                batch,
-                epoch.padding,
-                epoch.offsets[lo:hi].to(self.device) if epoch.offsets is not None else None,
-                epoch.flips[lo:hi].to(self.device) if epoch.flips is not None else None,
-                boxes[lo:hi] if boxes is not None and not self.crops_when_read else None,
-            )
-            yield x, self.labels[index.to(self.device)]
+            stop = n if (step == count - 1 and not drop_last) else start + global_batch
+            lo, hi = _part(start, stop, rank, world_size)
+            steps.append(Step(order[lo:hi], padding, *(a[lo:hi] if a is not None else None for a in (offsets, flips, boxes))))
+        for step, x in zip(steps, self._batches(steps)):
+            yield x, self.labels[torch.from_numpy(step.index).to(self.device)]
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All images in order, not augmented: (x float32 [B, C, H, W] normalised, y long [B])."""
         _check_batching(batch_size, 0, 1)
-        parts = [torch.arange(start, min(start + batch_size, len(self))) for start in range(0, len(self), batch_size)]
-        for index, batch in zip(parts, self._fetch(parts, None)):
-            yield self._normalize(batch), self.labels[index.to(self.device)]
+        steps = [Step(np.arange(start, min(start + batch_size, len(self)))) for start in range(0, len(self), batch_size)]
+        for step, x in zip(steps, self._batches(steps)):
+            yield x, self.labels[torch.from_numpy(step.index).to(self.device)]
 
-    def _draw(self, n: int, spec: _AugmentSpec, shuffle: bool, generator: torch.Generator | None) -> _Epoch:
-        """The epoch's permutation, then its crop offsets, flips and resized-crop boxes, in that order."""
+    def _draw(self, n: int, spec: _AugmentSpec, shuffle: bool, generator: torch.Generator | None) -> tuple:
+        """The epoch's permutation, then its crop offsets, flips and resized-crop boxes, drawn in that
+        order (numpy, by position in the epoch), and the padding."""
         rng_device = generator.device if generator is not None else torch.device("cpu")
         if shuffle:
             order = torch.randperm(n, generator=generator, device=rng_device)
@@ -305,31 +297,30 @@ class ImageBatches:
             offsets = torch.randint(0, 2 * spec.padding + 1, (n, 2), generator=generator, device=rng_device)
         if spec.flip:
             flips = torch.randint(0, 2, (n,), generator=generator, device=rng_device).bool()
+        order = order.cpu()
         if spec.resized_crop:
-            boxes = random_resized_crop_boxes(*self._source_sizes(order.cpu()), generator)
-        return _Epoch(order.cpu(), offsets, flips, boxes, spec.padding)
+            boxes = random_resized_crop_boxes(*self._source_sizes(order), generator)
+        return (order.numpy(), *(a.cpu().numpy() if a is not None else None for a in (offsets, flips, boxes)),
+                spec.padding)
 
-    def _augment(
-        self,
-        batch: torch.Tensor,
-        padding: int,
-        offsets: torch.Tensor | None,
-        flips: torch.Tensor | None,
-        boxes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """A uint8 NHWC batch augmented and normalised: float32 NCHW."""
+    def finish(self, batch: torch.Tensor, step: Step) -> torch.Tensor:
+        """A uint8 NHWC batch augmented as ``step`` says, on the batch's device, and normalised:
+        float32 NCHW (channels_last strides when enabled)."""
+        device = batch.device
+        offsets, flips, boxes = (torch.from_numpy(a).to(device) if a is not None else None
+                                 for a in (step.offsets, step.flips, step.boxes))
         if boxes is None:
-            return self._normalize(_pad_crop_flip(batch, padding, offsets, flips))
+            return self._normalize(_pad_crop_flip(batch, step.padding, offsets, flips))
         _, height, width, channels = batch.shape
         x = resized_crop(batch.permute(0, 3, 1, 2).to(torch.float32), boxes, (height, width))
         if flips is not None:
             x = torch.where(flips[:, None, None, None], x.flip(3), x)
-        x = torch.addcmul(self._shift.view(1, channels, 1, 1), x, self._scale.view(1, channels, 1, 1))
+        x = torch.addcmul(self._shift.to(device).view(1, channels, 1, 1), x, self._scale.to(device).view(1, channels, 1, 1))
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def _normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> normalised float32 NCHW (channels_last strides when enabled)."""
-        x = torch.addcmul(self._shift, batch.to(torch.float32), self._scale)
+        x = torch.addcmul(self._shift.to(batch.device), batch.to(torch.float32), self._scale.to(batch.device))
         x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW is exactly channels_last
         if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
@@ -374,9 +365,9 @@ class DeviceImages(ImageBatches):
     def examples(self, count: int) -> torch.Tensor:
         return self.images[:count].cpu()
 
-    def _fetch(self, parts: list[torch.Tensor], boxes: list[torch.Tensor] | None) -> Iterator[torch.Tensor]:
-        for index in parts:
-            yield self.images[index.to(self.device)]
+    def _batches(self, steps: list[Step]) -> Iterator[torch.Tensor]:
+        for step in steps:
+            yield self.finish(self.images[torch.from_numpy(step.index).to(self.device)], step)
 
 
 def _pad_crop_flip(

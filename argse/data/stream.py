@@ -10,12 +10,14 @@ Two ways to train on a folder's images (:mod:`argse.data.folder` finds them), wi
   processes. The main process draws the epoch (the order, and for ``natural`` the resized-crop box of
   each image on its full-size file, from the image sizes the scan read); each worker task decodes one
   batch's files, cuts and resizes each to the training size in one Pillow call (``Image.resize`` with
-  a box; JPEGs much larger than needed are decoded at 1/2, 1/4 or 1/8 scale first, ``Image.draft``)
-  and returns one uint8 ``[B, S, S, C]`` tensor; flips, padded crops and the normalisation run on
-  the device. uint8 crosses the process boundary (a quarter of float32's bytes), one tensor per
-  batch. Memory stays bounded whatever the folder's size: the file list is a few numpy arrays (no
-  Python object per file, so forked workers do not copy it page by page) and at most
-  ``workers x prefetch`` batches are in flight.
+  a box; JPEGs much larger than needed are decoded at 1/2, 1/4 or 1/8 scale first, ``Image.draft``),
+  mirrors those the epoch flips, and returns one tensor per batch. For a GPU it is the uint8
+  ``[B, S, S, C]`` batch (a quarter of float32's bytes to copy), and padded crops (the small-image
+  augmentations) and the normalisation run on the GPU; for the CPU the workers do those too and
+  return the finished float batch, so the training process does no per-batch work or allocation.
+  Memory stays bounded whatever the folder's size: the file list is a few numpy arrays (no Python
+  object per file, so forked workers do not copy it page by page) and at most ``workers x prefetch``
+  batches are in flight.
 
 The deterministic view (evaluation, and what the in-memory path stores): the largest centred square
 of the image, resized to S x S (bilinear, antialiased). A decode that fails (a file whose header
@@ -34,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from argse import ArgseError
-from argse.data.device import ImageBatches, normalize_stats
+from argse.data.device import ImageBatches, Step, normalize_stats
 from argse.data.folder import ImageFiles
 
 PREFETCH = 2  # batches each worker decodes ahead
@@ -76,32 +78,57 @@ def read_image(path: str, size: int, channels: int, box: Sequence[int] | None = 
 
 
 class _Decode(Dataset):
-    """A worker task is one batch: ``(indices, boxes or None)`` -> ``(uint8 [B, S, S, C], failures)``."""
+    """A worker task is one batch: ``(indices, boxes, flips, step)`` -> ``(batch, failures)``. The images
+    are read (cut to ``boxes`` and mirrored where ``flips`` says, when given) into one uint8
+    [B, S, S, C] batch; with a ``step``, ``finisher.finish`` then augments and normalises it there."""
 
-    def __init__(self, files: ImageFiles, size: int, channels: int) -> None:
-        self.files, self.size, self.channels = files, size, channels
+    def __init__(self, files: ImageFiles, size: int, channels: int, finisher: ImageBatches | None = None) -> None:
+        self.files, self.size, self.channels, self.finisher = files, size, channels, finisher
 
     def __len__(self) -> int:  # tasks come from the sampler; this is only the file count
         return len(self.files)
 
-    def __getitem__(self, task: tuple[np.ndarray, np.ndarray | None]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-        indices, boxes = task
+    def __getitem__(self, task: tuple) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        indices, boxes, flips, step = task
         out = np.zeros((len(indices), self.size, self.size, self.channels), dtype=np.uint8)
         failures = []
         for row, i in enumerate(indices):
             path = self.files.path(int(i))
             try:
-                out[row] = read_image(path, self.size, self.channels, None if boxes is None else boxes[row])
+                pixels = read_image(path, self.size, self.channels, None if boxes is None else boxes[row])
+                out[row] = pixels[:, ::-1] if flips is not None and flips[row] else pixels
             except Exception as exc:  # a damaged file: reported by the main process, with its path
                 failures.append((path, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]))
-        return torch.from_numpy(out), failures
+        batch = torch.from_numpy(out)
+        if step is not None and not failures:
+            batch = self.finisher.finish(batch, step)
+        return batch, failures
+
+
+#: glibc's M_MMAP_THRESHOLD (malloc.h): allocations from this size up are mapped and unmapped on their own.
+_M_MMAP_THRESHOLD = -3
+WORKER_MMAP_THRESHOLD = 1 << 20
+
+
+def _worker_start(worker_id: int) -> None:
+    """In each worker process (glibc only): allocations of 1 MiB or more (the batch buffers) are
+    mapped and returned on their own. glibc otherwise raises that threshold to the size of the last
+    buffer freed and serves such buffers from its heap, where small allocations in between split them;
+    the heap then grew by hundreds of MB over an epoch (measured with bench/folder_stream.py)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its allocator's own policy stands
+        pass
 
 
 def _read_batches(files: ImageFiles, size: int, channels: int, tasks: list, workers: int,
-                  pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """The uint8 batch of each task, in order, decoded by ``workers`` processes (0: this one)."""
-    loader = DataLoader(_Decode(files, size, channels), batch_size=None, sampler=tasks, num_workers=workers,
-                        prefetch_factor=PREFETCH if workers else None, pin_memory=pin_memory)
+                  finisher: ImageBatches | None = None, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """The batch of each task, in order, made by ``workers`` processes (0: this one)."""
+    loader = DataLoader(_Decode(files, size, channels, finisher), batch_size=None, sampler=tasks,
+                        num_workers=workers, prefetch_factor=PREFETCH if workers else None, pin_memory=pin_memory,
+                        worker_init_fn=_worker_start if workers else None)
     for batch, failures in loader:
         if failures:
             path, reason = failures[0]
@@ -115,8 +142,9 @@ def decode_images(files: ImageFiles, size: int, channels: int, *, workers: int =
     """Every image once, the deterministic view at ``size``: uint8 [N, size, size, channels] (the
     in-memory path, handed to :class:`~argse.data.device.DeviceImages`)."""
     images = torch.empty((len(files), size, size, channels), dtype=torch.uint8)
-    tasks = [(np.arange(start, min(start + batch_size, len(files))), None) for start in range(0, len(files), batch_size)]
-    for (indices, _), batch in zip(tasks, _read_batches(files, size, channels, tasks, workers)):
+    tasks = [(np.arange(start, min(start + batch_size, len(files))), None, None, None)
+             for start in range(0, len(files), batch_size)]
+    for (indices, *_), batch in zip(tasks, _read_batches(files, size, channels, tasks, workers)):
         images[indices[0]:indices[-1] + 1] = batch
     return images
 
@@ -136,11 +164,12 @@ class StreamedImages(ImageBatches):
 
     ``files``: the images and labels (:meth:`argse.data.folder.FolderSource.files`); ``image_size``:
     the side S of every batch's images; ``channels``: 1 (grey) or 3 (RGB); the rest as
-    :class:`~argse.data.device.ImageBatches`. Batches are pinned and copied asynchronously when the
-    device is a GPU.
+    :class:`~argse.data.device.ImageBatches`. A ``natural`` epoch's boxes are cut from the files and
+    its flips made as they are read. On a GPU, uint8 batches are pinned, copied asynchronously, and
+    augmented and normalised there; on the CPU the workers augment and normalise them too (the main
+    process, which trains, then only receives finished batches and allocates nothing per batch: the
+    float batches it made itself split glibc's heap, which grew by hundreds of MB over an epoch).
     """
-
-    crops_when_read = True
 
     def __init__(
         self,
@@ -179,11 +208,21 @@ class StreamedImages(ImageBatches):
         sizes = torch.from_numpy(self.files.sizes)[order]
         return sizes[:, 1], sizes[:, 0]
 
-    def _fetch(self, parts: list[torch.Tensor], boxes: list[torch.Tensor] | None) -> Iterator[torch.Tensor]:
-        tasks = [(index.numpy(), None if boxes is None else boxes[i].numpy()) for i, index in enumerate(parts)]
-        cuda = self.device.type == "cuda"
-        for batch in _read_batches(self.files, self.image_size, self.channels, tasks, self.workers, pin_memory=cuda):
-            yield batch.to(self.device, non_blocking=cuda)
+    def _batches(self, steps: list[Step]) -> Iterator[torch.Tensor]:
+        tasks, rest = [], []
+        for step in steps:
+            if step.boxes is not None:  # cut and mirrored where the file is read
+                read, step = (step.boxes, step.flips), Step(step.index, step.padding, step.offsets)
+            else:
+                read = (None, None)
+            tasks.append((step.index, *read, step if self.device.type == "cpu" else None))
+            rest.append(step)
+        if self.device.type == "cpu":
+            yield from _read_batches(self.files, self.image_size, self.channels, tasks, self.workers, finisher=self)
+            return
+        batches = _read_batches(self.files, self.image_size, self.channels, tasks, self.workers, pin_memory=True)
+        for step, batch in zip(rest, batches):
+            yield self.finish(batch.to(self.device, non_blocking=True), step)
 
 
 def default_workers() -> int:
