@@ -8,14 +8,15 @@ The folder (``--images`` 64x64 RGB JPEGs in 100 class folders with a long tail, 
 generated once into ``--root`` and reused. Both rows read every image of ``train/`` once in a shuffled
 order, with the same worker processes, the same batch size and the same transforms: a random resized
 crop to 64x64 (scale 0.08-1, ratio 3/4-4/3, bilinear) and a horizontal flip, then a float32 batch
-normalised by per-channel mean and std:
+normalised by per-channel mean and std (estimated once, by this script, from 2,000 of the images):
 
 * reference: ``torchvision.datasets.ImageFolder(root, transform=Compose([RandomResizedCrop(64),
   RandomHorizontalFlip(), PILToTensor(), ToDtype(float32, scale=True), Normalize(mean, std)]))`` in a
   ``DataLoader(batch_size, shuffle=True, num_workers)``.
-* ours: ``argse.data.stream.StreamedImages`` over the scan of the same folder (``argse.data.folder``):
-  each worker decodes a whole batch (PIL, crop and resize in one call) into one uint8 tensor; the flip
-  and the normalisation run on the device (here the CPU) in the main process.
+* ours: ``argse.data.stream.StreamedImages`` over the scan of the same folder (``argse.data.folder``),
+  the epoch's boxes and flips drawn in the main process: each worker task decodes a whole batch
+  (Pillow, crop and resize in one call, the flip) into one uint8 tensor and, the device being the
+  CPU, normalises it there too (on a GPU the uint8 batch would be normalised on the GPU).
 
 Each row's dataset is built first (``ImageFolder``'s file list; our scan of every image's header, which
 a run makes once, not per epoch; both times are printed), then one epoch is timed. Each row runs in
@@ -86,7 +87,7 @@ def generate(root: Path, total: int, seed: int = 0) -> None:
 
 
 def stats(root: Path) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of a fixed sample of the folder, shared by both rows."""
+    """Per-channel mean and std of a fixed sample of the folder, computed once here and given to both rows."""
     from argse.data.folder import scan_folder
     from argse.data.stream import estimate_stats
 
@@ -121,13 +122,12 @@ def our_loader(root: Path, workers: int, batch_size: int, mean, std):
                                 drop_last=False)
 
 
-def one_row(row: str, root: Path, workers: int, batch_size: int) -> None:
+def one_row(row: str, root: Path, workers: int, batch_size: int, mean: list[float], std: list[float]) -> None:
     """Time one epoch of ``row`` (the dataset built before: ImageFolder's file list, or the folder's
     scan, which a run makes once, not per epoch); print one JSON line (the parent measures the memory)."""
     import torch
 
     torch.set_num_threads(1)
-    mean, std = stats(root)
     started = time.perf_counter()
     epoch = (reference_loader if row == "reference" else our_loader)(root, workers, batch_size, mean, std)
     setup = time.perf_counter() - started
@@ -170,10 +170,10 @@ def _memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def measure(row: str, args: argparse.Namespace) -> dict:
+def measure(row: str, args: argparse.Namespace, mean: list[float], std: list[float]) -> dict:
     """Run ``row`` in a fresh process; its JSON line plus the peak RSS and PSS of its process tree."""
     command = [sys.executable, __file__, "--row", row, "--root", str(args.root), "--workers", str(args.workers),
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--stats", json.dumps([list(mean), list(std)])]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = {"rss": 0, "pss": 0}
     done = threading.Event()
@@ -209,20 +209,22 @@ def main() -> None:
     parser.add_argument("--only", choices=("reference", "ours"), default=None, help="Measure one row only.")
     parser.add_argument("--generate-only", action="store_true", help="Write the folder and stop.")
     parser.add_argument("--row", choices=("reference", "ours"), help=argparse.SUPPRESS)
+    parser.add_argument("--stats", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.root is None:
         args.root = Path(f"/work/data/jpeg-{args.images // 1000}k")
     if args.row:
-        one_row(args.row, args.root, args.workers, args.batch_size)
+        one_row(args.row, args.root, args.workers, args.batch_size, *args.stats)
         return
     generate(args.root, args.images)
     if args.generate_only:
         return
+    mean, std = stats(args.root)
     rows = ("reference", "ours") if args.only is None else (args.only,)
     best: dict[str, dict] = {}
     for round_ in range(args.rounds):
         for row in (rows if round_ % 2 == 0 else rows[::-1]):
-            result = measure(row, args)
+            result = measure(row, args, mean, std)
             print(f"round {round_ + 1} {row:9s}: dataset built in {result['setup']:.1f} s, then "
                   f"{result['images']:,} images in {result['seconds']:.1f} s = "
                   f"{result['per_second']:,.0f} images/s; peak of the process tree RSS "
