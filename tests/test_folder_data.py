@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +21,26 @@ from argse.data.splits import make_splits
 from argse.data.stream import StreamedImages, decode_images, estimate_stats, read_image
 from argse.dataset_card import CARD_NAME, CARD_PRESET_KEYS, FROM_FOLDER, folder_dataset
 from argse.models.backbones import build_backbone, load_weights, pretrained_state_dict, torchvision_weights
-from datasets import DIGITS_TAIL, write_image_folder
+import datasets
+from datasets import DIGITS_TAIL
+
+_FOLDERS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _folder_cache(tmp_path_factory):
+    _FOLDERS["root"] = tmp_path_factory.mktemp("folders")
+    yield
+    _FOLDERS.clear()
+
+
+def write_image_folder(root, *args, **kwargs):
+    """``datasets.write_image_folder``, written once per set of arguments in this module and copied."""
+    key = repr((args, sorted(kwargs.items())))
+    if key not in _FOLDERS:
+        _FOLDERS[key] = datasets.write_image_folder(_FOLDERS["root"] / str(len(_FOLDERS)), *args, **kwargs)
+    shutil.copytree(_FOLDERS[key], root)
+    return root
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -370,12 +390,12 @@ def test_resized_crop_boxes_follow_torchvisions_random_resized_crop():
 def test_resized_crop_of_the_whole_image_is_the_image_and_of_a_half_is_a_bilinear_upscale():
     x = torch.rand(2, 3, 16, 16)
     whole = resized_crop(x, torch.tensor([[0, 0, 16, 16]] * 2), (16, 16))
-    torch.testing.assert_close(whole, x)
+    assert torch.allclose(whole, x, atol=1e-5, rtol=0)
     half = resized_crop(x, torch.tensor([[4, 2, 8, 8], [0, 8, 8, 8]]), (16, 16))
     expected = torch.stack([F.interpolate(x[i:i + 1, :, t:t + 8, l:l + 8], size=(16, 16), mode="bilinear",
                                           align_corners=False)[0] for i, (t, l) in enumerate([(4, 2), (0, 8)])])
     inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # the border samples the cut's neighbours
-    torch.testing.assert_close(half[inner], expected[inner], atol=1e-5, rtol=0)
+    assert torch.allclose(half[inner], expected[inner], atol=1e-5, rtol=0)
 
 
 # -- the two paths, one interface ----------------------------------------------------------------------
@@ -395,7 +415,7 @@ def test_streamed_and_held_images_give_the_same_evaluation_batches(tmp_path):
     files, streamed, held = _both(tmp_path)
     assert streamed.image_shape == held.image_shape == (3, 32, 32) and len(streamed) == len(held) == len(files)
     for (xs, ys), (xh, yh) in zip(streamed.eval_batches(50), held.eval_batches(50), strict=True):
-        torch.testing.assert_close(xs, xh, atol=0, rtol=0)
+        assert torch.equal(xs, xh)
         assert torch.equal(ys, yh)
     assert torch.equal(streamed.examples(4), held.examples(4)) and streamed.examples(4).dtype == torch.uint8
     for data in (streamed, held):
@@ -413,7 +433,7 @@ def test_an_augmented_epoch_visits_every_image_once_and_repeats_from_the_generat
             labels = torch.cat([y for _, y in batches])
             assert sorted(labels.tolist()) == sorted(files.labels.tolist())
             runs.append(torch.cat([x for x, _ in batches]))
-        torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+        assert torch.equal(runs[0], runs[1])
         plain = torch.cat([x for x, _ in data.eval_batches(len(files))])
         assert not torch.allclose(runs[0].mean(0), plain.mean(0))  # augmented: not the plain images
 
@@ -446,7 +466,7 @@ def test_a_natural_epoch_is_each_images_random_box_resized_and_mirrored_as_drawn
     boxes = random_resized_crop_boxes(torch.full((len(files),), 24), torch.full((len(files),), 24), generator)
     expected = resized_crop(stored[order].permute(0, 3, 1, 2).float(), boxes, (24, 24)) / 255
     expected = torch.where(flips[:, None, None, None], expected.flip(3), expected)
-    torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
+    assert torch.allclose(x, expected, atol=1e-5, rtol=0)
 
 
 def test_a_streamed_epoch_is_the_same_decoded_by_worker_processes(tmp_path):
@@ -459,7 +479,7 @@ def test_a_streamed_epoch_is_the_same_decoded_by_worker_processes(tmp_path):
                                  drop_last=True, rank=1, world_size=2),
                     workers.batches(32, shuffle=True, generator=torch.Generator().manual_seed(5), augment=True,
                                     drop_last=True, rank=1, world_size=2), strict=True):
-        torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+        assert torch.equal(a[0], b[0])
         assert torch.equal(a[1], b[1])
     # Padded-crop augmentations run on the device for streamed batches as for held ones.
     x, _ = next(streamed.batches(16, shuffle=False, generator=torch.Generator().manual_seed(0), augment=True,
@@ -486,12 +506,12 @@ def test_local_weights_load_with_a_new_classifier_and_a_grey_stem(tmp_path):
     head = model.fc.weight.detach().clone()
     notes = load_weights(model, pretrained_state_dict("resnet18", str(tmp_path / "w.pt")))
     assert len(notes) == 2 and any("classifier fc kept" in n for n in notes) and any("conv1.weight" in n for n in notes)
-    torch.testing.assert_close(model.conv1.weight, trained.conv1.weight.sum(1, keepdim=True))
-    torch.testing.assert_close(model.layer3[1].conv2.weight, trained.layer3[1].conv2.weight)
-    torch.testing.assert_close(model.fc.weight, head)
+    assert torch.allclose(model.conv1.weight, trained.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(model.layer3[1].conv2.weight, trained.layer3[1].conv2.weight)
+    assert torch.equal(model.fc.weight, head)
     same = build_backbone("resnet18", 1000)
     assert load_weights(same, trained.state_dict()) == []
-    torch.testing.assert_close(same.fc.weight, trained.fc.weight)
+    assert torch.equal(same.fc.weight, trained.fc.weight)
 
 
 def test_weights_that_do_not_fit_or_are_not_weights_are_one_line(tmp_path):
