@@ -3,6 +3,7 @@ the images, and torchvision's ResNets with local weights."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
@@ -333,6 +334,8 @@ def test_read_image_cuts_the_centre_square_and_resizes_as_pillow_does(tmp_path):
         image.resize((16, 16), Image.Resampling.BILINEAR, box=(10, 5, 40, 25))))
     grey = read_image(str(tmp_path / "a.png"), 32, 1)
     assert grey.shape == (32, 32, 1)
+    with open(tmp_path / "a.png", "rb") as fh:  # encoded bytes, as a server receives them
+        assert np.array_equal(read_image(io.BytesIO(fh.read()), 32, 3), centre)
 
 
 def test_grey_is_repeated_over_rgb_and_16_bit_grey_is_scaled_to_8_bits(tmp_path):

@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -50,10 +51,11 @@ def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def read_image(path: str, size: int, channels: int, box: Sequence[int] | None = None) -> np.ndarray:
-    """The image at ``path`` as uint8 [size, size, channels]: the box (top, left, height, width, in
-    the file's pixels; default: :func:`centre_box`) cut and resized to ``size`` x ``size``, bilinear;
-    grey converted to RGB or colour to grey as ``channels`` says, 16-bit grey scaled to 8 bits."""
+def read_image(path: str | BinaryIO, size: int, channels: int, box: Sequence[int] | None = None) -> np.ndarray:
+    """The image at ``path`` (or in a binary file object: encoded bytes as a server receives them) as
+    uint8 [size, size, channels]: the box (top, left, height, width, in the file's pixels; default:
+    :func:`centre_box`) cut and resized to ``size`` x ``size``, bilinear; grey converted to RGB or
+    colour to grey as ``channels`` says, 16-bit grey scaled to 8 bits."""
     from PIL import Image
 
     mode = MODES[channels]
