@@ -159,7 +159,7 @@ def test_bad_inputs_are_rejected_with_a_sentence() -> None:
     with pytest.raises(ValueError, match="uint8"):
         floats = np.zeros((2, 8, 8), np.float32)
         DeviceImages(floats, [0, 1], augmentation="digits", mean=[0], std=[1])
-    with pytest.raises(ValueError, match="cifar, digits, fashion, none"):
+    with pytest.raises(ValueError, match="cifar, digits, fashion, natural, none"):
         DeviceImages(_images(2, 8, 8, 1), [0, 1], augmentation="mixup", mean=[0], std=[1])
     with pytest.raises(ValueError, match="same length"):
         DeviceImages(_images(2, 8, 8, 1), [0], augmentation="digits", mean=[0], std=[1])

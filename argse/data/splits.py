@@ -207,31 +207,49 @@ class Splits:
         return splits
 
 
+def requested_train_counts(pool_counts: np.ndarray, imb_factor: float | None, longtail_order: str = "index",
+                           n_max: int | None = None) -> np.ndarray:
+    """The training images asked of each class: the :func:`longtail_counts` profile from ``n_max``
+    (default: the smallest class of the pool, so every class can supply what the profile asks;
+    CIFAR-100: 500), or the whole pool where ``imb_factor`` is None (a pool that is long-tailed as it
+    is, kept so)."""
+    pool_counts = np.asarray(pool_counts, dtype=np.int64)
+    if imb_factor is None:
+        return pool_counts.copy()
+    if n_max is None:
+        n_max = int(pool_counts[pool_counts > 0].min()) if np.any(pool_counts > 0) else 1
+    return longtail_counts(n_max, len(pool_counts), imb_factor, longtail_order)
+
+
 def make_splits(
     source: SourceData,
     *,
-    imb_factor: float,
+    imb_factor: float | None,
     tunev_ratio: float,
     val_ratio: float,
     group_thresholds: tuple[int, ...],
     seed: int,
     longtail_order: str = "index",
     n_max: int | None = None,
+    heldout_test: np.ndarray | None = None,
     config: dict | None = None,
 ) -> Splits:
     """Draw the long-tailed train set and the disjoint per-class tunev / val / test splits.
 
-    ``n_max`` (the head class's count) defaults to the smallest class in the train pool, so every
-    class can supply what the profile asks (CIFAR-100: 500). ``longtail_order`` says which end of
-    the labels is the head (see :func:`longtail_counts`). A class with fewer images than asked for
-    takes what it has; ``Splits.requested_counts`` keeps what was asked.
+    The train set follows :func:`requested_train_counts` (``imb_factor`` None: the whole train pool);
+    ``longtail_order`` says which end of the labels is the head (see :func:`longtail_counts`). A class
+    with fewer images than asked for takes what it has; ``Splits.requested_counts`` keeps what was
+    asked. ``heldout_test`` (a mask over the held-out pool, as
+    :class:`argse.data.folder.FolderSource` gives it where a folder brings its own validation list):
+    those rows are the test split as they are, and tunev and val are drawn from the other rows in the
+    proportion ``tunev_ratio : val_ratio``. ``source``: a :class:`~argse.data.loaders.SourceData` or
+    anything with its ``name``, ``num_classes``, ``class_names``, ``train_labels``,
+    ``heldout_labels`` and ``fingerprint``.
     """
     num_classes = source.num_classes
     rng = np.random.default_rng(seed)
     pool_counts = np.bincount(source.train_labels, minlength=num_classes)
-    if n_max is None:
-        n_max = int(pool_counts[pool_counts > 0].min()) if np.any(pool_counts > 0) else 1
-    requested = longtail_counts(n_max, num_classes, imb_factor, longtail_order)
+    requested = requested_train_counts(pool_counts, imb_factor, longtail_order, n_max)
     train_parts = []
     for c in range(num_classes):
         idx = np.flatnonzero(source.train_labels == c)
@@ -248,12 +266,19 @@ def make_splits(
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in EVAL_SPLITS}
     for c in range(num_classes):
-        idx = rng.permutation(np.flatnonzero(source.heldout_labels == c))
-        n_tunev = int(round(len(idx) * tunev_ratio))
-        n_val = int(round(len(idx) * val_ratio))
-        parts["tunev"].append(idx[:n_tunev])
-        parts["val"].append(idx[n_tunev:n_tunev + n_val])
-        parts["test"].append(idx[n_tunev + n_val:])
+        if heldout_test is None:
+            idx = rng.permutation(np.flatnonzero(source.heldout_labels == c))
+            n_tunev = int(round(len(idx) * tunev_ratio))
+            n_val = int(round(len(idx) * val_ratio))
+            parts["tunev"].append(idx[:n_tunev])
+            parts["val"].append(idx[n_tunev:n_tunev + n_val])
+            parts["test"].append(idx[n_tunev + n_val:])
+        else:
+            idx = rng.permutation(np.flatnonzero((source.heldout_labels == c) & ~heldout_test))
+            n_tunev = int(round(len(idx) * tunev_ratio / (tunev_ratio + val_ratio)))
+            parts["tunev"].append(idx[:n_tunev])
+            parts["val"].append(idx[n_tunev:])
+            parts["test"].append(np.flatnonzero((source.heldout_labels == c) & heldout_test))
     indices = {"train": train, **{name: np.sort(np.concatenate(p)) for name, p in parts.items()}}
     for name in EVAL_SPLITS:
         if len(indices[name]) == 0:

@@ -4,7 +4,8 @@
 `ExpertRecipe` holds the resolved numbers an expert trains with; `assemble` builds from it what one
 expert carries from epoch to epoch and what its checkpoint stores (`ExpertTraining`: the model, the
 loss, the optimizer and its schedule, the batch generator and the last finished epoch). `train_step`
-is the one training step; `train` runs the remaining epochs of it on the on-device training images; the
+is the one training step; `train` runs the remaining epochs of it on the training images (held on the
+device or streamed from their files: any `argse.data.device.ImageBatches`); the
 caller learns of each epoch through `on_epoch(epoch, row)` (train loss, learning rate, seconds, images
 per second, and whatever `evaluate()` returns) and of each checkpoint through `on_checkpoint(epoch)`,
 and logs them as it likes. Under DistributedDataParallel every rank calls `train`; only the main rank
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from argse import EXPERTS
-from argse.data.device import DeviceImages
+from argse.data.device import ImageBatches
 from argse.models.backbones import build_backbone
 from argse.training import distributed
 from argse.training.losses import make_loss
@@ -126,7 +127,7 @@ def train_step(state: ExpertTraining, x: torch.Tensor, y: torch.Tensor, *, devic
 
 def train(
     state: ExpertTraining,
-    data: DeviceImages,
+    data: ImageBatches,
     *,
     epochs: int,
     batch_size: int,
@@ -174,7 +175,7 @@ def train(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: DeviceImages, bf16: bool = False) -> torch.Tensor:
+def predict_logits(model: nn.Module, images: ImageBatches, bf16: bool = False) -> torch.Tensor:
     """Raw logits of every image, in order (float32 on the CPU). In float32 unless `bf16` (autocast,
     as training computes): the logged logits are computed in float32, so they are what the logged
     model computes; the per-epoch val metrics, which only watch training, in training's precision."""
