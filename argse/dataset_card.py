@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from argse import ArgseError, ArgseUsageError
-from argse.config import BOOLEAN_WORDS, PRESETS, DatasetPreset, parse_group_thresholds
+from argse.options import BOOLEAN_WORDS, parse_group_thresholds
+from argse.presets import PRESETS, DatasetPreset
 from argse.data.device import AUGMENTATIONS
 from argse.data.folder import FolderOptions, FolderScan, Storage, scan_folder
 from argse.data.splits import LONGTAIL_ORDERS, assign_groups, group_names, requested_train_counts

@@ -139,6 +139,18 @@ def set_portable_environment(dataset: str) -> bool:
     return True
 
 
+def apply_compute_policy(p: DatasetPreset) -> None:
+    """What a process computing a stage of preset ``p`` sets once torch is imported: the preset's CPU
+    threads and :func:`apply_portable_kernels`. Every process that fits or checks a stage's numbers
+    applies it (the stages through the CLI, a maintainer's promotion), since the thread count changes
+    the order of float sums and a fit's search can turn that into another rule."""
+    if p.cpu_threads:
+        import torch
+
+        torch.set_num_threads(p.cpu_threads)
+    apply_portable_kernels(p)
+
+
 def apply_portable_kernels(p: DatasetPreset) -> None:
     """The part of portable kernels that is set after import: torch's oneDNN (mkldnn) convolutions off."""
     if wants_portable_kernels(p):

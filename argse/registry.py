@@ -29,7 +29,7 @@ from argse.stage_registry import (
     TAG_VERSION_RISK,
     TAG_VERSION_RUN,
 )
-from argse.tracking import integrity
+from argse.tracking.lookup import verify_run
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def crown_by_hand(ref: str) -> str:
     if criterion_of(client, version) is None or not _finished(client, version):
         raise ArgseError(f"{ref}: its run {_run_of(version)} is not a FINISHED fit with a champion criterion; "
                          "crown a version `argse fit` registered")
-    integrity.verify_run(_run_of(version))
+    verify_run(_run_of(version))
     before = _champion(client, name)
     client.set_registered_model_alias(name, CHAMPION, version.version)
     was = f"v{before.version}" if before is not None else "unset"

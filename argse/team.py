@@ -179,13 +179,13 @@ def promote(ref: str) -> str:
     logged. The refit's model (the maintainer's run, which no teammate can write) is registered in
     the shared model and competes for champion with its like. The decision, one line."""
     from argse import tracking
-    from argse.presets import apply_portable_kernels, preset
+    from argse.presets import apply_compute_policy, preset
     from argse.stages import argse as fit_stage
 
     run_id = tracking.run_id_of(ref)
     candidate = fit_stage.Candidate(run_id)
     dataset = candidate.run.data.tags[tracking.TAG_DATASET]
-    apply_portable_kernels(preset(dataset))
+    apply_compute_policy(preset(dataset))
     refit = fit_stage.run(candidate.config(shared_model(dataset)), experiment=shared_experiment(dataset),
                           candidate=candidate)
     from mlflow.tracking import MlflowClient

@@ -79,9 +79,9 @@ def store_cases(uri: str, seeds: list[int] | None, priors: list[str]) -> list[Ca
     from argse.config import ArgseConfig
     from argse.selective import PluginRule
     from argse.stage_registry import RESULTS_DIR, RESULTS_TABLE, RULE, TAG_UPSTREAM
-    from argse.stages.common import load_experts
+    from argse.artifacts import load_experts
     from argse.stages.evaluate import build_methods
-    from argse.stages.gating import load_gate
+    from argse.artifacts import load_gate
     from argse.tracking import TAG_STAGE
 
     if uri.startswith("sqlite:///"):

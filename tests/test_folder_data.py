@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from argse import ArgseError, ArgseUsageError
-from argse.config import PRESETS, DatasetPreset
+from argse.presets import PRESETS, DatasetPreset
 from argse.data.device import DeviceImages, random_resized_crop_boxes, resized_crop
 from argse.data.folder import scan_folder
 from argse.data.splits import make_splits

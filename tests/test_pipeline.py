@@ -10,6 +10,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from argse.selective.compare import headline
+from argse.stages.pipeline import headline_metrics
 from conftest import PIPELINE_ARGS, subprocess_env, with_kill_point
 
 STEPS = ("splits", "experts", "gating-pretrain", "gating-selective", "argse", "evaluate")
@@ -84,3 +86,23 @@ def test_killed_during_expert_training_resumes_from_the_checkpoint(store, tmp_pa
     assert set(steps) == set(range(1, 31))
     ce = client.search_runs([run.info.experiment_id], "tags.\"argse.expert\" = 'ce'")
     assert len(ce) == 1 and ce[0].info.status == "FINISHED"  # finished before the kill: kept, not retrained
+
+
+def test_the_headline_metrics_differ_within_the_run_lists_column_width():
+    # The rows headline() picks: the registered ar-gse row, the best Chow and single-expert plug-in rows
+    # per area (chow[ce] is best in one area, chow[balsoftmax] in the other).
+    import pandas as pd
+
+    table = pd.DataFrame([
+        {"method": "ar-gse[worst]", "aurc_worst": 0.010, "aurc_balanced": 0.008},
+        {"method": "ar-gse[balanced]", "aurc_worst": 0.013, "aurc_balanced": 0.007},
+        {"method": "chow[ce]", "aurc_worst": 0.015, "aurc_balanced": 0.020},
+        {"method": "chow[balsoftmax]", "aurc_worst": 0.016, "aurc_balanced": 0.011},
+        {"method": "plugin-worst[logitadjust]", "aurc_worst": 0.012, "aurc_balanced": 0.009},
+        {"method": "plugin-worst[uniform-ensemble]", "aurc_worst": 0.001, "aurc_balanced": 0.001},
+    ])
+    metrics = headline_metrics(headline(table, "worst", ("ce", "logitadjust", "balsoftmax")))
+    assert metrics == {"worst/registered": 0.010, "worst/chow": 0.015, "worst/expert": 0.012,
+                       "balanced/registered": 0.008, "balanced/chow": 0.011, "balanced/expert": 0.009}
+    assert len({name[:14] for name in metrics}) == len(metrics)
+

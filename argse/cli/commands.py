@@ -30,7 +30,7 @@ from argse.config import (
 from argse.options import options
 from argse.pipeline_config import BenchmarkConfig, PipelineConfig, benchmark_pass_through, pipeline_options
 from argse.presets import DATASETS as PRESETS_NAMES
-from argse.presets import apply_portable_kernels
+from argse.presets import apply_compute_policy
 
 
 def common(kwargs: dict) -> dict:
@@ -84,11 +84,7 @@ def _run(cls: type, module: str, kwargs: dict, **extra) -> None:
     kwargs = common(kwargs)
     experiment = kwargs.pop("_experiment")
     cfg = cls(**kwargs, **extra).resolve()
-    if cfg.preset.cpu_threads:
-        import torch
-
-        torch.set_num_threads(cfg.preset.cpu_threads)
-    apply_portable_kernels(cfg.preset)
+    apply_compute_policy(cfg.preset)
     if (cfg.verbose or cfg.dry_run) and os.environ.get("RANK", "0") == "0":
         for line in _system_lines(click.get_current_context().info_name, cfg):
             click.echo(line)
@@ -186,7 +182,7 @@ def verify(ref, tracking_uri, experiment):
     REF is a run id, runs:/<id>/..., or models:/<name>@<alias> (the fit run of that version). Run it
     before serving a model someone else could have changed."""
     from argse import tracking
-    from argse.tracking.integrity import verify_run
+    from argse.tracking.lookup import verify_run
 
     tracking.configure(tracking_uri or click.get_current_context().find_root().params.get("tracking_uri"))
     run_id = tracking.run_id_of(ref)

@@ -302,7 +302,7 @@ class Candidate:
         if not integrity.is_sealed(run_id):
             raise ArgseError(f"run {run_id} has no sealed digests (param {integrity.SEAL_PARAM}): it was logged by an "
                              "older argse; refit its gate with this version (`argse fit --gating-run ...`), then promote")
-        integrity.verify_run(run_id)  # every file it logged, against the digests it sealed
+        tracking.lookup.verify_run(run_id)  # every file it logged, against the digests it sealed
 
     def config(self, register_name: str) -> ArgseConfig:
         """The candidate's fit options, on its gating run, registering in ``register_name``."""

@@ -278,21 +278,37 @@ def _finale(pipeline: Pipeline) -> None:
                    f"the run list of {home})")
 
 
+#: The run list's headline columns show about 14 characters of a metric's name (MLflow 3.17, Chromium):
+#: the names differ within them. The area first (``worst/``, ``balanced/``: the run's charts group by it),
+#: then whose: the registered model, the best Chow rule, the best single-expert plug-in.
+HEADLINE_WHO = {"registered": "registered", "best_chow": "chow", "best_expert_plugin": "expert"}
+
+
+def headline_metrics(head) -> dict[str, float]:
+    """The pipeline run's headline metrics from :func:`argse.selective.compare.headline`'s rows, named
+    ``<area>/<who>`` (:data:`HEADLINE_WHO`): ``worst/registered``, ``worst/chow``, ``balanced/expert``, ..."""
+    from argse.selective.compare import AREAS
+
+    metrics = {}
+    for area in AREAS:
+        short = area.removeprefix("aurc_")
+        rows = {"registered": head.registered, "best_chow": head.best_chow.get(area),
+                "best_expert_plugin": head.best_expert_plugin.get(area)}
+        metrics.update({f"{short}/{HEADLINE_WHO[who]}": float(row[area]) for who, row in rows.items()
+                        if row is not None})
+    return metrics
+
+
 def verdict(pipeline: Pipeline, table, client: MlflowClient, argse_run_id: str) -> list[str]:
     """The lines that say what the pipeline registered and why, and how its test areas compare with the
     best Chow row and the best single-expert plug-in; the same numbers become the pipeline run's
-    headline metrics (``aurc_worst/registered``, ``aurc_worst/best_chow``, ...: named area first, so the run
-    list's narrow columns tell them apart, and grouped by area in the run's charts), so the run list can rank
-    pipelines."""
+    headline metrics (:func:`headline_metrics`), so the run list can rank pipelines."""
     from argse import EXPERTS
-    from argse.selective.compare import AREAS, headline
+    from argse.selective.compare import headline
 
     objective = pipeline.configs["argse"].objective
     head = headline(table, objective, EXPERTS)
-    metrics = {f"{a}/registered": float(head.registered[a]) for a in AREAS}
-    metrics.update({f"{a}/best_chow": float(row[a]) for a, row in head.best_chow.items()})
-    metrics.update({f"{a}/best_expert_plugin": float(row[a]) for a, row in head.best_expert_plugin.items()})
-    mlflow.log_metrics(metrics)
+    mlflow.log_metrics(headline_metrics(head))
     gating = client.get_run(pipeline.ids["gating-selective"]).data.metrics
     if gating.get("final_kept_uniform", 0.0) == 1.0:
         lo, hi = gating.get("final_gate_minus_uniform_val_aurc_lo"), gating.get("final_gate_minus_uniform_val_aurc_hi")

@@ -17,7 +17,8 @@ from argse.config import StageConfig
 def damage(stage: stage_registry.Stage, run: Run) -> str | None:
     """Why ``run`` must not be reused (an artifact it logged has changed since), or None: every artifact
     of the run (and of an experts run's expert runs) against its recorded digest."""
-    from argse.tracking.integrity import ArtifactChanged, verify_run
+    from argse.tracking.integrity import ArtifactChanged
+    from argse.tracking.lookup import verify_run
 
     ids = [run.info.run_id]
     if stage is stage_registry.EXPERTS_STAGE:

@@ -264,18 +264,3 @@ def verify(run_id: str, local: str | Path, artifact_path: str, *, sealed_only: b
             raise ArtifactChanged(f"run {run_id}: {path} is not what the run logged (sha256 expected "
                                   f"{expected[-1][:16]}..., found {found[:16]}...): it was changed after the run "
                                   "wrote it; rerun the stage that makes it")
-
-
-def verify_run(run_id: str) -> list[str]:
-    """Download every artifact ``run_id`` recorded a digest for and check it; the paths checked. The
-    model files (``model/...``) are read through the run's logged model."""
-    from argse.tracking.lookup import download
-
-    paths = sorted(recorded(run_id))
-    if not paths:
-        raise ArgseError(f"run {run_id} recorded no artifact digests (it was logged before they existed, or it "
-                         "is not an argse stage run): nothing to verify")
-    tops = sorted({"model" if p.startswith("model/") else p for p in paths})
-    for top in tops:  # the model's files at once, through the run's logged model; the others one by one
-        verify(run_id, download(run_id, top, check=False), top)
-    return paths

@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from argse import ArgseError, first_line, stage_registry
+from argse.tracking import integrity
 from argse.tracking.owners import claim
 from argse.tracking.store import experiment_names, home_experiment, search_experiment_ids, tag_filter
 from argse.tracking.tags import RUN_ID_RE, TAG_CODE, TAG_DATASET, TAG_HASH, TAG_STAGE
@@ -174,8 +175,6 @@ def download(run_id: str, artifact_path: str, *, check: bool = True) -> Path:
     that is removed when the process exits, and checked against the digests the run recorded
     (:mod:`argse.tracking.integrity`) unless ``check`` is false. ``model`` (and its files) is the run's
     logged model."""
-    from argse.tracking.integrity import verify
-
     global _DOWNLOAD_DIR
     key = (run_id, artifact_path)
     if key not in _DOWNLOADS:
@@ -193,8 +192,21 @@ def download(run_id: str, artifact_path: str, *, check: bool = True) -> Path:
             ) from None
         _DOWNLOADS[key] = Path(local)
     if check:
-        verify(run_id, _DOWNLOADS[key], artifact_path)
+        integrity.verify(run_id, _DOWNLOADS[key], artifact_path)
     return _DOWNLOADS[key]
+
+
+def verify_run(run_id: str) -> list[str]:
+    """Download every artifact ``run_id`` recorded a digest for and check it; the paths checked. The
+    model files (``model/...``) are read through the run's logged model."""
+    paths = sorted(integrity.recorded(run_id))
+    if not paths:
+        raise ArgseError(f"run {run_id} recorded no artifact digests (it was logged before they existed, or it "
+                         "is not an argse stage run): nothing to verify")
+    tops = sorted({"model" if p.startswith("model/") else p for p in paths})
+    for top in tops:  # the model's files at once, through the run's logged model; the others one by one
+        integrity.verify(run_id, download(run_id, top, check=False), top)
+    return paths
 
 
 def log_split_inputs(splits, contexts: tuple[str, ...]) -> None:
