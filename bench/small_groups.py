@@ -31,22 +31,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the population: tests/test_small_groups.py
 
-from argse.selective.problem import Tally  # noqa: E402
 from argse.selective import fit_at_coverage, selective_errors  # noqa: E402
 from argse.selective.matched import COVERAGES  # noqa: E402
 from argse.selective.metrics import effective_count  # noqa: E402
 import test_small_groups as population_test  # noqa: E402
 
-JUDGEMENTS = {"measured": None, "floor 10": 0.95, "bound 80%": 0.80, "bound 95%": 0.95}
+
+def floor_judged(tally):
+    """The alternative "floor": errors as measured, 1.0 for a group with < 10 effective accepted images."""
+    n = effective_count(tally.accepted, tally.accepted_sq)
+    return torch.where(n >= 10, tally.errors(), torch.ones_like(tally.accepted))
+
+
+#: Each judgement as the fits' `evidence` option takes it: None (as measured), a confidence (the bound),
+#: or a function of the tally (the floor).
+JUDGEMENTS = {"measured": None, "floor 10": floor_judged, "bound 80%": 0.80, "bound 95%": 0.95}
 #: The judgements were compared on the fit before the family search (docs/benchmarks.md's table); the
 #: search's own comparison, with the bound, is bench/fit_selection.py's.
 SEARCH = "none"
-
-
-def floor_judged(self, evidence):
-    """The alternative "floor": errors as measured, 1.0 for a group with < 10 effective accepted images."""
-    n = effective_count(self.accepted, self.accepted_sq)
-    return torch.where(n >= 10, self.errors(), torch.ones_like(self.accepted))
 
 
 def main() -> None:
@@ -66,19 +68,14 @@ def main() -> None:
     gaps = {name: [] for name in JUDGEMENTS}
     thin = {name: [] for name in JUDGEMENTS}
     emptied = {name: 0 for name in JUDGEMENTS}
-    original = Tally.judged
     start = time.perf_counter()
     for seed in range(args.draws):
         g = torch.Generator().manual_seed(seed)
         (e_fit, y_fit, w_fit), (e_sel, y_sel, w_sel), (e_test, y_test, _) = (
             population_test.draw(eta, joint, prior, n, g) for n in sizes)
         for name, evidence in JUDGEMENTS.items():
-            Tally.judged = floor_judged if name.startswith("floor") else original
-            try:
-                rules = fit_at_coverage(e_fit, y_fit, e_sel, y_sel, c2g, COVERAGES, objective="worst",
-                                        weights_fit=w_fit, weights_sel=w_sel, evidence=evidence, search=SEARCH)
-            finally:
-                Tally.judged = original
+            rules = fit_at_coverage(e_fit, y_fit, e_sel, y_sel, c2g, COVERAGES, objective="worst",
+                                    weights_fit=w_fit, weights_sel=w_sel, evidence=evidence, search=SEARCH)
             errors, tail_val, tail_test = [], [], []
             for rule in rules:
                 out = rule.predict(eta[cell])

@@ -316,3 +316,18 @@ def test_fit_threshold_is_the_best_on_the_selection_split_with_each_error_judged
     group_err = [sum(1 for g, a, e in zip(group, accepted, wrong) if a and e and g == k) for k in (0, 1)]
     chosen = sum(wilson_upper(group_err[k], group_acc[k]) if group_acc[k] else 1.0 for k in (0, 1)) / 2
     assert chosen + 0.25 * (1 - n / len(group)) == pytest.approx(min(scores), abs=1e-12)
+
+
+def test_a_judge_given_as_a_function_is_what_the_choices_use():
+    # evidence may be a function of the tally (bench/small_groups.py compares another judgement this
+    # way): the measured errors as a function give the fit of evidence=None, bit for bit; a judge that
+    # calls every group's error 1 ties every candidate, so the fit keeps its first start instead.
+    eta, y, c2g = sample(3000, 41)
+    fit = dict(cost=0.2, search="none")
+    measured = fit_balanced(eta[:1500], y[:1500], eta[1500:], y[1500:], c2g, evidence=None, **fit)
+    as_function = fit_balanced(eta[:1500], y[:1500], eta[1500:], y[1500:], c2g,
+                               evidence=lambda tally: tally.errors(), **fit)
+    assert measured.to_dict() == as_function.to_dict()
+    blind = fit_balanced(eta[:1500], y[:1500], eta[1500:], y[1500:], c2g,
+                         evidence=lambda tally: torch.ones_like(tally.accepted), **fit)
+    assert blind.to_dict() != measured.to_dict()

@@ -135,10 +135,12 @@ def cost(x: Any, name: str = "cost") -> float:
     return c
 
 
-def evidence(x: Any) -> Optional[float]:
-    """The one-sided confidence of an error bound: a number strictly between 0.5 and 1, or None."""
-    if x is None:
-        return None
+def evidence(x: Any) -> Any:
+    """The one-sided confidence of an error bound: a number strictly between 0.5 and 1, or None; or a
+    function of a `Tally` giving the group errors a choice judges by (another judgement, compared in
+    bench/small_groups.py)."""
+    if x is None or callable(x):
+        return x
     try:
         level = float(x)
     except (TypeError, ValueError) as exc:

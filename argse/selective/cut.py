@@ -7,6 +7,8 @@ coverage-constrained choice in `argse.selective` finds its threshold here.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -17,19 +19,27 @@ def top_share_cut(values: torch.Tensor, weight: torch.Tensor, level: torch.Tenso
     at or above it accepts that top share (samples tied with the last one taken come with it, so the
     share may exceed the level)."""
     if values.device.type == "cpu":
-        return torch.from_numpy(_top_share_cut_cpu(values.numpy(), weight.numpy(), level.numpy()))
+        arrays = values.numpy(), weight.numpy(), level.numpy()
+        for observe in CUT_OBSERVERS:
+            observe(*arrays)
+        return torch.from_numpy(top_share_cut_cpu(*arrays))
     order = values.argsort(dim=1, descending=True)
     cum = weight[order].cumsum(dim=1) / weight.sum()
     take = ((cum < level[:, None] - 1e-12).sum(dim=1) + 1).clamp_max(values.shape[1])
     return values.gather(1, order.gather(1, (take - 1)[:, None]))[:, 0]
 
 
-#: `_top_share_cut_cpu`: the strided sample per row that brackets the cut, and the sample positions
+#: Functions given the inputs (values, weight, level) of every cut :func:`top_share_cut` makes on the
+#: CPU, before it is made: how bench/top_share_cut.py records the calls a real fit makes. Empty unless a
+#: caller appends one.
+CUT_OBSERVERS: list[Callable[[np.ndarray, np.ndarray, np.ndarray], None]] = []
+
+#: `top_share_cut_cpu`: the strided sample per row that brackets the cut, and the sample positions
 #: kept on either side of the sample's own cut (a bracket that misses is caught, and that row sorted).
 _SAMPLE, _BRACKET = 256, 12
 
 
-def _top_share_cut_cpu(values: np.ndarray, weight: np.ndarray, level: np.ndarray) -> np.ndarray:
+def top_share_cut_cpu(values: np.ndarray, weight: np.ndarray, level: np.ndarray) -> np.ndarray:
     """`top_share_cut` without sorting whole rows, which was most of a fit's time on the CPU. A
     strided sample of each row, sorted, brackets the value where the share taken from the top reaches
     the level; one pass over the row counts the weight above the bracket and collects the samples in

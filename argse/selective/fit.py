@@ -45,8 +45,9 @@ class FitOptions:
     the worst-group objective only). `evidence` is the one-sided confidence of the upper bound that
     every choice on the selection split judges a group's error by
     (`argse.selective.metrics.error_bound`); None judges the errors as measured, which is right only
-    when the weighted rows are a whole population rather than a sample of one. Invalid values are
-    rejected with a sentence that names the option."""
+    when the weighted rows are a whole population rather than a sample of one; a function of a
+    `argse.selective.problem.Tally` judges by what it gives. Invalid values are rejected with a
+    sentence that names the option."""
 
     rounds: int = 20
     step: float = 2.0

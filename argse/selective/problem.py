@@ -135,11 +135,13 @@ class Tally:
         """e_k as measured: P(wrong | accept, y in G_k); 1.0 for a group with no accepted mass."""
         return group_errors(self.accepted, self.wrong)
 
-    def judged(self, evidence: Optional[float]) -> torch.Tensor:
+    def judged(self, evidence) -> torch.Tensor:
         """e_k as a choice judges it: the upper confidence bound of `error_bound` at one-sided
-        confidence `evidence` (None: as measured)."""
+        confidence `evidence` (None: as measured; a function: what it gives for this tally)."""
         if evidence is None:
             return self.errors()
+        if callable(evidence):
+            return evidence(self)
         return error_bound(self.accepted, self.wrong, self.accepted_sq, evidence)
 
 
