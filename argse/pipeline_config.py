@@ -183,7 +183,21 @@ class BenchmarkConfig(StageConfig):
         for seed in cfg.seeds:  # every pipeline's options are checked before anything runs
             for prior in cfg.test_prior:
                 cfg.pipeline_config(seed, prior)
+        cfg._check_summary_coverages()
         return cfg
+
+    def _check_summary_coverages(self) -> None:
+        """The summary reports every seed's errors at the coverages :data:`argse.selective.seeds.METRICS`
+        names (``..._at0.8``): a grid without one of them would fail only after every pipeline ran."""
+        from argse.selective.seeds import METRICS
+
+        grid = self.pipeline_config(self.seeds[0], self.test_prior[0]).stage_configs()["evaluate"].coverages()
+        needed = sorted({float(m.rpartition("_at")[2]) for m in METRICS if "_at" in m}, reverse=True)
+        missing = [tau for tau in needed if not any(abs(tau - c) < 1e-9 for c in grid)]
+        if missing:
+            raise ArgseUsageError(
+                f"--coverage-grid {','.join(f'{c:g}' for c in grid)} lacks {', '.join(f'{t:g}' for t in missing)}: the "
+                f"benchmark's summary reports each seed's errors at {', '.join(f'{t:g}' for t in needed)}; add them")
 
     def pipeline_config(self, seed: int, prior: str) -> "PipelineConfig":
         """The resolved config of the pipeline of one seed and prior (registering in the benchmark's

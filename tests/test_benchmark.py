@@ -238,6 +238,7 @@ def test_a_failed_seed_is_listed_and_left_out_and_all_failed_fails_the_run(pipel
     (["--seeds", "one"], "'one' is not a non-negative integer"),
     (["--workers", "0"], "--workers 0 must be >= 1"),
     (["--test-prior", "lt,uniform"], "choose one or more of lt, balanced"),
+    (["--coverage-grid", "1,0.5"], "--coverage-grid 1,0.5 lacks 0.8, 0.6: the benchmark's summary reports"),
 ])
 def test_bad_benchmark_input_is_one_line_exit_2_and_no_run(store, cli, args, message):
     result = cli("benchmark", "--dataset", "digits-lt", *args)
