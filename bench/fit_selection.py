@@ -211,18 +211,7 @@ def _population_draw(args: tuple[int, FitOptions]) -> tuple[int, float]:
 
     seed, options = args
     torch.set_num_threads(1)
-    eta, joint, prior, c2g = _POPULATION["data"]
-    g = torch.Generator().manual_seed(seed)
-    (e_fit, y_fit, w_fit), (e_sel, y_sel, w_sel), (e_test, y_test, _) = (
-        population_test.draw(eta, joint, prior, population_test.PER_CLASS[split], g) for split in SPLITS)
-    rules = fit_at_coverage(e_fit, y_fit, e_sel, y_sel, c2g, COVERAGES, objective="worst", weights_fit=w_fit,
-                            weights_sel=w_sel, options=options)
-    cell, label = (joint > 0).nonzero(as_tuple=True)
-    tail, errors = [], []
-    for rule in rules:
-        tail.append(int((rule.predict(e_test).accept & (c2g[y_test] == 1)).sum()))
-        out = rule.predict(eta[cell])
-        errors.append(selective_errors(out.pred, out.accept, label, c2g, weights=joint[cell, label]).worst_error)
+    tail, errors = population_test.fitted_draw(seed, _POPULATION["data"], options=options)
     return min(tail), float((np.asarray(errors) - _POPULATION["optimum"]).max())
 
 

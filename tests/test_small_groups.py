@@ -146,20 +146,17 @@ def exhaustive_worst(eta, joint, class_to_group, taus):
 _POPULATION = None
 
 
-def _one_draw(args):
+def fitted_draw(seed: int, data, **fit) -> tuple[list[int], list[float]]:
     """(tail images accepted on test per target coverage, population worst-group error per target
-    coverage) of the rules fitted on draw `seed`, with errors judged by `evidence`."""
-    seed, evidence = args
-    global _POPULATION
-    torch.set_num_threads(1)
-    if _POPULATION is None:
-        _POPULATION = population()
-    eta, joint, prior, c2g = _POPULATION
+    coverage) of the worst-group rules fitted on draw `seed` of the population `data`
+    (:func:`population`); `fit` goes to `fit_at_coverage` (evidence, options, ...). bench/fit_selection.py
+    measures its selections with it too."""
+    eta, joint, prior, c2g = data
     g = torch.Generator().manual_seed(seed)
     (e_fit, y_fit, w_fit), (e_sel, y_sel, w_sel), (e_test, y_test, _) = (
         draw(eta, joint, prior, PER_CLASS[split], g) for split in SPLITS)
     rules = fit_at_coverage(e_fit, y_fit, e_sel, y_sel, c2g, COVERAGES, objective="worst", weights_fit=w_fit,
-                            weights_sel=w_sel, evidence=evidence)
+                            weights_sel=w_sel, **fit)
     cell, label = (joint > 0).nonzero(as_tuple=True)
     tail_test, errors = [], []
     for rule in rules:
@@ -167,6 +164,16 @@ def _one_draw(args):
         out = rule.predict(eta[cell])
         errors.append(selective_errors(out.pred, out.accept, label, c2g, weights=joint[cell, label]).worst_error)
     return tail_test, errors
+
+
+def _one_draw(args):
+    """:func:`fitted_draw` of draw `seed`, errors judged by `evidence`, in a pool's process."""
+    seed, evidence = args
+    global _POPULATION
+    torch.set_num_threads(1)
+    if _POPULATION is None:
+        _POPULATION = population()
+    return fitted_draw(seed, _POPULATION, evidence=evidence)
 
 
 @pytest.mark.slow
