@@ -14,18 +14,14 @@ shared) and wall time. Prints both and their ratio.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from argse.selective import FitOptions, PluginRule  # noqa: E402
-from argse.selective.compare import compare  # noqa: E402
-from argse.stages.evaluate import build_methods  # noqa: E402
-from test_small_groups import logged_experts, uniform_gate  # noqa: E402
+from argse.selective import FitOptions, PluginRule
+from argse.selective.compare import compare
+from argse.stages.evaluate import build_methods
+from argse.testing.logged_run import logged_experts, uniform_gate
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ row, the mean over seeds of the test areas (aurc_worst, aurc_balanced) and the c
 which a group is empty on test, beside the first selection (today's fit). The first selection is
 checked against the store's own evaluate table (it must reproduce it).
 
-Then the same on the logged fashion-mnist-lt run of tests/data (both priors), and the population of
-tests/test_small_groups.py: over `--draws` draws, each selection's largest gap to the population's
+Then the same on the logged fashion-mnist-lt run of tests/data (both priors), and the 50-draw test's population
+(argse.testing.logged_run): over `--draws` draws, each selection's largest gap to the population's
 worst-group optimum over the coverage grid, and the draws whose tail is empty on test.
 """
 
@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,12 +35,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from argse.selective import FitOptions, fit_at_coverage, selective_errors  # noqa: E402
-from argse.selective.matched import COVERAGES, trapezoid  # noqa: E402
-from argse.selective.seeds import canonical  # noqa: E402
+from argse.selective import FitOptions, fit_at_coverage, selective_errors
+from argse.selective.matched import COVERAGES, trapezoid
+from argse.selective.seeds import canonical
+from argse.testing.logged_run import exhaustive_worst, fitted_draw, logged_experts, population, uniform_gate
 
 SPLITS = ("tunev", "val", "test")
 
@@ -119,7 +116,6 @@ def fixture_cases(priors: list[str]) -> list[Case]:
     the registered model there, so the ar-gse rows take it."""
     from argse.selective import PluginRule
     from argse.stages.evaluate import build_methods
-    from test_small_groups import logged_experts, uniform_gate
 
     cases = []
     for prior in priors:
@@ -206,12 +202,10 @@ def print_table(table: pd.DataFrame, title: str) -> None:
 
 def _population_draw(args: tuple[int, FitOptions]) -> tuple[int, float]:
     """(the fewest tail images accepted on test over the coverage grid, the largest gap to the
-    population optimum) of the worst-group rules fitted on draw `seed` (tests/test_small_groups.py)."""
-    import test_small_groups as population_test
-
+    population optimum) of the worst-group rules fitted on draw `seed` (argse.testing.logged_run)."""
     seed, options = args
     torch.set_num_threads(1)
-    tail, errors = population_test.fitted_draw(seed, _POPULATION["data"], options=options)
+    tail, errors = fitted_draw(seed, _POPULATION["data"], options=options)
     return min(tail), float((np.asarray(errors) - _POPULATION["optimum"]).max())
 
 
@@ -219,12 +213,10 @@ _POPULATION: dict = {}
 
 
 def _init_population() -> None:
-    import test_small_groups as population_test
-
     torch.set_num_threads(1)
-    eta, joint, prior, c2g = population_test.population()
+    eta, joint, prior, c2g = population()
     _POPULATION["data"] = (eta, joint, prior, c2g)
-    _POPULATION["optimum"] = population_test.exhaustive_worst(eta, joint, c2g, COVERAGES).numpy()
+    _POPULATION["optimum"] = exhaustive_worst(eta, joint, c2g, COVERAGES).numpy()
 
 
 def main() -> None:
@@ -266,7 +258,7 @@ def main() -> None:
 
     if args.draws:
         with ProcessPoolExecutor(max_workers=args.workers, initializer=_init_population) as pool:
-            print(f"\npopulation of tests/test_small_groups.py, {args.draws} draws, worst-group fit\n")
+            print(f"\nthe 50-draw test's population, {args.draws} draws, worst-group fit\n")
             print("| selection | largest gap to the optimum | mean of each draw's largest gap | draws emptying the tail |")
             print("|:---|---:|---:|---:|")
             for name, options in selections:

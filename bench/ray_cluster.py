@@ -4,7 +4,7 @@ the local engine on the same seeds.
     python bench/ray_cluster.py [--seeds 0,1,2,3] [--epochs 2] [--no-kill]
 
 As root on Linux, with the "ray" extra: it makes a network namespace where the loopback is the only
-address (Ray listens beyond the loopback whatever it is told; tests/ray_cluster.py) and in it an
+address (Ray listens beyond the loopback whatever it is told; argse.testing.ray_cluster) and in it an
 `mlflow server` (SQLite, serving the artifacts) and a head and a worker node of 3 CPUs each (a pipeline
 asks for 3: one at a time per node). Runs `argse benchmark --engine ray` there (the worker node killed,
 every process of it by pid, at the first expert checkpoint of a pipeline it runs, and a new worker node
@@ -29,13 +29,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlflow.tracking import MlflowClient
+
+from argse.testing.ray_cluster import Cluster, listeners, loopback_only_network, namespace_problem, tracking_server
+from argse.testing.servers import wait_for_http
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from ray_cluster import Cluster, listeners, loopback_only_network, namespace_problem, tracking_server  # noqa: E402
-from team_server import wait_for_http  # noqa: E402
 
 TAG_NODE = "argse.ray.node"
 

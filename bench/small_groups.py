@@ -3,7 +3,7 @@ population optimum (the comparison behind `argse.selective.metrics.error_bound`)
 
     python bench/small_groups.py [--draws 10] [--per-class 150,100,50] [--sharpen 1.0]
 
-The population is tests/test_small_groups.py's: every logged posterior of the uniform mixture of a
+The population is the 50-draw test's (argse.testing.logged_run.population): every logged posterior of the uniform mixture of a
 fashion-mnist-lt run (tests/data/fashion-mnist-lt-seed0-amd) is a cell with mass proportional to its
 lt weight, and labels are drawn from the posteriors, so they are the true posteriors (the tail holds
 about 2% of the weight). Each draw samples class-balanced tunev / val / test splits (per-class
@@ -22,19 +22,15 @@ The reference row is "measured"; the ratio column is each judgement's mean gap o
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the population: tests/test_small_groups.py
-
-from argse.selective import fit_at_coverage, selective_errors  # noqa: E402
-from argse.selective.matched import COVERAGES  # noqa: E402
-from argse.selective.metrics import effective_count  # noqa: E402
-import test_small_groups as population_test  # noqa: E402
+from argse.selective import fit_at_coverage, selective_errors
+from argse.selective.matched import COVERAGES
+from argse.selective.metrics import effective_count
+from argse.testing.logged_run import draw, exhaustive_worst, population
 
 
 def floor_judged(tally):
@@ -59,9 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = [int(v) for v in args.per_class.split(",")]
-    population_test.SHARPEN = args.sharpen
-    eta, joint, prior, c2g = population_test.population()
-    optimum = population_test.exhaustive_worst(eta, joint, c2g, COVERAGES).numpy()
+    eta, joint, prior, c2g = population(sharpen=args.sharpen)
+    optimum = exhaustive_worst(eta, joint, c2g, COVERAGES).numpy()
     cell, label = (joint > 0).nonzero(as_tuple=True)
     print(f"population: {eta.shape[0]} cells, tail weight {float(prior[c2g == 1].sum()):.4f}, sharpen {args.sharpen}; "
           f"tunev/val/test {sizes} per class; {args.draws} draws")
@@ -72,7 +67,7 @@ def main() -> None:
     for seed in range(args.draws):
         g = torch.Generator().manual_seed(seed)
         (e_fit, y_fit, w_fit), (e_sel, y_sel, w_sel), (e_test, y_test, _) = (
-            population_test.draw(eta, joint, prior, n, g) for n in sizes)
+            draw(eta, joint, prior, n, g) for n in sizes)
         for name, evidence in JUDGEMENTS.items():
             rules = fit_at_coverage(e_fit, y_fit, e_sel, y_sel, c2g, COVERAGES, objective="worst",
                                     weights_fit=w_fit, weights_sel=w_sel, evidence=evidence, search=SEARCH)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from team_server import free_port, wait_for_http  # noqa: F401 (one helper each for every test that starts a server)
+from argse.testing.servers import free_port, wait_for_http  # noqa: F401 (one helper each for every test that starts a server)
 
 REPO = Path(__file__).resolve().parents[1]
 

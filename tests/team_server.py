@@ -13,14 +13,12 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from argse.testing.servers import free_port, wait_for_http
 
 ADMIN = ("admin", "argse-admin-password-1")  # created by the auth app on its first start
 USER = ("teammate", "argse-teammate-password-1")  # created through the auth API, as a team would
@@ -31,24 +29,6 @@ def postgres_bin() -> Path | None:
     """The newest Debian PostgreSQL server binaries (``/usr/lib/postgresql/<version>/bin``), if any."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parent.parent.name))
     return Path(found[-1]).parent if found else None
-
-
-def wait_for_http(url: str, process: subprocess.Popen, *, timeout: float = 120, log: Path | None = None) -> None:
-    """Wait until ``url`` answers (a server's /health or /ping); a RuntimeError with the end of its
-    stderr (or of ``log``) when ``process`` exits first or ``timeout`` seconds pass."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                if log is not None:
-                    said = log.read_text()
-                else:
-                    said = process.stderr.read().decode(errors="replace") if process.stderr and process.poll() is not None else ""
-                raise RuntimeError(f"{url} did not answer: {said[-3000:]}") from None
-            time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -66,12 +46,6 @@ def credentials_in_env(credentials: tuple[str, str]):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresCluster:

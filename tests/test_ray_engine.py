@@ -1,6 +1,6 @@
 """`argse benchmark --engine ray`: the pipelines as tasks of a Ray cluster of two nodes on 127.0.0.1 that
 write to a real `mlflow server` serving the artifacts (the nodes share no store with the driver), in a
-network namespace of the test's own where the loopback is the only address (tests/ray_cluster.py).
+network namespace of the test's own where the loopback is the only address (argse.testing.ray_cluster).
 
 One cluster for every check. The benchmark of seeds 0-3 runs on both nodes while the worker node is
 killed (all its processes, by pid) at a pipeline's first expert checkpoint, and a new worker joins as
@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, free_port, subprocess_env, wait_for_http
-from ray_cluster import Cluster, addresses, listeners, loopback_only_network, namespace_problem, tracking_server
+from argse.testing.ray_cluster import Cluster, addresses, listeners, loopback_only_network, namespace_problem, tracking_server
 
 # The team tests' tiny pipeline (tests/test_team_roles.py), with the coverages the summary reads (1, 0.8,
 # 0.6), a checkpoint every epoch (the kill lands between the two epochs of the first expert) and the CPU

@@ -10,13 +10,13 @@ import torch
 from argse.selective import PluginRule, fit_at_coverage, fit_balanced, selective_errors
 from argse.selective.cut import top_share_cut
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
-from oracle import best_at_coverage
+from argse.testing.oracle import best_at_coverage
 from test_selective_fit import easy, hard_tail, one_thread, sample  # noqa: F401 (fixtures)
 
 
 def exhaustive_at_coverage(cells, c2g, tau, kind):
     """Lowest balanced (or worst-group) error over the K = 2 family among rules accepting a share of at
-    least tau (tests/oracle.py): rho = coef_1 / coef_0 on a log grid, delta = (mu_1 - mu_0) / coef_0 on
+    least tau (argse.testing.oracle): rho = coef_1 / coef_0 on a log grid, delta = (mu_1 - mu_0) / coef_0 on
     [-2, 2 rho], the threshold at the first cut whose accepted mass reaches tau."""
     return float(best_at_coverage(cells, c2g, [tau], kind, np.geomspace(0.1, 1000.0, 60),
                                   lambda rho: np.linspace(-2.0, 2.0 * rho, 60))[0])

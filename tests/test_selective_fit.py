@@ -20,7 +20,7 @@ import torch
 import argse.selective as sel
 from argse.selective import chow, fit_balanced, fit_group_thresholds, fit_worst, risk_coverage
 from argse.selective import selective_errors
-from oracle import best_at_cost
+from argse.testing.oracle import best_at_cost
 
 
 def population(tail_sigma: float, n_side: int = 40, radius: float = 4.0):
@@ -71,13 +71,13 @@ def l2r_risk(rule, rows, c2g, kind):
     return base + rule.cost * (1.0 - errors.coverage), errors
 
 
-#: The exhaustive search's grids (tests/oracle.py): rho = coef_1 / coef_0 on a log grid, delta =
+#: The exhaustive search's grids (argse.testing.oracle): rho = coef_1 / coef_0 on a log grid, delta =
 #: (mu_1 - mu_0) / coef_0 on [-1, rho], where the optimum's delta = rho * e_1 - e_0 lies.
 RHOS = np.geomspace(0.3, 300.0, 40)
 
 
 def exhaustive_search(cells, c2g, cost, kind):
-    """Lowest L2R risk over the whole K = 2 family (tests/oracle.py), the threshold searched exactly."""
+    """Lowest L2R risk over the whole K = 2 family (argse.testing.oracle), the threshold searched exactly."""
     return best_at_cost(cells, c2g, cost, kind, RHOS, lambda rho: np.linspace(-1.0, rho, 40))
 
 

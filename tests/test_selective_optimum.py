@@ -6,7 +6,7 @@ is the uniform mixture under the lt prior), at target coverages 1.0 and 0.95, wh
 of the comparison lies and each split holds dozens of errors in each group, the balanced fit's
 balanced error is within 0.0005 of the lowest that any rule of the K = 2 family reaches on the data
 its search is judged on: an exhaustive search written independently of the library
-(tests/oracle.py), over 241 coefficient ratios and 81 mu gaps per ratio, each rule cut at the
+(argse.testing.oracle), over 241 coefficient ratios and 81 mu gaps per ratio, each rule cut at the
 coverage. Judged on val alone (`search="selection"`), that is val's optimum (the fit before the
 search, the fixed point alone, missed it by 0.0028 at coverage 1 and 0.0030 at 0.95); judged on tunev
 and val together (the default), the optimum of both.
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from argse.selective import fit_at_coverage
-from oracle import best_at_coverage, sample_cells
-from test_small_groups import logged_experts
+from argse.testing.oracle import best_at_coverage, sample_cells
+from argse.testing.logged_run import logged_experts
 
 #: rho = coef_tail / coef_head on a log grid, and the mu gap as a multiple of rho (mu_tail - mu_head =
 #: m * coef_tail, m from -2 to 2): at coverage 1 nothing is rejected and only rho matters.

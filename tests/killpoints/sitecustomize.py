@@ -19,7 +19,7 @@ their module is imported.
 
 With ``ARGSE_KILL_NODE=<file>`` as well, a point fires only while ``<file>`` exists, and once: the first
 process to reach it takes the file (renames it to ``<file>.fired``) and kills the process whose pid it
-holds with all its descendants (``process_tree.kill_tree``), itself among them: a whole Ray node, when
+holds with all its descendants (``argse.testing.process_tree.kill_tree``), itself among them: a whole Ray node, when
 the file names the ``ray start --block`` process that started the node.
 """
 
@@ -39,7 +39,7 @@ def _kill() -> None:
             os.rename(NODE, NODE + ".fired")  # of the processes that reach the point, one takes it
         except FileNotFoundError:
             return  # not armed, or fired already
-        from process_tree import kill_tree
+        from argse.testing.process_tree import kill_tree
 
         with open(NODE + ".fired") as f:
             kill_tree(int(f.read()))

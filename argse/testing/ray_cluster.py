@@ -20,7 +20,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from killpoints.process_tree import kill_tree
+from argse.testing.process_tree import kill_tree
+from argse.testing.servers import free_port
 
 CLONE_NEWNET = 0x40000000  # <sched.h>: unshare(2) / setns(2) of the network namespace
 START_TIMEOUT_S = 120.0  # a node that has not said it is up by then is killed
@@ -73,8 +74,6 @@ def tracking_server(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen
     to skip the migrations) and serving the artifacts, which it keeps in ``folder/artifacts``: the
     nodes reach both through it alone. Returns the process, started, and its URI; wait for
     ``<uri>/health`` before using it (its log: ``folder/server.log``)."""
-    from team_server import free_port
-
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
