@@ -14,13 +14,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
 from argse import DEVICES, EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
 from argse.data.splits import EVAL_SPLITS, PRIORS
 from argse.options import flag, option, options, parse_group_thresholds, resolve_coverage_grid
-from argse.presets import DATASETS, PRESETS, DatasetPreset, preset
+from argse.presets import DATASETS, PRESETS, DatasetPreset
+
+#: The param that names a folder dataset's content: its file list, the card and the preset they give
+#: (:attr:`argse.dataset_card.FolderDataset.digest`).
+DATA_DIGEST = "data_digest"
+#: The param that names the content of the experts' ``--weights`` file.
+WEIGHTS_DIGEST = "weights_sha256"
+
+
+def dataset_preset(dataset: str, data_dir: str) -> tuple[DatasetPreset, Any]:
+    """The preset of a built-in dataset, or of the folder of images ``data_dir`` run as ``dataset``
+    with the folder itself (:func:`argse.dataset_card.open_folder`); one line when it is neither."""
+    if dataset in PRESETS:
+        return PRESETS[dataset], None
+    from argse.dataset_card import open_folder
+
+    folder = open_folder(data_dir, dataset)
+    return folder.preset, folder
 
 
 # -- the stages' configs ----------------------------------------------------------------------------
@@ -32,9 +50,12 @@ class StageConfig:
 
     STAGE: ClassVar[str] = ""  # the stage registry's name of the stage this configures
 
-    dataset: str = option("digits-lt", choices=DATASETS,
-                          help="The benchmark: one of the dataset presets (digits-lt runs offline in a minute).")
-    data_dir: str = option("data", help="Where datasets are read from (and CIFAR-100 / Fashion-MNIST downloaded to).")
+    dataset: str = option("digits-lt", help=f"The benchmark: one of the dataset presets {', '.join(DATASETS)} (digits-lt "
+                                            "runs offline in a minute), or the name a folder of your own images "
+                                            "(--data-dir) is run under.")
+    data_dir: str = option("data", help="Where datasets are read from (and CIFAR-100 / Fashion-MNIST downloaded to); for "
+                                        "your own images, their folder: train/ and test/ class folders, or train.txt "
+                                        "and test.txt list files.")
     seed: int = option(0, help="Random seed of the splits, the initialisation and the batches.")
     device: str = option("auto", choices=DEVICES,
                          help="Where expert training runs (auto: cuda when available); the other stages compute on the CPU.")
@@ -42,13 +63,17 @@ class StageConfig:
     dry_run: bool = option(False, hashed=False, pipeline=False, help="Print the resolved plan; create no run.")
     #: The dataset's preset, set where the config is resolved (not an option: it follows ``dataset``).
     preset: DatasetPreset | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: A folder of the user's images, scanned where the config is resolved (None for a built-in dataset).
+    folder: Any = dataclasses.field(default=None, compare=False, repr=False)  # argse.dataset_card.FolderDataset
 
     def _resolved(self):
         """This config with its dataset's preset attached, preset-valued options filled from it, every
         value cast to its option's type and every choice checked: one usage error line for the first
         bad one."""
-        p = preset(self.dataset)
-        updates = {"preset": p}
+        p, folder = dataset_preset(self.dataset, self.data_dir)
+        updates = {"preset": p, "folder": folder}
+        if folder is not None:
+            updates["data_dir"] = str(folder.scan.root)
         for opt in options(type(self)):
             value = getattr(self, opt.name)
             if value is None and opt.preset:
@@ -62,18 +87,34 @@ class StageConfig:
         return cfg
 
     def dry_run_header(self, title: str) -> str:
-        """The first lines of a dry run: what runs, that no run is created, and every option."""
+        """The first lines of a dry run: what runs, that no run is created, every option and, for a
+        folder of images, what its scan found."""
         return "\n".join([f"{title} (dry run: no run created)"]
-                         + [f"  {key} = {value}" for key, value in self.params().items()])
+                         + [f"  {key} = {value}" for key, value in self.params().items()]
+                         + (self.folder.describe() if self.folder is not None else []))
 
     def params(self) -> dict[str, Any]:
-        """The resolved options as MLflow params (what the config hash is computed over)."""
+        """The resolved options as MLflow params (what the config hash is computed over); for a folder
+        of images also :data:`DATA_DIGEST`, so that another folder, a changed image or another card
+        never shares a run."""
         out = {}
         for opt in options(type(self)):
             if opt.hashed:
                 value = getattr(self, opt.name)
                 out[opt.name] = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        if self.folder is not None:
+            out[DATA_DIGEST] = self.folder.digest
         return out
+
+    def source(self):
+        """The images the splits are drawn from: a built-in dataset's arrays
+        (:func:`argse.data.loaders.load_source`) or the folder's files
+        (:meth:`argse.data.folder.FolderScan.source`)."""
+        if self.folder is not None:
+            return self.folder.source()
+        from argse.data.loaders import load_source
+
+        return load_source(self.preset.source, self.data_dir)
 
     def restore(self, params: Mapping[str, str]):
         """This config with every hashed option set to what a run logged (``<name>.resolved`` where
@@ -100,7 +141,8 @@ class SingleStageConfig(StageConfig):
 class SplitsConfig(SingleStageConfig):
     STAGE: ClassVar[str] = "splits"
 
-    imb_factor: float | None = option(preset="imb_factor", help="Imbalance factor: largest over smallest train class.")
+    imb_factor: float | None = option(preset="imb_factor", help="Imbalance factor: largest over smallest train class "
+                                                                "(a folder of images keeps its natural tail unless given).")
     tunev_ratio: float | None = option(preset="tunev_ratio", help="Share of each class's held-out images for tunev.")
     val_ratio: float | None = option(preset="val_ratio", help="Share of each class's held-out images for val.")
     group_thresholds: tuple[int, ...] | None = option(
@@ -109,7 +151,7 @@ class SplitsConfig(SingleStageConfig):
 
     def resolve(self) -> "SplitsConfig":
         cfg = self._resolved()
-        if cfg.imb_factor < 1:
+        if cfg.imb_factor is not None and cfg.imb_factor < 1:
             raise ArgseUsageError(f"--imb-factor {cfg.imb_factor} must be >= 1 (1 means balanced)")
         for name in ("tunev_ratio", "val_ratio"):
             if not 0 < getattr(cfg, name) < 1:
@@ -142,6 +184,9 @@ class ExpertsConfig(SingleStageConfig):
     precision: str = option("auto", choices=("auto", "fp32", "bf16"),
                             help="auto: bf16 autocast on CUDA, and on CPUs with bf16 units for the presets "
                                  f"{', '.join(n for n, p in PRESETS.items() if p.cpu_fast_path)}; else fp32.")
+    weights: str | None = option(metavar="FILE|NAME", help="Trained weights each expert starts from: a local state "
+                                 "dict (torch.save), or a torchvision weights name such as IMAGENET1K_V2 (downloaded; "
+                                 "ResNet-18/50 only). The classifier is trained anew where the classes differ.")
     splits_run: str = option("latest", help="The splits run: latest, a run id or runs:/<id>/splits.")
     resume: str | None = option(hashed=False, pipeline=False, metavar="RUN_ID",
                                 help="Continue this expert run (or --expert all run) from its last checkpoint.")
@@ -165,7 +210,21 @@ class ExpertsConfig(SingleStageConfig):
             raise ArgseUsageError("--checkpoint-every must be >= 1")
         if not 0 <= cfg.label_smoothing < 1:
             raise ArgseUsageError(f"--label-smoothing {cfg.label_smoothing:g} must lie in [0, 1) (0: none)")
+        if cfg.weights and not Path(cfg.weights).expanduser().is_file():
+            from argse.models.backbones import torchvision_weights
+
+            torchvision_weights(cfg.preset.backbone, cfg.weights)  # a name torchvision knows, or one line
         return cfg
+
+    def params(self) -> dict[str, Any]:
+        """The stage's params, with the sha256 of a ``--weights`` file (:data:`WEIGHTS_DIGEST`): other
+        weights under the same name never share a run."""
+        out = super().params()
+        if self.weights and Path(self.weights).expanduser().is_file():
+            from argse.tracking.integrity import sha256
+
+            out[WEIGHTS_DIGEST] = sha256(Path(self.weights).expanduser())
+        return out
 
 
 @dataclass

@@ -36,6 +36,9 @@ An example card (ImageNet-LT as the paper trains it)::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import re
 import typing
 from dataclasses import dataclass
@@ -48,7 +51,7 @@ from argse import ArgseError, ArgseUsageError
 from argse.options import BOOLEAN_WORDS, parse_group_thresholds
 from argse.presets import PRESETS, DatasetPreset
 from argse.data.device import AUGMENTATIONS
-from argse.data.folder import FolderOptions, FolderScan, Storage, scan_folder
+from argse.data.folder import FolderOptions, FolderScan, FolderSource, Storage, scan_folder
 from argse.data.splits import LONGTAIL_ORDERS, assign_groups, group_names, requested_train_counts
 from argse.models.backbones import BACKBONES
 
@@ -68,6 +71,13 @@ CARD_KEYS = ("image_size",) + CARD_PRESET_KEYS + CARD_FOLDER_KEYS
 #: Card keys whose value is one of a few names.
 CHOICES = {"backbone": tuple(BACKBONES), "augmentation": AUGMENTATIONS, "longtail_order": LONGTAIL_ORDERS,
            "storage": ("auto", "memory", "stream")}
+#: Card numbers that must lie in a range (the stages check the same values given as options, and name
+#: the option; a value from the card is refused here, naming the card).
+RANGES = {"epochs": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
+          "gating_epochs": (lambda v: v >= 1, "at least 1"), "gating_batch_size": (lambda v: v >= 1, "at least 1"),
+          "warmup_epochs": (lambda v: v >= 0, "at least 0"), "cpu_threads": (lambda v: v >= 0, "at least 0"),
+          "lr": (lambda v: v > 0, "above 0"), "tunev_ratio": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
+          "val_ratio": (lambda v: 0 < v < 1, "strictly between 0 and 1")}
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -86,6 +96,18 @@ class FolderDataset:
     @property
     def image_size(self) -> int:
         return self.preset.image_shape[0]
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of what a run on this folder depends on: the scan's digest (every kept file's path,
+        label, size and time), the preset the card and the defaults give, and how the folder is read."""
+        text = json.dumps([self.scan.digest, dataclasses.asdict(self.preset), dataclasses.asdict(self.options)],
+                          sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def source(self) -> FolderSource:
+        """The pools the splits are drawn from (:meth:`~argse.data.folder.FolderScan.source`)."""
+        return self.scan.source(self.preset.name, val_pool=self.options.val_pool)
 
     def train_counts(self) -> np.ndarray:
         """The training images each class will have (the pool's, or the drawn profile's)."""
@@ -140,6 +162,10 @@ def read_card(root: str | Path) -> tuple[dict[str, Any], Path | None]:
         if key not in CARD_KEYS:
             raise ArgseUsageError(f"{path}: unknown key {key!r}; the card's keys are {', '.join(CARD_KEYS)}")
         card[key] = _cast(path, key, value)
+        if key in RANGES and not RANGES[key][0](card[key]):
+            raise ArgseUsageError(f"{path}: {key} {value!r} must be {RANGES[key][1]}")
+    if card.get("tunev_ratio", 0) + card.get("val_ratio", 0) >= 1:
+        raise ArgseUsageError(f"{path}: tunev_ratio plus val_ratio must stay below 1 so the test split is not empty")
     return card, path
 
 
@@ -243,5 +269,23 @@ def folder_dataset(root: str | Path, name: str | None = None, *, available: int 
     return FolderDataset(preset, options, scan, card, card_path, storage)
 
 
+def open_folder(data_dir: str | Path, name: str) -> FolderDataset:
+    """The dataset ``name`` that is not a built-in preset: the folder ``data_dir`` read as
+    :func:`folder_dataset` reads it, once per process (every stage's config resolves it; a later
+    change to the folder is caught where the images are read, against the splits run's digest). One
+    line when ``data_dir`` is not a folder."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ArgseUsageError(
+            f"unknown dataset {name!r}: choose one of {', '.join(PRESETS)}, or run your own images as {name!r} by "
+            f"giving their folder as --data-dir (mlflow run: -P data_dir=...); {str(data_dir)!r} is not a folder")
+    return _open_folder(str(root.resolve()), name)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_folder(root: str, name: str) -> FolderDataset:
+    return folder_dataset(root, name)
+
+
 __all__ = ["CARD_NAME", "CARD_KEYS", "CARD_PRESET_KEYS", "FolderDataset", "default_image_size", "folder_dataset",
-           "folder_preset", "read_card"]
+           "folder_preset", "open_folder", "read_card"]

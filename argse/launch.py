@@ -13,7 +13,7 @@ from argse.presets import dataset_in_argv, set_portable_environment
 
 def main(shim: str | None = None) -> None:
     """Run the CLI (``argse <args>``; ``argse <shim> <args>`` for an original script's name)."""
-    set_portable_environment(dataset_in_argv(sys.argv[1:]))
+    set_portable_environment(dataset_in_argv(sys.argv[1:], folders=shim is None))
     from argse import cli
 
     if shim is None:

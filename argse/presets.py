@@ -106,17 +106,22 @@ def preset(dataset: str) -> DatasetPreset:
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 
 
-def dataset_in_argv(argv: list[str], default: str = "digits-lt") -> str:
-    """The preset a command line names (``--dataset X`` or ``--dataset=X``; the first value that is a
-    preset's name, as the original ``evaluate_argse.py`` also spells a split ``--dataset test``), else
-    ``default``: read before the command is parsed, so before torch is imported."""
+def dataset_in_argv(argv: list[str], default: str = "digits-lt", *, folders: bool = True) -> str:
+    """The dataset a command line names (``--dataset X`` or ``--dataset=X``), read before the command is
+    parsed, so before torch is imported: the first value that is a preset's name, else (``folders``) the
+    first value given, a folder of the user's images, which no preset describes, else ``default``. The
+    original ``evaluate_argse.py`` spells a split ``--dataset test``; its shim reads with
+    ``folders=False``, so a split name never stands for a dataset."""
+    given = []
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
         if name == "--dataset" and not eq:
             value = argv[i + 1] if i + 1 < len(argv) else ""
         if name == "--dataset" and value in PRESETS:
             return value
-    return default
+        if name == "--dataset" and value and not value.startswith("-"):
+            given.append(value)
+    return given[0] if given and folders else default
 
 
 #: ``ARGSE_PORTABLE_KERNELS=0`` in the environment: the CPU's own kernels even where the preset asks for

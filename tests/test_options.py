@@ -40,6 +40,8 @@ def _other_value(opt: Option, current):
         return round((current or 0.0) * 0.5 + 0.25, 6)
     if opt.name == "coverage_grid":
         return "0.9,0.5"
+    if opt.name == "weights":  # a file that exists (what it holds is read only when training starts)
+        return __file__
     return f"{current}-other"
 
 

@@ -435,8 +435,8 @@ class SplitImages:
     """A splits run's images on the training device: train, augmented as the dataset's preset says,
     and each evaluation split (tunev, val, test), not augmented; all normalised with train's statistics."""
 
-    train: DeviceImages
-    evaluation: dict[str, DeviceImages]
+    train: ImageBatches
+    evaluation: dict[str, ImageBatches]
 
 
 def split_images(splits: Splits, source: SourceData, *, augmentation: str, device: torch.device,

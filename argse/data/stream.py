@@ -37,8 +37,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from argse import ArgseError
-from argse.data.device import ImageBatches, Step, normalize_stats
-from argse.data.folder import ImageFiles
+from argse.data.device import DeviceImages, ImageBatches, SplitImages, Step, normalize_stats
+from argse.data.folder import FolderSource, ImageFiles
+from argse.data.splits import EVAL_SPLITS, SPLITS
 
 PREFETCH = 2  # batches each worker decodes ahead
 STATS_SAMPLE = 2000  # images the normalisation statistics are estimated from
@@ -227,10 +228,47 @@ class StreamedImages(ImageBatches):
             yield self.finish(batch.to(self.device, non_blocking=True), step)
 
 
+def folder_split_images(splits, source: FolderSource, *, image_size: int, channels: int, augmentation: str,
+                        stream: bool, device: torch.device, channels_last: bool, workers: int) -> SplitImages:
+    """The images ``splits`` index in a folder (refused when the folder is not the one they were drawn
+    from), as :func:`argse.data.device.split_images` gives a built-in dataset's: held in memory
+    (decoded once at ``image_size``, then batched on ``device``) or, with ``stream``, decoded again
+    for every batch by ``workers`` processes. Normalised with the train images' statistics (streamed:
+    estimated from a fixed sample of them)."""
+    splits.check_source(source)
+    files = {split: source.files(split, splits.indices[split]) for split in SPLITS}
+    if stream:
+        mean, std = estimate_stats(files["train"], image_size, channels, workers=workers)
+
+        def holder(split: str, aug: str) -> ImageBatches:
+            return StreamedImages(files[split], image_size=image_size, channels=channels, mean=mean, std=std,
+                                  augmentation=aug, workers=workers, device=device, channels_last=channels_last)
+    else:
+        pixels = {split: decode_images(f, image_size, channels, workers=workers) for split, f in files.items()}
+        mean, std = normalize_stats(pixels["train"])
+
+        def holder(split: str, aug: str) -> ImageBatches:
+            return DeviceImages(pixels[split], splits.labels[split], mean=mean, std=std, augmentation=aug,
+                                device=device, channels_last=channels_last)
+
+    return SplitImages(holder("train", augmentation), {split: holder(split, "none") for split in EVAL_SPLITS})
+
+
+def split_pixels(splits, source, split: str, count: int | None, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """The first ``count`` images of ``split`` (None: all) as uint8 [n, H, W, C] in the deterministic view (what a
+    served model is sent): indexed in a built-in dataset's arrays, or decoded from a folder's files."""
+    splits.check_source(source)
+    if not isinstance(source, FolderSource):
+        return splits.images(source, split)[:count]
+    files = source.files(split, splits.indices[split][:count])
+    return decode_images(files, image_shape[0], image_shape[2]).numpy()
+
+
 def default_workers() -> int:
     """Decoding processes for streaming: one per CPU core this process may use, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores))
 
 
-__all__ = ["StreamedImages", "centre_box", "decode_images", "default_workers", "estimate_stats", "read_image"]
+__all__ = ["StreamedImages", "centre_box", "decode_images", "default_workers", "estimate_stats", "folder_split_images",
+           "read_image", "split_pixels"]

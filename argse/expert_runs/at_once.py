@@ -257,7 +257,7 @@ def expert_process(work: WorkerJob) -> None:
             state = load_checkpoint(job.run_id) if job.action == "resume" else None
             if job.action == "start":
                 tracking.log_split_inputs(splits, ("train", "val", "tunev", "test"))
-            images = load_images(cfg, splits, device)
+            images = load_images(cfg, splits, device, copies=len(cfg.experts()))
             train_and_log(job.name, cfg, splits, work.splits_run_id, images, device, Dist(), state, job.run_id,
                           work.position)
     except BaseException as exc:  # recorded on the run; the stage reports it in one line

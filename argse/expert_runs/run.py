@@ -23,7 +23,7 @@ from tqdm import tqdm
 from argse import figures, fmt_number
 from argse.config import ExpertsConfig
 from argse.data.device import SplitImages, split_images
-from argse.data.loaders import load_source
+from argse.data.stream import default_workers, folder_split_images
 from argse.data.splits import EVAL_SPLITS, Splits
 from argse.models.experts import ExpertModel
 from argse.serving import save_expert
@@ -65,13 +65,27 @@ def recipe(cfg: ExpertsConfig, device: torch.device) -> ExpertRecipe:
     return ExpertRecipe(backbone=cfg.preset.backbone, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                         weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, la_tau=cfg.la_tau,
                         label_smoothing=cfg.label_smoothing, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
-                        bf16=bf16, channels_last=channels_last, compile=cfg.compile)
+                        bf16=bf16, channels_last=channels_last, compile=cfg.compile,
+                        in_channels=cfg.preset.image_shape[2], weights=cfg.weights)
 
 
-def load_images(cfg: ExpertsConfig, splits: Splits, device: torch.device) -> SplitImages:
-    """The images of ``splits`` on ``device``, read from ``cfg``'s data and augmented as its preset says."""
-    return split_images(splits, load_source(cfg.preset.source, cfg.data_dir), augmentation=cfg.preset.augmentation,
-                        device=device, channels_last=recipe(cfg, device).channels_last)
+def load_images(cfg: ExpertsConfig, splits: Splits, device: torch.device, *, copies: int = 1) -> SplitImages:
+    """The images of ``splits`` on ``device``, read from ``cfg``'s data and augmented as its preset says.
+    A folder's images are held in memory when ``copies`` of them (the experts trained at once) fit, else
+    streamed, by a share of the cores' decoding processes (:meth:`argse.data.folder.FolderScan.storage`)."""
+    channels_last = recipe(cfg, device).channels_last
+    if cfg.folder is None:
+        return split_images(splits, cfg.source(), augmentation=cfg.preset.augmentation, device=device,
+                            channels_last=channels_last)
+    size, _, channels = cfg.preset.image_shape
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    storage = cfg.folder.scan.storage(size, choice=cfg.folder.options.storage, available=free, copies=copies)
+    workers = max(1, default_workers() // copies)
+    click.echo(f"images {'held in memory' if storage.kind == 'memory' else 'streamed'}: {storage.reason}"
+               + (f"; {workers} decoding process(es)" if storage.kind == "stream" else ""))
+    return folder_split_images(splits, cfg.source(), image_size=size, channels=channels,
+                               augmentation=cfg.preset.augmentation, stream=storage.kind == "stream", device=device,
+                               channels_last=channels_last, workers=workers if storage.kind == "stream" else 0)
 
 
 class TrainingLog:
@@ -124,6 +138,9 @@ def train_and_log(name: str, cfg: ExpertsConfig, splits: Splits, splits_run_id: 
     if ddp.main:
         mlflow.set_tags({TAG_PRECISION: "bf16" if plan.bf16 else "fp32", TAG_CHANNELS_LAST: str(plan.channels_last)})
         mlflow.log_param("lr.peak", f"{peak_lr(cfg.lr, cfg.batch_size):g}")  # what epoch/lr peaks at
+    if ddp.main and state.adapted is not None and resume is None:
+        click.echo(f"{name}: starting from the weights {cfg.weights}"
+                   + (f" ({'; '.join(state.adapted)})" if state.adapted else ""))
     if resume is not None:
         state.restore(resume)
         if ddp.main:
@@ -176,7 +193,7 @@ def log_calibrated(expert: ExpertModel, splits: Splits, images: SplitImages, dev
                      labels=splits.labels[split], indices=splits.indices[split])
         save_expert(expert.cpu(), Path(tmp) / EXPERT_WEIGHTS)  # what a fit copies into its model
         integrity.log_artifacts(tmp)
-    log_model(expert.cpu().eval(), images.evaluation["val"].images[:4].cpu().numpy())
+    log_model(expert.cpu().eval(), images.evaluation["val"].examples(4).cpu().numpy())
     return metrics
 
 

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from argse import ArgseError, figures, fmt_number, serving, stage_registry, tracking
 from argse.artifacts import ExpertSet, load_experts, load_gate, resolve_gating, splits_of
 from argse.config import ArgseConfig
-from argse.data.loaders import load_source
+from argse.data.stream import split_pixels
 from argse.data.splits import EVAL_SPLITS, Splits
 from argse.models.gating import gated_mixture
 from argse import selective
@@ -261,13 +261,10 @@ def log_servable(cfg: ArgseConfig, experts: ExpertSet, gating_run_id: str, gate,
                  candidate: "Candidate | None" = None):
     """Log the pyfunc and check that it reproduces, from raw val images, what the logits give (a
     promoted candidate's to :data:`PROMOTE_MARGIN_TOLERANCE` in every margin)."""
-    splits = experts.splits
-    source = load_source(cfg.preset.source, cfg.data_dir)
-    splits.check_source(source)
-    val_images = splits.images(source, "val")
-    if source.train_images.shape[-1] == 1:
+    image_shape = cfg.preset.image_shape
+    val_images = split_pixels(experts.splits, cfg.source(), "val", None, image_shape)
+    if image_shape[2] == 1:
         val_images = val_images[..., 0]
-    image_shape = source.train_images.shape[1:]
     with tempfile.TemporaryDirectory() as tmp:
         components = write_components(Path(tmp) / "components", cfg, experts, gating_run_id, rule, image_shape)
         if candidate is not None:

@@ -24,7 +24,7 @@ import numpy as np
 from argse import ArgseError, figures, fmt_number, stage_registry, tracking
 from argse.artifacts import ExpertSet, load_experts, load_gate, resolve_gating, splits_of
 from argse.config import ArgseConfig, EvaluateConfig
-from argse.data.loaders import load_source
+from argse.data.stream import split_pixels
 from argse.models.gating import balanced_accuracy, gated_mixture
 from argse.selective import PluginRule
 from argse.selective.compare import Comparison, FitOptions, Method, compare
@@ -125,9 +125,7 @@ def run(cfg: EvaluateConfig, *, experiment: str | None = None) -> str | None:
         objective, model_prior = fitted.objective, fitted.test_prior
 
         if cfg.check_images:
-            source = load_source(cfg.preset.source, cfg.data_dir)
-            experts.splits.check_source(source)
-            images = experts.splits.images(source, cfg.split)[: cfg.check_images]
+            images = split_pixels(experts.splits, cfg.source(), cfg.split, cfg.check_images, cfg.preset.image_shape)
             if images.shape[-1] == 1:
                 images = images[..., 0]
             expected = predict_frame(rule, gated_mixture(gate, experts.under(model_prior)[cfg.split][: len(images)]))

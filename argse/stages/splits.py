@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import click
@@ -18,20 +19,39 @@ import numpy as np
 from argse import figures, tracking
 from argse.tracking import integrity
 from argse.config import SplitsConfig
-from argse.data.loaders import load_source
 from argse.data.splits import EVAL_SPLITS, SPLITS, Splits, make_splits
 from argse.stage_registry import SPLITS_DIR, TAG_SPLITS_FINGERPRINT
 
 log = logging.getLogger(__name__)
 
+FILE_LIST = "files.tsv"  # a folder dataset's file list, logged under data/ in the splits run
+DIGEST_CHARS = 32  # of the scan's digest, as the folder input's digest (MLflow keeps at most 36)
+
 
 def build(cfg: SplitsConfig) -> Splits:
-    source = load_source(cfg.preset.source, cfg.data_dir)
+    source = cfg.source()
     return make_splits(
         source, imb_factor=cfg.imb_factor, tunev_ratio=cfg.tunev_ratio, val_ratio=cfg.val_ratio,
         group_thresholds=cfg.group_thresholds, seed=cfg.seed,
         longtail_order=cfg.preset.longtail_order, config=cfg.params(),
+        heldout_test=getattr(source, "heldout_test", None),
     )
+
+
+def log_folder(cfg: SplitsConfig, tmp: Path) -> None:
+    """For a folder of images: its file list (``data/files.tsv``: pool, path, label, class, width,
+    height) and the folder as the run's MLflow dataset input, whose digest is the scan's."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    integrity.log_artifact(cfg.folder.scan.write_file_list(tmp / FILE_LIST), "data")
+    with warnings.catch_warnings():
+        # MLflow registers its local-path source twice (as two classes of one name) and warns that it
+        # picked one of the two, which are the same.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(cfg.data_dir)
+    mlflow.log_input(MetaDataset(source, name=cfg.dataset, digest=cfg.folder.scan.digest[:DIGEST_CHARS]),
+                     context="folder")
 
 
 def distribution_table(splits: Splits, sample_classes: int = 3) -> str:
@@ -100,13 +120,17 @@ def run(cfg: SplitsConfig, *, experiment: str | None = None) -> str | None:
         with tempfile.TemporaryDirectory() as tmp:
             splits.save(Path(tmp) / SPLITS_DIR)
             integrity.log_artifacts(tmp)
+        if cfg.folder is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                log_folder(cfg, Path(tmp))
         mlflow.log_metrics(summary(splits))
         mlflow.set_tag(TAG_SPLITS_FINGERPRINT, splits.fingerprint)
         tracking.log_split_inputs(splits, SPLITS)
         eval_counts = {s: np.bincount(splits.labels[s], minlength=splits.num_classes) for s in EVAL_SPLITS}
         fig = figures.class_distribution(
             splits.train_counts, eval_counts, splits.class_to_group, splits.group_names,
-            f"{cfg.dataset}: imbalance factor {cfg.imb_factor:g}, seed {cfg.seed}", class_names=splits.class_names,
+            f"{cfg.dataset}: " + ("natural long tail" if cfg.imb_factor is None else f"imbalance factor {cfg.imb_factor:g}")
+            + f", seed {cfg.seed}", class_names=splits.class_names,
         )
         mlflow.log_figure(fig, "class_distribution.png")
         figures.close(fig)

@@ -24,7 +24,7 @@ from torch import nn
 
 from argse import EXPERTS
 from argse.data.device import ImageBatches
-from argse.models.backbones import build_backbone
+from argse.models.backbones import build_backbone, load_weights, pretrained_state_dict
 from argse.training import distributed
 from argse.training.losses import make_loss
 from argse.training.utils import (
@@ -57,6 +57,8 @@ class ExpertRecipe:
     bf16: bool  # bf16 autocast
     channels_last: bool
     compile: bool = False  # torch.compile the model
+    in_channels: int | None = None  # of the images (None: the network's own default)
+    weights: str | None = None  # trained weights to start from (argse.models.backbones.pretrained_state_dict)
 
 
 @dataclass
@@ -71,6 +73,8 @@ class ExpertTraining:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     epoch: int = 0  #: the last finished epoch
+    #: What loading the recipe's trained weights adapted (None: it starts from a random initialisation).
+    adapted: list[str] | None = None
 
     def checkpoint(self, config: dict[str, Any]) -> dict[str, Any]:
         """Everything a resume needs to continue exactly, with the run's `config` beside it."""
@@ -98,7 +102,9 @@ def assemble(name: str, recipe: ExpertRecipe, train_counts: np.ndarray, *, steps
     ``train_counts`` (the train images per class), SGD with its schedule, and the batch generator."""
     index = EXPERTS.index(name)
     seed_everything(recipe.seed + index)
-    backbone = build_backbone(recipe.backbone, len(train_counts)).to(device)
+    backbone = build_backbone(recipe.backbone, len(train_counts), in_channels=recipe.in_channels)
+    adapted = load_weights(backbone, pretrained_state_dict(recipe.backbone, recipe.weights)) if recipe.weights else None
+    backbone = backbone.to(device)
     if recipe.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     model = distributed.wrap(ddp, backbone, device)
@@ -109,7 +115,7 @@ def assemble(name: str, recipe: ExpertRecipe, train_counts: np.ndarray, *, steps
         epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=min(recipe.warmup_epochs, recipe.epochs))
     criterion = make_loss(name, train_counts, la_tau=recipe.la_tau, label_smoothing=recipe.label_smoothing).to(device)
     return ExpertTraining(backbone=backbone, model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
-                          generator=torch.Generator().manual_seed(recipe.seed * 1000 + index))
+                          generator=torch.Generator().manual_seed(recipe.seed * 1000 + index), adapted=adapted)
 
 
 def train_step(state: ExpertTraining, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
