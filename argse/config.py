@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
 from argse import DEVICES, EXPERTS, OBJECTIVES, ArgseUsageError, stage_registry
-from argse.data.splits import EVAL_SPLITS, PRIORS
+from argse.data.splits import EVAL_SPLITS, PRIORS, heldout_parts
 from argse.options import flag, option, options, parse_group_thresholds, resolve_coverage_grid
 from argse.presets import DATASETS, PRESETS, DatasetPreset
 
@@ -160,7 +160,24 @@ class SplitsConfig(SingleStageConfig):
             raise ArgseUsageError(
                 "--tunev-ratio plus --val-ratio must stay below 1 so the test split is not empty"
             )
+        if cfg.folder is not None:
+            cfg.check_heldout()
         return cfg
+
+    def check_heldout(self) -> None:
+        """A folder's held-out images must give every evaluation split some rows: one line otherwise."""
+        import numpy as np
+
+        source = self.source()
+        parts = heldout_parts(source.heldout_labels, source.num_classes, self.tunev_ratio, self.val_ratio,
+                              np.random.default_rng(0), source.heldout_test)
+        empty = [name for name, rows in parts.items() if len(rows) == 0]
+        if empty:
+            counts = np.bincount(source.heldout_labels, minlength=source.num_classes)
+            raise ArgseUsageError(
+                f"{self.data_dir}: the {empty[0]} split would be empty: {counts.min()} to {counts.max()} held-out images "
+                f"per class are too few for --tunev-ratio {self.tunev_ratio:g} and --val-ratio {self.val_ratio:g}; add "
+                "test images (or a val/ pool, which tunev and val are drawn from), or raise the ratios")
 
 
 #: ``--at-once``: how the experts stage trains several experts (see :func:`argse.expert_runs.at_once.choose_mode`).

@@ -204,7 +204,7 @@ def team_cli():
 @team_cli.command("grant")
 @click.argument("user")
 @click.argument("role", type=click.Choice(ROLES))
-@click.option("--dataset", required=True, type=click.Choice(DATASETS))
+@click.option("--dataset", required=True, help=f"A preset ({', '.join(DATASETS)}) or the name a folder of images runs under.")
 def grant_command(user, role, dataset):
     """Give USER a ROLE on --dataset (run as the server's admin)."""
     from argse import tracking

@@ -208,8 +208,8 @@ def crown(ref, tracking_uri, experiment):
 
 
 @cli.command()
-@click.option("--dataset", type=click.Choice(list(PRESETS_NAMES)), default=None,
-              help="Only this dataset's runs (default: every argse run in every experiment).")
+@click.option("--dataset", default=None, help=f"Only this dataset's runs ({', '.join(PRESETS_NAMES)}, or a folder's "
+              "name; default: every argse run in every experiment).")
 @click.option("--reap", is_flag=True, help="Mark FAILED the RUNNING runs whose process is gone.")
 @tracking_options
 def status(dataset, reap, tracking_uri, experiment):

@@ -547,8 +547,8 @@ def _read_headers(root: Path, layout: str, class_names: tuple[str, ...], entries
         first = unreadable[0]
         raise ArgseUsageError(f"{root / first.path} cannot be read as an image ({first.reason})"
                               + (f", nor can {len(unreadable) - 1} more file(s)" if len(unreadable) > 1 else "")
-                              + ": replace or remove them, or set skip_unreadable: true in the dataset card to leave "
-                              "them out")
+                              + f": replace or remove {'them' if len(unreadable) > 1 else 'it'}, or set skip_unreadable: "
+                              "true in the dataset card to leave such files out")
     for item in unreadable:
         digest.update(f"skipped\t{item.path}\n".encode())
     scan = FolderScan(root, layout, class_names, pools, dict(modes), tuple(unreadable), dict(ignored),

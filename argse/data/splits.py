@@ -221,6 +221,30 @@ def requested_train_counts(pool_counts: np.ndarray, imb_factor: float | None, lo
     return longtail_counts(n_max, len(pool_counts), imb_factor, longtail_order)
 
 
+def heldout_parts(labels: np.ndarray, num_classes: int, tunev_ratio: float, val_ratio: float,
+                  rng: np.random.Generator, heldout_test: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The held-out rows of each evaluation split (sorted), per class: ``tunev_ratio`` and ``val_ratio``
+    of its rows (rounded) and the rest for test; with ``heldout_test`` (see :func:`make_splits`) those
+    rows are test, and tunev and val share the others as ``tunev_ratio : val_ratio``. How many rows
+    each split gets does not depend on ``rng``, only which."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in EVAL_SPLITS}
+    for c in range(num_classes):
+        if heldout_test is None:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            n_tunev = int(round(len(idx) * tunev_ratio))
+            n_val = int(round(len(idx) * val_ratio))
+            parts["tunev"].append(idx[:n_tunev])
+            parts["val"].append(idx[n_tunev:n_tunev + n_val])
+            parts["test"].append(idx[n_tunev + n_val:])
+        else:
+            idx = rng.permutation(np.flatnonzero((labels == c) & ~heldout_test))
+            n_tunev = int(round(len(idx) * tunev_ratio / (tunev_ratio + val_ratio)))
+            parts["tunev"].append(idx[:n_tunev])
+            parts["val"].append(idx[n_tunev:])
+            parts["test"].append(np.flatnonzero((labels == c) & heldout_test))
+    return {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
+
+
 def make_splits(
     source: SourceData,
     *,
@@ -264,22 +288,8 @@ def make_splits(
             "the data folder is incomplete"
         )
 
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in EVAL_SPLITS}
-    for c in range(num_classes):
-        if heldout_test is None:
-            idx = rng.permutation(np.flatnonzero(source.heldout_labels == c))
-            n_tunev = int(round(len(idx) * tunev_ratio))
-            n_val = int(round(len(idx) * val_ratio))
-            parts["tunev"].append(idx[:n_tunev])
-            parts["val"].append(idx[n_tunev:n_tunev + n_val])
-            parts["test"].append(idx[n_tunev + n_val:])
-        else:
-            idx = rng.permutation(np.flatnonzero((source.heldout_labels == c) & ~heldout_test))
-            n_tunev = int(round(len(idx) * tunev_ratio / (tunev_ratio + val_ratio)))
-            parts["tunev"].append(idx[:n_tunev])
-            parts["val"].append(idx[n_tunev:])
-            parts["test"].append(np.flatnonzero((source.heldout_labels == c) & heldout_test))
-    indices = {"train": train, **{name: np.sort(np.concatenate(p)) for name, p in parts.items()}}
+    parts = heldout_parts(source.heldout_labels, num_classes, tunev_ratio, val_ratio, rng, heldout_test)
+    indices = {"train": train, **parts}
     for name in EVAL_SPLITS:
         if len(indices[name]) == 0:
             raise ArgseError(f"the {name} split is empty: the held-out data has too few images per class")
