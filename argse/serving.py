@@ -1,20 +1,34 @@
 """The final AR-GSE model as an MLflow pyfunc: three experts, their temperatures, the gate and the rule.
 
-Input (the contract, in the model's metadata and checked by the model itself): a batch of raw images
-whose pixels are integers in 0..255, an array ``[N, H, W, C]`` (``[N, H, W]`` for the one-channel
-digits), uint8 or any integer dtype. Anything else is refused with one line that says what to send
-(HTTP 400 from ``mlflow models serve``): floats (the scoring server would otherwise cast ``0.5`` to 0
-and answer a black image), integers outside 0..255, another shape, a request with no images. The
+Input (the contract, in the model's metadata and checked by the model itself), in one of two forms:
+
+* **pixels**: a batch of raw images whose pixels are integers in 0..255, an array ``[N, H, W, C]``
+  (``[N, H, W]`` for the one-channel digits), uint8 or any integer dtype, of the training shape;
+* **encoded images**: PNG or JPEG files of any size, grey or colour, in a column (or input) named
+  ``image``: base64 text in a JSON request (``dataframe_split``, ``dataframe_records``, or
+  ``{"inputs": {"image": [...]}}``), base64 text or the files' bytes in Python. Each is read as the
+  training pipeline's deterministic view reads a file (:func:`argse.data.stream.read_image`: the
+  largest centred square resized to the training side, grey or colour converted to the training
+  channels), so an image answers as its pixels would. A model trained on non-square images takes
+  pixels only.
+
+Anything else is refused with one line that names both forms (HTTP 400 from ``mlflow models serve``):
+floats (the scoring server would otherwise cast ``0.5`` to 0 and answer a black image), integers
+outside 0..255, another shape, a request with no images, and, for encoded images, an empty value,
+text that is not base64 and bytes Pillow cannot read (naming the image's row, counted from 0). The
 signature declares the outputs and the ``cost`` parameter, not the input: a declared uint8 input
-makes MLflow cast a request's numbers to uint8 before the model sees them, cutting fractions off.
-A Python batch of zero images of the right shape gets an empty answer. Output: one row per image with
-``prediction``, ``accept``, ``margin``, ``group`` (the name of the predicted class's group: ``head`` /
-``tail``) and ``confidence`` (the mixture's probability of the predicted class). The inference
-parameter ``cost`` (a number >= 0) changes the rejection cost at predict time: an image is accepted
-when its margin is at least ``-cost``, so a higher cost accepts more (rules with per-group thresholds
-ignore it, as their thresholds replace the cost). The rejector abstains on hard images of the classes
-it was trained on; it is not an out-of-distribution detector, and answers an image of something else
-(a blank one included) like any other.
+makes MLflow cast a request's numbers to uint8 before the model sees them, cutting fractions off, and
+a declared ``image`` column makes it turn a pixel batch into a column of text (the two forms cannot
+share one MLflow schema). Both forms are in the metadata's ``input_contract`` instead. A Python batch
+of zero images of the right shape (or an empty ``image`` column) gets an empty answer.
+
+Output: one row per image with ``prediction``, ``accept``, ``margin``, ``group`` (the name of the
+predicted class's group: ``head`` / ``tail``) and ``confidence`` (the mixture's probability of the
+predicted class). The inference parameter ``cost`` (a number >= 0) changes the rejection cost at
+predict time: an image is accepted when its margin is at least ``-cost``, so a higher cost accepts
+more (rules with per-group thresholds ignore it, as their thresholds replace the cost). The rejector
+abstains on hard images of the classes it was trained on; it is not an out-of-distribution detector,
+and answers an image of something else (a blank one included) like any other.
 
 The model holds data only: ``data/components`` (the experts' and the gate's weights, the rule, and
 ``meta.json`` with the provenance) and MLflow's own files. Its code is this installed package: MLflow
@@ -25,6 +39,8 @@ weights only with ``torch.load(weights_only=True)`` (docs/team-server.md says wh
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 import tempfile
@@ -39,6 +55,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from argse import ArgseError, __version__
+from argse.data.stream import read_image
 from argse.models.backbones import build_backbone
 from argse.models.experts import ExpertModel
 from argse.models.gating import GatingNet, gated_mixture
@@ -54,6 +71,7 @@ EXPERT_FILE = "expert_{name}.pt"
 GATE_FILE = "gate.pt"
 RULE_FILE = "rule.json"
 META_FILE = "meta.json"
+ENCODED = "image"  # the column (or input) that holds encoded images: base64 text, or bytes in Python
 #: The fields of meta.json that say where the model comes from: the run that logged it (whose sealed
 #: digests the loader checks every file against) and the runs its files were copied from.
 PROVENANCE = ("run_id", "upstream")
@@ -80,16 +98,30 @@ class ContractError(MlflowException):
 
 
 def input_contract(image_shape) -> str:
-    """What a request must hold, in words (the first half of every refusal)."""
+    """What a request must hold, in words (the first half of every refusal): both forms, or the pixels
+    alone for a model trained on non-square images."""
     h, w, c = image_shape
     shape = f"[N, {h}, {w}]" if c == 1 else f"[N, {h}, {w}, {c}]"
-    return f"send images as integers in 0..255 (uint8) of shape {shape}"
+    pixels = f"send images as integers in 0..255 (uint8) of shape {shape}"
+    if h != w:
+        return pixels
+    return f"{pixels}, or as PNG or JPEG files, base64 text in a column named {ENCODED}"
 
 
 def as_images(images, image_shape) -> np.ndarray:
-    """The uint8 batch a request holds, or a :class:`ContractError` naming the contract."""
+    """The uint8 batch a request holds (pixels, or encoded images read by :func:`decode_image`), or a
+    :class:`ContractError` naming the contract."""
     h, w, c = image_shape
     contract = input_contract(image_shape)
+    encoded = encoded_values(images, contract)
+    if encoded is not None:
+        if h != w:
+            raise ContractError(f"{contract}; got encoded images, which this model does not take: it was trained on "
+                                f"{h} x {w} images and reads files as squares, so send their pixels")
+        out = np.zeros((len(encoded), h, w, c), dtype=np.uint8)
+        for row, value in enumerate(encoded):
+            out[row] = decode_image(value, row, image_shape, contract)
+        return out
     images = images.to_numpy() if isinstance(images, pd.DataFrame) else np.asarray(images)
     shapes = ((h, w, c),) + (((h, w),) if c == 1 else ())
     if images.size == 0:
@@ -109,6 +141,53 @@ def as_images(images, image_shape) -> np.ndarray:
     if low < 0 or high > 255:
         raise ContractError(f"{contract}; got integers in {low}..{high}")
     return images.astype(np.uint8, copy=False).reshape((-1, h, w, c))
+
+
+def encoded_values(images, contract: str) -> list | None:
+    """The values of a request's :data:`ENCODED` column, one per image, or ``None`` for a request
+    without one (pixels). The scoring server hands ``dataframe_split`` and ``dataframe_records`` over as
+    a DataFrame, ``{"inputs": {"image": [...]}}`` and ``instances`` records as a dict of arrays."""
+    if isinstance(images, pd.DataFrame):
+        if ENCODED not in images.columns and all(dtype.kind in "iufb" for dtype in images.dtypes):
+            return None
+        names = [str(name) for name in images.columns]
+        values = images[ENCODED] if names == [ENCODED] else None
+    elif isinstance(images, dict):
+        names = [str(name) for name in images]
+        values = images[ENCODED] if names == [ENCODED] else None
+    else:
+        return None
+    if values is None:
+        raise ContractError(f"{contract}; got the columns {names}")
+    if isinstance(values, (str, bytes)):
+        return [values]
+    values = values.to_numpy() if isinstance(values, pd.Series) else values
+    if isinstance(values, np.ndarray) and values.ndim > 1:
+        raise ContractError(f"{contract}; got a {ENCODED} column of shape {list(values.shape)}: send one value "
+                            "per image")
+    return values.reshape(-1).tolist() if isinstance(values, np.ndarray) else list(values)
+
+
+def decode_image(value, row: int, image_shape, contract: str) -> np.ndarray:
+    """Image ``row`` of the :data:`ENCODED` column (base64 text, or the file's bytes) as uint8 [S, S, C]:
+    the training pipeline's deterministic view of the file (:func:`argse.data.stream.read_image`)."""
+    side, _, channels = image_shape
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode("".join(value.split()), validate=True)
+        except ValueError:  # binascii.Error, or text that is not ASCII
+            raise ContractError(f"{contract}; image {row} is not base64 text") from None
+    elif isinstance(value, (bytes, bytearray)):
+        raw = bytes(value)
+    else:
+        raise ContractError(f"{contract}; image {row} is not base64 text or bytes (got {type(value).__name__})")
+    if not raw:
+        raise ContractError(f"{contract}; image {row} is empty")
+    try:
+        return read_image(io.BytesIO(raw), side, channels)
+    except Exception as exc:  # Pillow raises many kinds on bytes that are not an image, or a damaged one
+        raise ContractError(f"{contract}; image {row} is not a PNG or JPEG image Pillow can read "
+                            f"({type(exc).__name__})") from None
 
 
 def as_cost(value) -> float | None:
@@ -133,7 +212,8 @@ class ARGSEModel:
         self.experts = []
         for name in meta["experts"]:
             saved = torch.load(folder / EXPERT_FILE.format(name=name), map_location="cpu", weights_only=True)
-            model = ExpertModel(build_backbone(meta["backbone"], meta["num_classes"]), saved["mean"], saved["std"])
+            backbone = build_backbone(meta["backbone"], meta["num_classes"], in_channels=meta["image_shape"][2])
+            model = ExpertModel(backbone, saved["mean"], saved["std"])
             model.load_state_dict(saved["state_dict"])
             self.experts.append(model.eval())
         self.gate = load_gate_file(folder / GATE_FILE)
@@ -144,7 +224,7 @@ class ARGSEModel:
     def posteriors(self, images) -> torch.Tensor:
         """Calibrated expert posteriors [N, E, C] (float64) of raw images (see :func:`as_images`), each
         moved to the target prior the rule was fitted under (``posterior_shifts`` in meta.json)."""
-        x = torch.from_numpy(np.ascontiguousarray(as_images(images, self.meta["image_shape"])))
+        x = torch.from_numpy(np.require(as_images(images, self.meta["image_shape"]), requirements=["C", "W"]))
         logits = torch.stack([expert(x).double() for expert in self.experts], dim=1)
         return (logits + self.shifts[None]).softmax(dim=2)
 
