@@ -3,7 +3,8 @@
 in a fresh MLflow store (:func:`store_env`, :func:`argse`), an expert ready for the training step
 the experts stage takes (:func:`expert`), a process that keeps one core busy (:func:`spin`), the
 experts stage's seconds per epoch read from its runs (:func:`experts_epoch_wall`), and the
-fashion-mnist-lt-shaped selective problem (:func:`problem`).
+fashion-mnist-lt-shaped selective problem (:func:`problem`) and the commit a figure comes from
+(:func:`commit`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ import numpy as np
 import torch
 
 from argse.training.experts import ExpertRecipe, ExpertTraining, assemble
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout the benchmarks run from
+
+
+def commit() -> str:
+    """The checkout's commit (short), marked when tracked files differ from it: what heads a figure."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True)
+    return (head.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
 
 # -- argse in a fresh store ------------------------------------------------------------------------
 

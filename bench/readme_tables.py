@@ -2,12 +2,17 @@
 
     python bench/readme_tables.py                      # the quickstart's digits-lt table (about a minute)
     python bench/readme_tables.py --benchmark fashion-mnist-lt --seeds 0,1,2,3,4 --test-prior lt,balanced
+    python bench/readme_tables.py --folder              # "Your own images": a generated folder of PNGs
 
 The first form runs the quickstart's pipeline (`argse pipeline`, what `mlflow run .` runs) in a
 temporary store and prints its evaluate table as the console prints it. The second runs `argse
 benchmark` with those options and prints its summary table. Each table is headed by the command, the
-commit, the CPU, the torch threads and the precision it ran in, and the wall time. A fresh store
-each time: nothing is reused from an earlier run.
+commit, the CPU, the torch threads and the precision it ran in, and the wall time. The third writes
+scikit-learn's digits as a folder of 32x32 colour PNGs with a natural long tail
+(:data:`FOLDER_TAIL` training images per class, 50 test images each;
+argse.testing.image_folders), prints what the dry run says of it, then runs the README's `mlflow run .
+-P dataset=my-digits -P data_dir=...` as `argse pipeline` and prints the end of its output. A fresh
+store each time: nothing is reused from an earlier run.
 """
 
 from __future__ import annotations
@@ -19,16 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import argse, store_env
+from common import argse, commit, store_env
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit heads the tables
-
-
-def commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True)
-    return (head.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+FOLDER_TAIL = (120, 80, 55, 38, 26, 18, 12, 8, 6, 4)  # the generated folder's training images per class
 
 
 def precision(dataset: str) -> str:
@@ -62,7 +60,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--test-prior", default="lt")
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--folder", action="store_true", help="the README's folder example instead")
     args = parser.parse_args()
+    if args.folder:
+        folder_example()
+        return
 
     from argse.training.utils import cpu_model
 
@@ -94,6 +96,58 @@ def main() -> None:
           f"commit {commit()}, {cpu_model()} ({os.cpu_count()} cores), {precision(dataset)}, "
           f"fresh store, {seconds:.0f} s wall:\n")
     print(table)
+
+
+def folder_example() -> None:
+    """The README's "Your own images": the dry run's account of a generated folder, the end of a
+    pipeline on it, and the champion served answering one of its test images sent as a base64 PNG."""
+    from argse.testing.image_folders import write_image_folder
+    from argse.training.utils import cpu_model
+
+    with tempfile.TemporaryDirectory(prefix="argse-readme-") as tmp:
+        store = Path(tmp)
+        folder = write_image_folder(store / "my-digits", FOLDER_TAIL, per_class_test=50, size=32, suffix=".png")
+        given = ["--dataset", "my-digits", "--data-dir", str(folder)]
+        _, dry = argse(["splits", *given, "--dry-run"], store_env(store), store)
+        seconds, done = argse(["pipeline", *given], store_env(store), store)
+        image = sorted((folder / "test").rglob("*.png"))[0]
+        answer = served_answer(store, "models:/ar-gse-my-digits@champion", image)
+    start = next(i for i, line in enumerate(dry.stdout.splitlines()) if line.startswith("folder "))
+    scan = dry.stdout.splitlines()[start:]
+    scan = scan[:next(i for i, line in enumerate(scan) if line.startswith("  experiment:"))]
+    print(f"`argse splits --dataset my-digits --data-dir DIR --dry-run`, then `argse pipeline --dataset my-digits "
+          f"--data-dir DIR` (what `mlflow run . --env-manager local -P dataset=my-digits -P data_dir=DIR` runs), "
+          f"commit {commit()}, {cpu_model()} ({os.cpu_count()} cores), fresh store, {seconds:.0f} s wall:\n")
+    print("\n".join(line.replace(str(folder), "DIR") for line in scan))
+    print("...")
+    out = done.stdout.splitlines()
+    last = max(i for i, line in enumerate(out) if line.startswith("argse run "))  # the pipeline's closing lines
+    print("\n".join(line.replace(str(store), "STORE") for line in out[last:] if not line.startswith("see the runs")))
+    print(f"\nthe champion served, sent {image.relative_to(folder)} as a base64 PNG:\n{answer}")
+
+
+def served_answer(store: Path, model: str, image: Path) -> str:
+    """What ``mlflow models serve -m MODEL`` answers to ``image`` sent as the README's curl sends it."""
+    import base64
+    import json
+    import urllib.request
+
+    from argse.testing.servers import free_port, wait_for_http
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
+                               "--host", "127.0.0.1", "--port", str(port)], cwd=store, env=store_env(store),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

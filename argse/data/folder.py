@@ -266,7 +266,7 @@ class FolderScan:
             shown.append("...")
         shown += [f"{self.class_names[c]} {counts[c]:,}" for c in order[max(3, len(order) - 3):]]
         lines = [f"folder {self.root} ({kind}): {self.num_classes} classes; images {pools}",
-                 f"  train images per class, most to fewest: {', '.join(shown)} (median {np.median(counts):g})"]
+                 f"  train images per class, most to fewest: {', '.join(shown)} (median {np.median(counts):,g})"]
         widths = np.concatenate([p.sizes[:, 0] for p in self.pools.values()])
         heights = np.concatenate([p.sizes[:, 1] for p in self.pools.values()])
         common = Counter(zip(widths.tolist(), heights.tolist())).most_common(3)
