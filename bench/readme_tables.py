@@ -89,7 +89,7 @@ def main() -> None:
             command = ["benchmark", "--dataset", dataset, "--seeds", args.seeds, "--test-prior", args.test_prior,
                        "--data-dir", args.data_dir]
             seconds, _ = argse(command, store_env(store), store)
-            client, summary = newest_run(store, stage_registry.BENCHMARK_STAGE)
+            client, summary = newest_run(store, stage_registry.BENCHMARK_STAGE.name)
             table = Path(client.download_artifacts(summary.info.run_id, f"{stage_registry.BENCHMARK_DIR}/table.md",
                                                    tmp)).read_text()
     print(f"`argse {' '.join(command)}` (what `mlflow run .` runs{'' if args.benchmark is None else ' -e benchmark'}), "
