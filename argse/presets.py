@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from argse import ArgseUsageError
-
 
 @dataclass(frozen=True)
 class DatasetPreset:
@@ -85,16 +83,6 @@ PRESETS: dict[str, DatasetPreset] = {
     ),
 }
 DATASETS = tuple(PRESETS)
-
-
-def preset(dataset: str) -> DatasetPreset:
-    """The preset of a benchmark, or a one-line error listing the known ones."""
-    try:
-        return PRESETS[dataset]
-    except KeyError:
-        raise ArgseUsageError(
-            f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}"
-        ) from None
 
 
 #: What ``portable_kernels`` sets before torch is imported: torch's ATen kernels without the CPU's vector

@@ -179,15 +179,15 @@ def promote(ref: str) -> str:
     logged. The refit's model (the maintainer's run, which no teammate can write) is registered in
     the shared model and competes for champion with its like. The decision, one line."""
     from argse import tracking
-    from argse.presets import apply_compute_policy, preset
+    from argse.presets import apply_compute_policy
     from argse.stages import argse as fit_stage
 
     run_id = tracking.run_id_of(ref)
     candidate = fit_stage.Candidate(run_id)
     dataset = candidate.run.data.tags[tracking.TAG_DATASET]
-    apply_compute_policy(preset(dataset))
-    refit = fit_stage.run(candidate.config(shared_model(dataset)), experiment=shared_experiment(dataset),
-                          candidate=candidate)
+    cfg = candidate.config(shared_model(dataset))  # a built-in preset, or the folder the candidate ran on
+    apply_compute_policy(cfg.preset)
+    refit = fit_stage.run(cfg, experiment=shared_experiment(dataset), candidate=candidate)
     from mlflow.tracking import MlflowClient
 
     tags = MlflowClient().get_run(refit).data.tags

@@ -51,16 +51,22 @@ def steps(pipeline) -> dict[str, str]:
     return {step: pipeline.data.tags[f"argse.step.{step}"].split(" ")[0] for step in STEPS}
 
 
+def first_run(store: str, cwd, dataset: str, folder):
+    """The project run on the folder for the first time: every stage ran, every run FINISHED, a
+    champion registered. Returns the client, the dataset's experiment id and the champion."""
+    mlflow_run(store, cwd, dataset, folder)
+    client = MlflowClient()
+    (pipeline,) = pipelines(client, dataset)
+    assert steps(pipeline) == dict.fromkeys(STEPS, "ran")
+    home = client.get_experiment_by_name(f"ar-gse/{dataset}").experiment_id
+    assert {r.info.status for r in client.search_runs([home])} == {"FINISHED"}
+    return client, home, client.get_model_version_by_alias(f"ar-gse-{dataset}", "champion")
+
+
 @pytest.mark.slow
 def test_a_png_folder_runs_serves_a_base64_png_reuses_its_runs_and_reruns_on_a_changed_image(store, tmp_path):
     folder = write_image_folder(tmp_path / "mine", per_class_test=30, size=32, suffix=".png")
-    mlflow_run(store, tmp_path, "mine", folder)
-    client = MlflowClient()
-    (first,) = pipelines(client, "mine")
-    assert steps(first) == dict.fromkeys(STEPS, "ran")
-    home = client.get_experiment_by_name("ar-gse/mine").experiment_id
-    assert {r.info.status for r in client.search_runs([home])} == {"FINISHED"}
-    champion = client.get_model_version_by_alias("ar-gse-mine", "champion")
+    client, home, champion = first_run(store, tmp_path, "mine", folder)
     (splits_run,) = [r for r in client.search_runs([home]) if r.data.tags.get("argse.stage") == "splits"]
     assert [i.dataset.name for i in splits_run.inputs.dataset_inputs if i.tags[0].value == "folder"] == ["mine"]
     listed = client.download_artifacts(splits_run.info.run_id, "data/files.tsv", str(tmp_path))
@@ -108,13 +114,7 @@ def test_a_png_folder_runs_serves_a_base64_png_reuses_its_runs_and_reruns_on_a_c
 def test_jpeg_list_files_run_end_to_end_and_the_champion_answers_a_jpeg_of_the_folder(store, tmp_path):
     folder = write_image_folder(tmp_path / "listed", per_class_test=30, size=32, suffix=".jpg", lists=True)
     assert (folder / "train.txt").is_file() and not (folder / "train").exists()
-    mlflow_run(store, tmp_path, "listed", folder)
-    client = MlflowClient()
-    (pipeline,) = pipelines(client, "listed")
-    assert steps(pipeline) == dict.fromkeys(STEPS, "ran")
-    home = client.get_experiment_by_name("ar-gse/listed").experiment_id
-    assert {r.info.status for r in client.search_runs([home])} == {"FINISHED"}
-    champion = client.get_model_version_by_alias("ar-gse-listed", "champion")
+    _, _, champion = first_run(store, tmp_path, "listed", folder)
 
     import mlflow.pyfunc
     import pandas as pd
