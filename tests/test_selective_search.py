@@ -1,5 +1,7 @@
 """The direct search of the rule family (`argse.selective.search`): its coordinates keep a rule's
-decisions, it only ever moves to a rule its criterion prefers, and it works for more than two groups."""
+decisions, it only ever moves to a rule its criterion prefers, the smoothed criterion is the average
+over each rule's neighbours and prefers a wide basin to a narrow dip, and it works for more than two
+groups."""
 
 import math
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from argse.selective import FitOptions, PluginRule, fit_at_coverage, fit_balanced, selective_errors
-from argse.selective.search import SPAN_U, coordinates, rule_of, search
+from argse.selective.search import SMOOTH_M, SMOOTH_U, SPAN_U, coordinates, rule_of, search, smoothed
 from test_selective_fit import l2r_risk, one_thread, sample  # noqa: F401 (fixtures)
 
 
@@ -51,6 +53,68 @@ def test_the_search_finds_the_bottom_of_a_narrow_dip_and_never_moves_uphill():
     theta, value = search(score, start, torch.tensor([SPAN_U, 1.0], dtype=torch.float64))
     assert (theta[0] - target[0]).abs().max() < 0.02 and float(value[0]) < -0.99
     assert torch.equal(theta[1], start[1]) and float(value[1]) == 0.0
+
+
+@pytest.mark.parametrize("k, dims", [(2, 2), (2, 3), (3, 4), (3, 5)])
+def test_the_smoothed_criterion_is_the_mean_over_the_rule_and_its_neighbours(k, dims):
+    # Written out for one rule: the rule, then each u_k and each m_k one width up and one width down;
+    # a cost fit's threshold (the coordinate after u and m) is not moved. With `scale`, each problem's
+    # widths are scaled by its entry (0: the criterion itself).
+    g = torch.Generator().manual_seed(dims)
+    weights = torch.rand(dims, generator=g, dtype=torch.float64)
+
+    def score(theta, owner):
+        return (torch.sin(3 * theta) * weights).sum(dim=1) + owner.to(torch.float64)
+
+    theta = torch.randn(3, dims, generator=g, dtype=torch.float64)
+    owner = torch.tensor([0, 1, 1])
+    widths = [SMOOTH_U] * (k - 1) + [SMOOTH_M] * (k - 1)
+    for scale in (None, torch.tensor([0.0, 2.0])):
+        expected = []
+        for row, problem in zip(theta, owner.tolist()):
+            factor = 1.0 if scale is None else float(scale[problem])
+            points = [row.clone()]
+            for i, width in enumerate(widths):
+                for sign in (1.0, -1.0):
+                    moved = row.clone()
+                    moved[i] += sign * width * factor
+                    points.append(moved)
+            values = [float(score(p[None], torch.tensor([problem]))[0]) for p in points]
+            expected.append(sum(values) / len(values))
+        got = smoothed(score, k, dims, scale)(theta, owner)
+        assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-12), (scale, got, expected)
+
+
+def test_the_smoothed_search_prefers_a_wide_basin_to_a_deeper_narrow_dip():
+    # A bowl around A and, away from it, a dip deeper than the bowl's bottom but narrower than the
+    # neighbourhood: the plain search ends in the dip (the criterion's minimum), the smoothed one at A.
+    a = torch.tensor([0.8, -0.3], dtype=torch.float64)
+    b = torch.tensor([-0.9, 0.4], dtype=torch.float64)
+
+    half_width = torch.tensor([SMOOTH_U, SMOOTH_M], dtype=torch.float64) / 4
+
+    def score(theta, owner):
+        bowl = 0.1 * ((theta - a) ** 2).sum(dim=1)
+        dip = torch.where(((theta - b).abs() < half_width).all(dim=1), -1.0, 0.0)
+        return bowl + dip
+
+    start = b[None] + torch.tensor([[0.05, 0.002]], dtype=torch.float64)
+    span = torch.tensor([SPAN_U, 1.0], dtype=torch.float64)
+    plain, _ = search(score, start, span)
+    smooth, _ = search(smoothed(score, 2, 2), start, span)
+    assert bool(((plain[0] - b).abs() < half_width).all()), plain  # in the dip (at its edge nearest A)
+    assert (smooth[0] - a).abs().max() < 0.05, smooth
+
+
+def test_with_three_groups_the_smoothed_fits_return_three_group_rules():
+    eta, y, c2g = sample(6000, 34, k3=True)
+    rules = fit_at_coverage(eta[:3000], y[:3000], eta[3000:], y[3000:], c2g, [1.0, 0.8, 0.5], search="smoothed")
+    assert all(rule.alpha.shape == (3,) and rule.mu.shape == (3,) for rule in rules)
+    for tau, rule in zip([1.0, 0.8, 0.5], rules):
+        accepted = float(rule.predict(eta[3000:]).accept.double().mean())
+        assert abs(accepted - tau) < 0.01, (tau, accepted)
+    rule = fit_balanced(eta[:3000], y[:3000], eta[3000:], y[3000:], c2g, 0.2, search="smoothed")
+    assert rule.alpha.shape == (3,) and bool(torch.isfinite(rule.mu).all())
 
 
 def test_with_three_groups_the_coverage_fit_judged_as_measured_is_never_worse_on_the_selection_split():

@@ -16,7 +16,7 @@ from argse.selective.fixed_point import Solved, exponentiated_gradient, iterate
 from argse.selective.metrics import MIN_GROUP_ACCEPTED
 from argse.selective.problem import Problem, Tally, at_level, pooled, prepare_problem, tally
 from argse.selective.rule import PluginRule, WorstFitHistory, margins
-from argse.selective.search import coordinates, rule_of, search, spans
+from argse.selective.search import LEVELS, SMOOTH_LEVELS, coordinates, rule_of, search, smoothed, spans
 
 
 def _solve_at_levels(problem: Problem, options: FitOptions, level: torch.Tensor, beta: torch.Tensor,
@@ -43,19 +43,25 @@ def _search_at_levels(problem: Problem, options: FitOptions, objective: str, lev
     """The T rules (alpha, mu [T, K], for group weights beta [T, K]) moved by the direct search of the
     family (`argse.selective.search`) to the rule with the lowest criterion of the objective at
     coverage level[t]: sum_k beta_k e_k ("balanced") or max_k e_k ("worst"), each e_k judged by its
-    upper bound on S2 (with `options.search` "pooled", on S1 and S2 together)."""
+    upper bound on S2 (on S1 and S2 together unless `options.search` is "selection"). When it is
+    "smoothed", the criterion is averaged over the neighbouring rules (`argse.selective.search.smoothed`)
+    below full coverage; at full coverage nothing is rejected, every sample of both splits is evidence,
+    and the rule is the family's optimum there (tests/test_selective_optimum.py)."""
     k = problem.n_groups
     coef = k * beta / alpha
 
     def score(theta: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         coef, mu = rule_of(theta, k)
         sel = at_level(problem.sel, coef, mu, level[owner])
-        if options.search == "pooled":
+        if options.search != "selection":
             sel = pooled(at_level(problem.fit, coef, mu, level[owner]), sel, problem.fit_share)
         judged = sel.judged(problem.evidence)
         return (judged * beta[owner]).sum(dim=1) if objective == "balanced" else judged.max(dim=1).values
 
-    theta, _ = search(score, coordinates(coef, mu), spans(k, False, problem.device))
+    levels = LEVELS
+    if options.search == "smoothed":
+        score, levels = smoothed(score, k, 2 * (k - 1), (level < 1.0).to(torch.float64)), SMOOTH_LEVELS
+    theta, _ = search(score, coordinates(coef, mu), spans(k, False, problem.device), levels=levels)
     coef, mu = rule_of(theta, k)
     return k * beta / coef, mu
 

@@ -21,15 +21,17 @@ from argse.selective.fixed_point import Solved, exponentiated_gradient, iterate
 from argse.selective.metrics import EVIDENCE_LEVEL, l2r_risk
 from argse.selective.problem import Problem, Tally, at_cost, pooled, prepare_problem
 from argse.selective.rule import PluginRule, WorstFitHistory, margins
-from argse.selective.search import coordinates, rule_of, search, spans
+from argse.selective.search import coordinates, rule_of, search, smoothed, spans
 
 
-#: How a fit chooses its rule within the family (docs/design.md, *The rule*): "pooled", the fixed point's
-#: rule moved by the direct search of the family (`argse.selective.search`) to the rule its criterion
-#: judges best on the fitting and selection splits together; "selection", the same judged on the
+#: How a fit chooses its rule within the family (docs/design.md, *The rule*): "smoothed", the fixed
+#: point's rule moved by the direct search of the family (`argse.selective.search`) to the rule whose
+#: criterion, judged on the fitting and selection splits together and averaged over its neighbouring
+#: rules (`argse.selective.search.smoothed`), is lowest; "pooled", the same without the average;
+#: "selection", the same judged on the
 #: selection split alone (the choice when the posteriors were fitted on the fitting split, as a gate
 #: is); "none", the fixed point's rule alone (the paper's algorithm).
-SEARCHES = ("pooled", "selection", "none")
+SEARCHES = ("smoothed", "pooled", "selection", "none")
 
 
 #: A fit at a cost searches in each of its rounds (`fit_worst`: 20), each search cheap enough for
@@ -54,7 +56,7 @@ class FitOptions:
     n_starts: int = 12
     max_iter: int = 30
     evidence: Optional[float] = EVIDENCE_LEVEL
-    search: str = "pooled"
+    search: str = "smoothed"
 
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
@@ -136,13 +138,15 @@ def _solve_at_cost(problem: Problem, cost: float, options: FitOptions, beta: tor
         def score(theta: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
             coef, mu = rule_of(theta, k)
             mu = mu - theta[:, -1:] - cost
-            if options.search == "pooled":
+            if options.search != "selection":
                 both = at_cost(problem.both, coef, mu, cost)
                 sel = pooled(both.columns(slice(None, k)), both.columns(slice(k, None)), problem.fit_share)
             else:
                 sel = at_cost(problem.sel, coef, mu, cost)
             return l2r_risk(sel.judged(problem.evidence) @ beta, sel.accepted.sum(dim=1), cost)
 
+        if options.search == "smoothed":
+            score = smoothed(score, k, 2 * k - 1)
         threshold = (-cost - mu[:1]) / coef[:1]  # accept margin >= -cost, on the margin normalised to coef_0 = 1
         theta, _ = search(score, torch.cat([coordinates(coef, mu), threshold])[None], spans(k, True, problem.device),
                           first_level=0 if init is None else ROUND_LEVEL, levels=COST_LEVELS)
