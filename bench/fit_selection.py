@@ -1,7 +1,7 @@
 """How the plug-in fits choose their rule: each selection beside today's, on the evaluate stage's rows.
 
     python bench/fit_selection.py --store sqlite:////path/to/mlflow.db [--seeds 0,1,2,3,4]
-                                  [--priors lt,balanced] [--selections fixed-point,...] [--draws 50]
+                                  [--priors lt,balanced] [--selections pooled,smoothed] [--draws 50]
 
 For every seed and test prior of a benchmark store (its FINISHED evaluate runs; the store is only
 read, through a copy of its database), the posteriors the evaluate stage forms: the plug-in rows on
@@ -10,8 +10,9 @@ ar-gse rows on the registered model's mixture. Each row is fitted with each sele
 evaluate stage fits it (`fit_at_coverage` on tunev / val at the 17 target coverages 1, 0.95, ...,
 0.2, the evaluate stage's fit options), measured on test; printed: per selection, per prior and
 row, the mean over seeds of the test areas (aurc_worst, aurc_balanced) and the coverage points at
-which a group is empty on test, beside the first selection (today's fit). The first selection is
-checked against the store's own evaluate table (it must reproduce it).
+which a group is empty on test, beside the first selection (the reference). The first selection is
+checked against the store's own evaluate table (when it is the fit the store was made with, it must
+reproduce it).
 
 Then the same on the logged fashion-mnist-lt run of tests/data (both priors), and the 50-draw test's population
 (argse.testing.logged_run): over `--draws` draws, each selection's largest gap to the population's
@@ -225,7 +226,7 @@ def main() -> None:
                         help="a benchmark store (sqlite:///... is copied, never written); none: the fixture only")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: every seed of the store)")
     parser.add_argument("--priors", default="lt,balanced")
-    parser.add_argument("--selections", default="none,selection,pooled",
+    parser.add_argument("--selections", default="none,pooled,smoothed",
                         help="FitOptions.search values; the first is the reference")
     parser.add_argument("--draws", type=int, default=50, help="draws of the population test (0: skip it)")
     parser.add_argument("--workers", type=int, default=2)

@@ -12,7 +12,9 @@ scikit-learn's digits as a folder of 32x32 colour PNGs with a natural long tail
 (:data:`FOLDER_TAIL` training images per class, 50 test images each;
 argse.testing.image_folders), prints what the dry run says of it, then runs the README's `mlflow run .
 -P dataset=my-digits -P data_dir=...` as `argse pipeline` and prints the end of its output. A fresh
-store each time: nothing is reused from an earlier run.
+store each time: nothing is reused from an earlier run. `--keep DIR` keeps the store of the first two
+forms in DIR (its runs, tables and figures: the README's figure is the benchmark run's
+`benchmark/figures/rc_worst_lt.png`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ def main() -> None:
     parser.add_argument("--test-prior", default="lt")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--folder", action="store_true", help="the README's folder example instead")
+    parser.add_argument("--keep", metavar="DIR", type=Path,
+                        help="keep the store in DIR (new or empty; by default a temporary folder, removed)")
     args = parser.parse_args()
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        sys.exit(f"--keep {args.keep}: the folder is not empty; name a new or empty one")
     if args.folder:
         folder_example()
         return
@@ -71,7 +77,8 @@ def main() -> None:
     from argse import stage_registry
 
     with tempfile.TemporaryDirectory(prefix="argse-readme-") as tmp:
-        store = Path(tmp)
+        store = Path(tmp) if args.keep is None else args.keep.resolve()
+        store.mkdir(parents=True, exist_ok=True)
         if args.benchmark is None:
             dataset = "digits-lt"
             command = ["pipeline", "--dataset", dataset]
@@ -96,6 +103,8 @@ def main() -> None:
           f"commit {commit()}, {cpu_model()} ({os.cpu_count()} cores), {precision(dataset)}, "
           f"fresh store, {seconds:.0f} s wall:\n")
     print(table)
+    if args.keep is not None:
+        print(f"\nthe store: sqlite:///{store / 'mlflow.db'} (artifacts under {store})")
 
 
 def folder_example() -> None:
@@ -105,7 +114,8 @@ def folder_example() -> None:
     from argse.training.utils import cpu_model
 
     with tempfile.TemporaryDirectory(prefix="argse-readme-") as tmp:
-        store = Path(tmp)
+        store = Path(tmp) if args.keep is None else args.keep.resolve()
+        store.mkdir(parents=True, exist_ok=True)
         folder = write_image_folder(store / "my-digits", FOLDER_TAIL, per_class_test=50, size=32, suffix=".png")
         given = ["--dataset", "my-digits", "--data-dir", str(folder)]
         _, dry = argse(["splits", *given, "--dry-run"], store_env(store), store)
