@@ -114,8 +114,7 @@ def folder_example() -> None:
     from argse.training.utils import cpu_model
 
     with tempfile.TemporaryDirectory(prefix="argse-readme-") as tmp:
-        store = Path(tmp) if args.keep is None else args.keep.resolve()
-        store.mkdir(parents=True, exist_ok=True)
+        store = Path(tmp)
         folder = write_image_folder(store / "my-digits", FOLDER_TAIL, per_class_test=50, size=32, suffix=".png")
         given = ["--dataset", "my-digits", "--data-dir", str(folder)]
         _, dry = argse(["splits", *given, "--dry-run"], store_env(store), store)
