@@ -44,15 +44,18 @@ def start_schedule(n_starts: int) -> list[tuple[float, float]]:
 
 
 def starts(split: Split, beta: torch.Tensor, n_starts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial (alpha, mu) [S, K] for group weights `beta` [K]: accept the top-q share of S1 by the
-    margin of the rule with alpha ~ prior ** tilt and mu = 0, then apply the fixed-point map to that
-    acceptance set."""
+    """Initial (alpha, mu) [T, S, K] for the group weights `beta` [T, K] of T problems: accept the
+    top-q share of S1 by the margin of the rule with alpha ~ prior ** tilt and mu = 0, then apply the
+    fixed-point map to that acceptance set. All T problems in one pass over the samples."""
+    t, k = beta.shape
     schedule = torch.tensor(start_schedule(n_starts), dtype=torch.float64, device=beta.device)
     tilts, which = schedule[:, 1].unique(return_inverse=True)
-    coef = beta / split.prior.clamp_min(1e-12)[None, :] ** tilts[:, None]
+    coef = (beta[:, None, :] / split.prior.clamp_min(1e-12)[None, None, :] ** tilts[None, :, None]).reshape(-1, k)
     _, margin, wrong = margins(split.stats, coef, torch.zeros_like(coef), split.wrong)
-    accept = accept_top(margin[which], split.weight, schedule[:, 0])
-    return fixed_point_map(tally(split, accept, wrong[which]), beta)
+    rows = (torch.arange(t, device=beta.device)[:, None] * len(tilts) + which[None, :]).flatten()  # [T * S]
+    accept = accept_top(margin[rows], split.weight, schedule[:, 0].repeat(t))
+    alpha, mu = fixed_point_map(tally(split, accept, wrong[rows]), beta.repeat_interleave(n_starts, dim=0))
+    return alpha.view(t, n_starts, k), mu.view(t, n_starts, k)
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,7 @@ def iterate(split: Split, beta: torch.Tensor, n_starts: int, max_iter: int, eval
     The map is deterministic, so a state met before (a converged start, a cycle, two starts that
     merged) has nothing new to offer and is dropped: the batch shrinks as starts converge or merge."""
     t, k = beta.shape
-    first = [starts(split, beta[i], n_starts) for i in range(t)]
-    alpha = torch.stack([a for a, _ in first])  # [T, S, K]
-    mu = torch.stack([m for _, m in first])
+    alpha, mu = starts(split, beta, n_starts)  # [T, S, K]
     if init is not None:
         alpha = torch.cat([alpha, init[0][:, None]], dim=1)
         mu = torch.cat([mu, init[1][:, None]], dim=1)

@@ -111,19 +111,22 @@ def search(score: Score, theta: torch.Tensor, span: torch.Tensor, first_level: i
     offsets = torch.linspace(-1.0, 1.0, POINTS, dtype=torch.float64, device=theta.device)
     offsets = offsets[offsets != 0]  # the current rule's criterion is `best` already
     step = span * (2.0 / (POINTS - 1)) ** first_level
-    owner = torch.arange(t, device=theta.device).repeat_interleave(d * (POINTS - 1))
     axis = torch.eye(d, dtype=torch.float64, device=theta.device)  # [D, D]
     for _ in range(first_level, levels):
+        # A problem that did not move in a sweep would see the same lines again in the next one.
+        active = torch.arange(t, device=theta.device)
         for _ in range(SWEEPS):
             moves = (axis[:, None, :] * step[None, None, :]) * offsets[None, :, None]  # [D, P - 1, D]
-            candidates = (theta[:, None, None, :] + moves[None]).reshape(t, d * (POINTS - 1), d)
-            values = _in_chunks(score, candidates.reshape(-1, d), owner).view(t, d * (POINTS - 1))
+            candidates = (theta[active, None, None, :] + moves[None]).reshape(-1, d * (POINTS - 1), d)
+            owner = active.repeat_interleave(d * (POINTS - 1))
+            values = _in_chunks(score, candidates.reshape(-1, d), owner).view(-1, d * (POINTS - 1))
             value, which = values.min(dim=1)
-            better = value < best
+            better = value < best[active]
             if not bool(better.any()):
                 break
-            theta[better] = candidates[better, which[better]]
-            best = torch.where(better, value, best)
+            theta[active[better]] = candidates[better, which[better]]
+            best[active[better]] = value[better]
+            active = active[better]
         step = step * 2.0 / (POINTS - 1)
     return theta, best
 
