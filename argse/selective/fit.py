@@ -28,9 +28,9 @@ from argse.selective.search import coordinates, rule_of, search, smoothed, spans
 #: point's rule moved by the direct search of the family (`argse.selective.search`) to the rule whose
 #: criterion, judged on the fitting and selection splits together and averaged over its neighbouring
 #: rules (`argse.selective.search.smoothed`), is lowest; "pooled", the same without the average;
-#: "selection", the same judged on the
-#: selection split alone (the choice when the posteriors were fitted on the fitting split, as a gate
-#: is); "none", the fixed point's rule alone (the paper's algorithm).
+#: "selection", without the average and judged on the selection split alone (the choice when the
+#: posteriors were fitted on the fitting split, as a gate is); "none", the fixed point's rule alone
+#: (the paper's algorithm).
 SEARCHES = ("smoothed", "pooled", "selection", "none")
 
 
