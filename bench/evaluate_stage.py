@@ -14,33 +14,25 @@ start included, and their ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, commit
+from common import ROOT, argse, commit, store_env
 
 
 def stage_seconds(checkout: Path, store: Path, args: argparse.Namespace, work: Path) -> float:
     """Wall seconds of one `python -m argse evaluate` from `checkout` on a fresh copy of `store`."""
-    copy = work / "mlflow.db"
-    shutil.copy(store, copy)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PYTHONPATH=str(checkout), MLFLOW_TRACKING_URI=f"sqlite:///{copy}", MPLBACKEND="Agg")
-    command = [sys.executable, "-m", "argse", "evaluate", "--dataset", args.dataset, "--test-prior", args.test_prior,
-               "--model-uri", args.model_uri, "--check-images", "0"]
-    helped = subprocess.run(command[:4] + ["--help"], cwd=work, env=env, capture_output=True, text=True).stdout
-    if "--rerun" in helped:
+    shutil.copy(store, work / "mlflow.db")
+    env = store_env(work, PYTHONPATH=str(checkout))
+    command = ["evaluate", "--dataset", args.dataset, "--test-prior", args.test_prior, "--model-uri", args.model_uri,
+               "--check-images", "0"]
+    _, helped = argse(["evaluate", "--help"], env, work)
+    if "--rerun" in helped.stdout:
         command.append("--rerun")
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"the evaluate stage at {checkout} failed: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
+    seconds, _ = argse(command, env, work)
     return seconds
 
 
@@ -53,6 +45,8 @@ def main() -> None:
     parser.add_argument("--test-prior", default="lt")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if not args.store.is_file():
+        sys.exit(f"--store {args.store}: no such file; give the mlflow.db of a benchmark's store")
     with tempfile.TemporaryDirectory(prefix="evaluate-stage-") as tmp:
         reference = Path(tmp) / "reference"
         subprocess.run(["git", "worktree", "add", "--detach", str(reference), args.reference], cwd=ROOT, check=True,
